@@ -1,0 +1,94 @@
+"""Agent configuration: ``agent.toml``, validated strictly, overridable by environment.
+
+Unknown keys are errors (a typo must not silently fall back to a default on a device in
+the field). Every field can be overridden by ``CUSTODY_AGENT_<FIELD>`` (upper case), which
+is how a systemd unit or a test changes one value without rewriting the file. Relative
+paths are relative to the directory holding the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "CUSTODY_AGENT_"
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """``mqtt://host:port`` → (host, port). Raises ``ValueError`` with what is wrong."""
+    parsed = urlparse(url)
+    if parsed.scheme != "mqtt":
+        raise ValueError(f"broker URL {url!r} must start with mqtt:// (mqtts:// comes with TLS)")
+    if not parsed.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    try:
+        port = parsed.port or 1883
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r} has an invalid port") from exc
+    return parsed.hostname, port
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: str = Field(description="This device's id, as enrolled at the gateway.")
+    data_dir: Path = Field(description="Where the journal, outbox and buffered media live.")
+    broker: str = Field(description="mqtt://HOST:PORT of the broker the gateway listens on.")
+    gateway_public_key: str = Field(
+        description="Hex Ed25519 key the gateway signs acks and receipts with."
+    )
+    key_file: Path = Field(description="The device's Ed25519 signing key (0600).")
+    chunk_size: int = Field(256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes/chunk.")
+    window: int = Field(16, ge=1, le=256, description="Chunks in flight without an ack.")
+    max_active_uploads: int = Field(2, ge=1, le=16, description="Files sending at once.")
+    journal_batch: int = Field(64, ge=1, le=256, description="Records per journal message.")
+    ack_timeout_s: float = Field(5.0, gt=0, description="Resend what is unacked after this.")
+    telemetry_interval_s: float = Field(10.0, gt=0, description="Seconds between telemetry.")
+    bandwidth_limit_bps: int = Field(0, ge=0, description="Upload cap in bytes/s; 0 = none.")
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect backoff.")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect backoff.")
+    keepalive_s: int = Field(15, ge=5, le=600, description="MQTT keepalive.")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        parse_broker_url(value)
+        return value
+
+    @property
+    def broker_address(self) -> tuple[str, int]:
+        return parse_broker_url(self.broker)
+
+
+def load_config(path: Path, environ: dict[str, str] | None = None) -> AgentConfig:
+    """Read, override from the environment, resolve paths, validate."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"agent config {path} does not exist (run `custody enroll`)") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from exc
+    for name in AgentConfig.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            raw[name] = env[key]
+    base = path.resolve().parent
+    for name in ("data_dir", "key_file"):
+        if isinstance(raw.get(name), str):
+            p = Path(raw[name])
+            raw[name] = p if p.is_absolute() else base / p
+    try:
+        return AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"agent config {path} is invalid: {problems}") from exc

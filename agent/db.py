@@ -1,0 +1,103 @@
+"""The device database: one SQLite file (WAL) holding journal, outbox and small state.
+
+``custody agent add`` and the running agent are separate processes writing the same file,
+so every write that allocates a sequence number runs inside ``BEGIN IMMEDIATE`` (one
+writer at a time, the other waits on ``busy_timeout``). ``synchronous=FULL`` because a
+committed row is a promise to the officer that the evidence is captured.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils.db import Table
+
+from agent.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+
+def open_db(path: Path) -> sqlite_utils.Database:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open device database {path}: {exc}") from exc
+    db = sqlite_utils.Database(conn)
+    _create_schema(db)
+    return db
+
+
+def _create_schema(db: sqlite_utils.Database) -> None:
+    with immediate(db):
+        Table(db, "journal").create(
+            {
+                "seq": int,
+                "hash": bytes,
+                "kind": str,
+                "record": bytes,
+                "acked": int,
+                "added_ms": int,
+            },
+            pk="seq",
+            if_not_exists=True,
+        )
+        Table(db, "media").create(
+            {
+                "seq": int,
+                "path": str,
+                "size": int,
+                "sha256": str,
+                "media_type": str,
+                "kind": str,
+                "marked": int,
+                "state": str,  # pending | receipted | rejected
+                "acked_bytes": int,
+                "added_ms": int,
+                "receipt": bytes,
+                "receipted_ms": int,
+                "reason": str,
+            },
+            pk="seq",
+            if_not_exists=True,
+        )
+        Table(db, "kv").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+        db.execute("CREATE INDEX IF NOT EXISTS media_pending ON media(state, marked, seq)")
+        db.execute("CREATE INDEX IF NOT EXISTS journal_unacked ON journal(acked, seq)")
+        db.execute(
+            "INSERT OR IGNORE INTO kv(key, value) VALUES ('schema_version', ?)", [SCHEMA_VERSION]
+        )
+
+
+@contextmanager
+def immediate(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    """A write transaction that takes the write lock up front, committed on success."""
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def bump_counter(db: sqlite_utils.Database, key: str) -> int:
+    """Increment and return a persistent counter (committed before it is used)."""
+    with immediate(db) as conn:
+        conn.execute("INSERT OR IGNORE INTO kv(key, value) VALUES (?, 0)", [key])
+        conn.execute("UPDATE kv SET value = value + 1 WHERE key = ?", [key])
+        row = conn.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+    return int(row[0])
+
+
+def get_counter(db: sqlite_utils.Database, key: str) -> int:
+    row = db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
+    return int(row[0]) if row else 0

@@ -1,0 +1,85 @@
+"""The device's journal: append-only, hash-chained, signed, in the device database.
+
+Appending allocates the next sequence number and links to the previous record's hash
+under the database write lock, so two processes (the agent and ``custody agent add``)
+can never fork the chain. A record is never updated except for its ``acked`` flag, and
+never deleted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import sqlite_utils
+
+from agent.db import immediate
+from protocol.journal import GENESIS, JournalRecord, SignedRecord
+from protocol.signing import SigningKey
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Journal:
+    def __init__(self, db: sqlite_utils.Database, device_id: str, key: SigningKey) -> None:
+        self.db = db
+        self.device_id = device_id
+        self._key = key
+
+    def append(
+        self,
+        kind: str,
+        body: Mapping[str, Any],
+        *,
+        also: Callable[[sqlite3.Connection, int], None] | None = None,
+    ) -> SignedRecord:
+        """Sign and store the next record; ``also(conn, seq)`` runs in the same transaction."""
+        with immediate(self.db) as conn:
+            row = conn.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (row[0] + 1, bytes(row[1])) if row else (1, GENESIS)
+            record = JournalRecord(
+                device_id=self.device_id,
+                seq=seq,
+                prev=prev,
+                kind=kind,
+                wall_ms=now_ms(),
+                mono_ns=time.monotonic_ns(),
+                body=dict(body),
+            ).sign(self._key)
+            conn.execute(
+                "INSERT INTO journal(seq, hash, kind, record, acked, added_ms) "
+                "VALUES (?, ?, ?, ?, 0, ?)",
+                [seq, record.hash(), kind, record.encode(), record.record.wall_ms],
+            )
+            if also is not None:
+                also(conn, seq)
+        return record
+
+    def head(self) -> tuple[int, bytes]:
+        row = self.db.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+        return (int(row[0]), bytes(row[1])) if row else (0, GENESIS)
+
+    def unacked(self, limit: int) -> list[tuple[int, bytes]]:
+        """The oldest records the gateway has not acknowledged, in sequence order."""
+        rows = self.db.execute(
+            "SELECT seq, record FROM journal WHERE acked = 0 ORDER BY seq LIMIT ?", [limit]
+        ).fetchall()
+        return [(int(s), bytes(r)) for s, r in rows]
+
+    def hash_at(self, seq: int) -> bytes | None:
+        row = self.db.execute("SELECT hash FROM journal WHERE seq = ?", [seq]).fetchone()
+        return bytes(row[0]) if row else None
+
+    def mark_acked(self, through: int) -> int:
+        with immediate(self.db) as conn:
+            cur = conn.execute(
+                "UPDATE journal SET acked = 1 WHERE acked = 0 AND seq <= ?", [through]
+            )
+        return cur.rowcount
+
+    def unacked_count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM journal WHERE acked = 0").fetchone()[0])

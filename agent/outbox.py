@@ -1,0 +1,287 @@
+"""The outbox: media waiting for the gateway's custody receipt, and nothing else deletes it.
+
+A media file counts as captured only when (1) its bytes are in ``media/`` — written to a
+temp file, fsync'd, renamed, directory fsync'd — and (2) its signed manifest record and
+outbox row are committed in one transaction. It leaves the device only after a custody
+receipt that verifies (gateway signature, tree head, inclusion proof) and names the same
+sha256 and size: the row is marked ``receipted`` and committed first, the file unlinked
+second, so a crash in between leaves a file that ``recover`` removes later, never a
+receipt-less deletion.
+
+``recover`` runs when the agent starts and repairs what a crash can leave behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from agent.db import immediate
+from agent.errors import StoreError
+from agent.journal import Journal, now_ms
+from protocol.journal import MEDIA_KINDS
+from protocol.receipt import Receipt
+
+log = logging.getLogger("custody.agent.outbox")
+
+COPY_BLOCK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    seq: int
+    path: Path
+    size: int
+    sha256: bytes
+    marked: bool
+    acked_bytes: int
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    discarded_partial: int = 0
+    adopted_orphans: int = 0
+    removed_receipted: int = 0
+    missing: int = 0
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Outbox:
+    def __init__(self, db: sqlite_utils.Database, journal: Journal, data_dir: Path) -> None:
+        self.db = db
+        self.journal = journal
+        self.media_dir = data_dir / "media"
+        self.incoming = self.media_dir / ".incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    # -- capture -------------------------------------------------------------------------
+
+    def _write_durably(self, blocks: Iterable[bytes]) -> tuple[Path, int, bytes]:
+        """Write blocks to media/ via temp + fsync + rename; return (path, size, sha256)."""
+        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        size = 0
+        with open(tmp, "xb") as out:
+            for block in blocks:
+                out.write(block)
+                digest.update(block)
+                size += len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        final = self.media_dir / f"{uuid.uuid4().hex}.bin"
+        os.rename(tmp, final)
+        fsync_dir(self.media_dir)
+        return final, size, digest.digest()
+
+    def add_blocks(
+        self,
+        blocks: Iterable[bytes],
+        *,
+        kind: str = "file",
+        media_type: str = "application/octet-stream",
+        marked: bool = False,
+        body: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Capture media from ``blocks``; return its journal sequence number."""
+        if kind not in MEDIA_KINDS:
+            raise StoreError(f"{kind!r} is not a media record kind ({sorted(MEDIA_KINDS)})")
+        path, size, sha = self._write_durably(blocks)
+        return self._commit(
+            path, size, sha, kind=kind, media_type=media_type, marked=marked, body=body or {}
+        )
+
+    def add_file(self, src: Path, *, marked: bool = False, kind: str = "file") -> int:
+        """Capture a copy of ``src`` (the original is left alone)."""
+        if not src.is_file():
+            raise StoreError(f"{src} is not a readable file")
+        media_type = mimetypes.guess_type(src.name)[0] or "application/octet-stream"
+
+        def blocks() -> Iterable[bytes]:
+            with open(src, "rb") as f:
+                while block := f.read(COPY_BLOCK):
+                    yield block
+
+        return self.add_blocks(
+            blocks(), kind=kind, media_type=media_type, marked=marked, body={"name": src.name}
+        )
+
+    def _commit(
+        self,
+        path: Path,
+        size: int,
+        sha: bytes,
+        *,
+        kind: str,
+        media_type: str,
+        marked: bool,
+        body: Mapping[str, Any],
+    ) -> int:
+        manifest = dict(body)
+        manifest.update(
+            {"sha256": sha.hex(), "size": size, "media_type": media_type, "marked": marked}
+        )
+
+        def insert_row(conn: sqlite3.Connection, seq: int) -> None:
+            conn.execute(
+                "INSERT INTO media(seq, path, size, sha256, media_type, kind, marked, state, "
+                "acked_bytes, added_ms) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
+                [seq, path.name, size, sha.hex(), media_type, kind, int(marked), now_ms()],
+            )
+
+        record = self.journal.append(kind, manifest, also=insert_row)
+        return record.record.seq
+
+    # -- upload bookkeeping --------------------------------------------------------------
+
+    def _item(self, row: tuple[Any, ...]) -> MediaItem:
+        seq, path, size, sha, marked, acked = row
+        return MediaItem(
+            int(seq), self.media_dir / path, int(size), bytes.fromhex(sha), bool(marked), int(acked)
+        )
+
+    def next_uploads(self, exclude: set[int], limit: int) -> list[MediaItem]:
+        """Pending media whose manifest the gateway has accepted: marked first, then oldest."""
+        rows = self.db.execute(
+            "SELECT m.seq, m.path, m.size, m.sha256, m.marked, m.acked_bytes FROM media m "
+            "JOIN journal j ON j.seq = m.seq WHERE m.state = 'pending' AND j.acked = 1 "
+            "ORDER BY m.marked DESC, m.seq LIMIT ?",
+            [limit + len(exclude)],
+        ).fetchall()
+        items = [self._item(r) for r in rows if int(r[0]) not in exclude]
+        return items[:limit]
+
+    def get(self, seq: int) -> MediaItem | None:
+        row = self.db.execute(
+            "SELECT seq, path, size, sha256, marked, acked_bytes FROM media WHERE seq = ?", [seq]
+        ).fetchone()
+        return self._item(row) if row else None
+
+    def state(self, seq: int) -> str | None:
+        row = self.db.execute("SELECT state FROM media WHERE seq = ?", [seq]).fetchone()
+        return str(row[0]) if row else None
+
+    def set_progress(self, seq: int, acked_bytes: int) -> None:
+        with immediate(self.db) as conn:
+            conn.execute("UPDATE media SET acked_bytes = ? WHERE seq = ?", [acked_bytes, seq])
+
+    def settle(self, receipt: Receipt, raw: bytes) -> bool:
+        """Store a verified receipt, then delete the local copy. False if it does not match."""
+        item = self.get(receipt.seq)
+        if item is None or item.sha256 != receipt.sha256 or item.size != receipt.size:
+            log.warning("receipt for seq %d does not match the outbox; ignored", receipt.seq)
+            return False
+        with immediate(self.db) as conn:
+            cur = conn.execute(
+                "UPDATE media SET state = 'receipted', receipt = ?, receipted_ms = ?, "
+                "acked_bytes = size WHERE seq = ? AND state = 'pending'",
+                [raw, now_ms(), receipt.seq],
+            )
+        if cur.rowcount:
+            self._unlink(item.path)
+        return bool(cur.rowcount)
+
+    def reject(self, seq: int, reason: str) -> None:
+        """The gateway refused the bytes: keep the file, stop retrying, journal why."""
+
+        def mark(conn: sqlite3.Connection, _: int) -> None:
+            conn.execute(
+                "UPDATE media SET state = 'rejected', reason = ? "
+                "WHERE seq = ? AND state = 'pending'",
+                [reason, seq],
+            )
+
+        self.journal.append("media_corrupt", {"media_seq": seq, "reason": reason}, also=mark)
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.media_dir)
+
+    # -- crash repair --------------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        discarded = 0
+        for tmp in self.incoming.glob("*.part"):
+            # Never counted as captured: the commit that would have made it evidence did
+            # not happen. `agent add` still has the original.
+            tmp.unlink()
+            discarded += 1
+        rows = self.db.execute("SELECT seq, path, state FROM media").fetchall()
+        known = {str(path): (int(seq), str(state)) for seq, path, state in rows}
+        removed = missing = adopted = 0
+        for path, (seq, state) in known.items():
+            exists = (self.media_dir / path).exists()
+            if state == "receipted" and exists:
+                self._unlink(self.media_dir / path)
+                removed += 1
+            elif state == "pending" and not exists:
+                missing += 1
+                log.error("media for seq %d vanished from %s before its receipt", seq, path)
+                self.reject(seq, "missing_on_device")
+        for orphan in sorted(self.media_dir.glob("*.bin")):
+            if orphan.name in known:
+                continue
+            # Renamed into place, but the process died before the commit: adopt it rather
+            # than lose it, and say so in the manifest.
+            digest = hashlib.sha256()
+            with open(orphan, "rb") as f:
+                while block := f.read(COPY_BLOCK):
+                    digest.update(block)
+            self._commit(
+                orphan,
+                orphan.stat().st_size,
+                digest.digest(),
+                kind="file",
+                media_type="application/octet-stream",
+                marked=False,
+                body={"recovered": True},
+            )
+            adopted += 1
+        return RecoveryReport(discarded, adopted, removed, missing)
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, int]:
+        backlog = self.db.execute(
+            "SELECT count(*), coalesce(sum(CASE WHEN m.state = 'pending' THEN m.size "
+            "ELSE length(j.record) END), 0), min(j.added_ms) FROM journal j "
+            "LEFT JOIN media m ON m.seq = j.seq WHERE j.acked = 0 OR m.state = 'pending'"
+        ).fetchone()
+        first_unsettled = self.db.execute(
+            "SELECT min(j.seq) FROM journal j LEFT JOIN media m ON m.seq = j.seq "
+            "WHERE j.acked = 0 OR m.state = 'pending'"
+        ).fetchone()[0]
+        head, _ = self.journal.head()
+        rejected = self.db.execute("SELECT count(*) FROM media WHERE state = 'rejected'").fetchone()
+        receipted = self.db.execute(
+            "SELECT count(*) FROM media WHERE state = 'receipted'"
+        ).fetchone()
+        oldest = backlog[2]
+        return {
+            "backlog_items": int(backlog[0]),
+            "backlog_bytes": int(backlog[1]),
+            "last_receipt_seq": head if first_unsettled is None else int(first_unsettled) - 1,
+            "journal_seq": head,
+            "receipted_items": int(receipted[0]),
+            "rejected_items": int(rejected[0]),
+            "oldest_unacked_age_s": 0 if oldest is None else max(0, (now_ms() - oldest) // 1000),
+        }

@@ -1,0 +1,385 @@
+"""The relay: moves the journal and the outbox to the gateway, and nothing else decides
+when evidence may be deleted.
+
+One thread owns all relay state and the database connection; transport events arrive on
+a queue. Per connection the relay
+
+1. sends unacknowledged journal records in signed batches, one batch in flight, each
+   envelope with a fresh persisted counter (the gateway treats an old counter as a replay);
+2. uploads media whose manifest the gateway accepted, marked evidence first: ``init``
+   (the gateway answers with the byte ranges it already holds, so an upload resumes
+   where it stopped rather than from zero), then offset-addressed chunks with at most
+   ``window`` unacknowledged, then ``fin``;
+3. deletes a local file only through ``Outbox.settle`` with a receipt that verifies.
+
+Anything unanswered after ``ack_timeout_s`` is sent again; the gateway is idempotent, so
+duplicates cost bandwidth, never correctness. Bad gateway messages are logged and
+dropped; they never crash the relay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from agent.config import AgentConfig
+from agent.db import bump_counter
+from agent.journal import Journal, now_ms
+from agent.outbox import MediaItem, Outbox
+from agent.transport import Connected, Disconnected, Event, Message, Transport
+from protocol.errors import ProtocolError
+from protocol.journal import SignedRecord
+from protocol.receipt import JournalAck, Receipt
+from protocol.signing import SigningKey, VerifyKey
+from protocol.state import DeviceState, Telemetry
+from protocol.topics import (
+    DeviceTopic,
+    GatewayTopic,
+    device_topic,
+    parse_gateway_topic,
+)
+from protocol.upload import Chunk, JournalBatch, Ranges, UploadAck, UploadFin, UploadInit, missing
+
+log = logging.getLogger("custody.agent.relay")
+events = logging.getLogger("custody.events")
+
+JOURNAL_REJECT_BACKOFF_S = 30.0
+
+
+@dataclass
+class Upload:
+    item: MediaItem
+    phase: str = "init"  # init → sending → fin
+    acked: Ranges = ()
+    inflight: dict[int, tuple[int, float]] = field(default_factory=dict)  # offset → (len, t)
+    last_tx: float = 0.0
+    file: BinaryIO | None = None
+    resumed_from: int | None = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class TokenBucket:
+    """Upload bandwidth cap; ``rate`` 0 means unlimited."""
+
+    def __init__(self, rate: int, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(burst, rate)
+        self.tokens = float(self.burst)
+        self.at = time.monotonic()
+
+    def take(self, n: int) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+
+class Relay:
+    def __init__(
+        self,
+        config: AgentConfig,
+        journal: Journal,
+        outbox: Outbox,
+        transport: Transport,
+        key: SigningKey,
+    ) -> None:
+        self.config = config
+        self.journal = journal
+        self.outbox = outbox
+        self.transport = transport
+        self.key = key
+        self.gateway_key = VerifyKey.from_hex(config.gateway_public_key)
+        self.device_id = config.device_id
+        self.inbox: queue.Queue[Event] = queue.Queue()
+        self.connected = False
+        self.uploads: dict[int, Upload] = {}
+        self.journal_inflight: tuple[int, float] | None = None
+        self.journal_retry_at = 0.0
+        self.next_telemetry = 0.0
+        self.bucket = TokenBucket(config.bandwidth_limit_bps, config.chunk_size * 2)
+        self.bd_seq = bump_counter(journal.db, "bd_seq")
+        self.counters = {"chunks_sent": 0, "bytes_sent": 0, "receipts": 0, "resumes": 0}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def will(self) -> tuple[str, bytes]:
+        """The Last Will for the next connection (called from the transport thread)."""
+        state = DeviceState(self.device_id, False, self.bd_seq, now_ms())
+        return device_topic(self.device_id, DeviceTopic.STATE), state.encode()
+
+    def run(self, stop: threading.Event) -> None:
+        self.transport.start(self.inbox.put)
+        try:
+            while not stop.is_set():
+                try:
+                    event: Event | None = self.inbox.get(timeout=0.05)
+                except queue.Empty:
+                    event = None
+                while event is not None:
+                    self._handle(event)
+                    try:
+                        event = self.inbox.get_nowait()
+                    except queue.Empty:
+                        event = None
+                if self.connected:
+                    self._pump()
+        finally:
+            if self.connected:
+                state = DeviceState(self.device_id, False, self.bd_seq, now_ms())
+                self.transport.publish(
+                    device_topic(self.device_id, DeviceTopic.STATE), state.encode(), retain=True
+                )
+            for up in self.uploads.values():
+                up.close()
+            self.transport.stop()
+
+    # -- events --------------------------------------------------------------------------
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Connected):
+            self.connected = True
+            self._reset_session()
+            birth = DeviceState(self.device_id, True, self.bd_seq, now_ms())
+            self.transport.publish(
+                device_topic(self.device_id, DeviceTopic.STATE), birth.encode(), retain=True
+            )
+            self.next_telemetry = 0.0
+            log.info("%s connected (bd_seq %d)", self.device_id, self.bd_seq)
+        elif isinstance(event, Disconnected):
+            self.connected = False
+            self._reset_session()
+            # The next connection gets a new session number, like Sparkplug's bd_seq.
+            self.bd_seq = bump_counter(self.journal.db, "bd_seq")
+            log.info("%s disconnected: %s", self.device_id, event.reason)
+        else:
+            try:
+                self._on_message(event)
+            except ProtocolError as exc:
+                log.warning("dropped bad gateway message on %s: %s", event.topic, exc)
+
+    def _reset_session(self) -> None:
+        for up in self.uploads.values():
+            up.close()
+        self.uploads.clear()
+        self.journal_inflight = None
+
+    def _on_message(self, msg: Message) -> None:
+        if not msg.topic.startswith("custody/v1/gw/") or msg.topic.endswith("/gw/state"):
+            return
+        parsed = parse_gateway_topic(msg.topic)
+        if parsed.device_id != self.device_id:
+            return
+        if parsed.kind is GatewayTopic.JOURNAL_ACK:
+            self._on_journal_ack(JournalAck.decode(msg.payload, self.gateway_key))
+        elif parsed.kind is GatewayTopic.UPLOAD_ACK:
+            self._on_upload_ack(UploadAck.decode(msg.payload, self.gateway_key))
+        elif parsed.kind is GatewayTopic.RECEIPT:
+            self._on_receipt(Receipt.decode(msg.payload, self.gateway_key), msg.payload)
+
+    def _on_journal_ack(self, ack: JournalAck) -> None:
+        if ack.device_id != self.device_id:
+            return
+        self.journal_inflight = None
+        if ack.acked_through:
+            ours = self.journal.hash_at(ack.acked_through)
+            if ours != ack.head_hash:
+                log.error(
+                    "gateway's head at seq %d differs from ours; not marking acked",
+                    ack.acked_through,
+                )
+                self.journal_retry_at = time.monotonic() + JOURNAL_REJECT_BACKOFF_S
+                return
+            self.journal.mark_acked(ack.acked_through)
+        if ack.rejected_seq:
+            log.error(
+                "gateway rejected journal record %d: %s (%s)",
+                ack.rejected_seq,
+                ack.reason,
+                ack.detail,
+            )
+            self.journal_retry_at = time.monotonic() + JOURNAL_REJECT_BACKOFF_S
+
+    def _on_upload_ack(self, ack: UploadAck) -> None:
+        up = self.uploads.get(ack.seq)
+        if up is None or ack.device_id != self.device_id:
+            return
+        if ack.state == "receiving":
+            if up.phase == "init":
+                up.phase = "sending"
+                if ack.ranges:
+                    held = sum(e - s for s, e in ack.ranges)
+                    up.resumed_from = held
+                    self.counters["resumes"] += 1
+                    log.info(
+                        "seq %d: resuming, gateway holds %d of %d bytes",
+                        ack.seq,
+                        held,
+                        up.item.size,
+                    )
+            up.acked = ack.ranges
+            for off, (length, _) in list(up.inflight.items()):
+                if any(s <= off and off + length <= e for s, e in ack.ranges):
+                    del up.inflight[off]
+            if up.phase == "fin" and missing(ack.ranges, up.item.size):
+                up.phase = "sending"
+        elif ack.state == "complete":
+            up.phase = "fin"  # a receipt is on its way; wait for it
+            up.inflight.clear()
+        elif ack.state == "rejected":
+            log.error("gateway rejected media seq %d: %s", ack.seq, ack.reason)
+            self.outbox.reject(ack.seq, ack.reason)
+            up.close()
+            del self.uploads[ack.seq]
+        else:  # unknown: the manifest has not reached the gateway; the journal goes first
+            up.close()
+            del self.uploads[ack.seq]
+
+    def _on_receipt(self, receipt: Receipt, raw: bytes) -> None:
+        if receipt.device_id != self.device_id:
+            return
+        if self.outbox.settle(receipt, raw):
+            self.counters["receipts"] += 1
+            events.info(
+                "%s receipt seq=%d sha256=%s… log#%d",
+                self.device_id,
+                receipt.seq,
+                receipt.sha256.hex()[:12],
+                receipt.log_index,
+            )
+        up = self.uploads.pop(receipt.seq, None)
+        if up is not None:
+            up.close()
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _publish(self, kind: DeviceTopic, payload: bytes) -> bool:
+        return self.transport.publish(device_topic(self.device_id, kind), payload)
+
+    def _pump(self) -> None:
+        now = time.monotonic()
+        self._pump_journal(now)
+        self._pump_uploads(now)
+        if now >= self.next_telemetry:
+            self.next_telemetry = now + self.config.telemetry_interval_s
+            self._publish(DeviceTopic.TELEMETRY, self.telemetry().encode())
+
+    def _pump_journal(self, now: float) -> None:
+        if self.journal_inflight is not None:
+            if now - self.journal_inflight[1] < self.config.ack_timeout_s:
+                return
+            self.journal_inflight = None
+        if now < self.journal_retry_at:
+            return
+        rows = self.journal.unacked(self.config.journal_batch)
+        if not rows:
+            return
+        counter = bump_counter(self.journal.db, "batch_counter")
+        records = tuple(SignedRecord.from_wire(_load(r)) for _, r in rows)
+        batch = JournalBatch(self.device_id, counter, records)
+        if self._publish(DeviceTopic.JOURNAL, batch.encode(self.key)):
+            self.journal_inflight = (rows[-1][0], now)
+
+    def _pump_uploads(self, now: float) -> None:
+        timeout = self.config.ack_timeout_s
+        sending = [u for u in self.uploads.values() if u.phase != "fin"]
+        if len(sending) < self.config.max_active_uploads and len(self.uploads) < 8:
+            wanted = self.config.max_active_uploads - len(sending)
+            for item in self.outbox.next_uploads(set(self.uploads), wanted):
+                self.uploads[item.seq] = Upload(item)
+        budget = self.config.window - sum(len(u.inflight) for u in self.uploads.values())
+        for up in sorted(self.uploads.values(), key=lambda u: (not u.item.marked, u.item.seq)):
+            if up.phase in ("init", "fin"):
+                if now - up.last_tx >= timeout:
+                    self._send_control(up, now)
+                continue
+            for off, (_, sent) in list(up.inflight.items()):
+                if now - sent >= timeout:  # lost somewhere: forget it, it will be resent
+                    del up.inflight[off]
+                    budget += 1
+            holes = missing(up.acked, up.item.size)
+            if not holes:
+                if not up.inflight:
+                    up.phase = "fin"
+                    self._send_control(up, now)
+                continue
+            for start, end in holes:
+                off = start
+                while off < end and budget > 0:
+                    length = min(self.config.chunk_size, end - off)
+                    if off not in up.inflight:
+                        if not self.bucket.take(length):
+                            return
+                        if not self._send_chunk(up, off, length, now):
+                            return
+                        budget -= 1
+                    off += length
+                if budget <= 0:
+                    return
+
+    def _send_control(self, up: Upload, now: float) -> None:
+        up.last_tx = now
+        if up.phase == "init":
+            msg = UploadInit(
+                self.device_id, up.item.seq, up.item.size, up.item.sha256, self.config.chunk_size
+            )
+            self._publish(DeviceTopic.UPLOAD_INIT, msg.encode())
+        else:
+            self._publish(DeviceTopic.UPLOAD_FIN, UploadFin(self.device_id, up.item.seq).encode())
+
+    def _send_chunk(self, up: Upload, offset: int, length: int, now: float) -> bool:
+        if up.file is None:
+            try:
+                up.file = open(up.item.path, "rb")  # noqa: SIM115 - kept open across pumps
+            except FileNotFoundError:
+                log.error("media for seq %d is missing before its receipt", up.item.seq)
+                self.outbox.reject(up.item.seq, "missing_on_device")
+                del self.uploads[up.item.seq]
+                return False
+        data = os.pread(up.file.fileno(), length, offset)
+        if len(data) != length:
+            log.error("media for seq %d is shorter than its manifest", up.item.seq)
+            self.outbox.reject(up.item.seq, "truncated_on_device")
+            up.close()
+            del self.uploads[up.item.seq]
+            return False
+        chunk = Chunk(self.device_id, up.item.seq, offset, data)
+        if not self._publish(DeviceTopic.UPLOAD_CHUNK, chunk.encode()):
+            return False
+        up.inflight[offset] = (length, now)
+        self.counters["chunks_sent"] += 1
+        self.counters["bytes_sent"] += length
+        return True
+
+    def telemetry(self) -> Telemetry:
+        status = self.outbox.status()
+        usage = os.statvfs(self.outbox.media_dir)
+        return Telemetry(
+            device_id=self.device_id,
+            ts_ms=now_ms(),
+            backlog_items=status["backlog_items"],
+            backlog_bytes=status["backlog_bytes"],
+            oldest_unacked_age_s=status["oldest_unacked_age_s"],
+            last_receipt_seq=status["last_receipt_seq"],
+            journal_seq=status["journal_seq"],
+            storage_free_bytes=usage.f_bavail * usage.f_frsize,
+        )
+
+
+def _load(raw: bytes) -> object:
+    from protocol.encoding import decode
+
+    return decode(raw, what="stored journal record")

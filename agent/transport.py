@@ -1,0 +1,197 @@
+"""The relay's only window on the network: a tiny ``Transport`` interface and its MQTT 5 form.
+
+Policy (what to send, when, what counts as acknowledged) lives in ``agent.relay``; this
+module only moves bytes. ``MqttTransport`` runs its own network thread so it controls
+reconnects: full-jitter exponential backoff (so a fleet coming out of a dead zone does
+not stampede the broker), a fresh paho client per connection (no stale in-flight packets
+replayed from an old session), and the Sparkplug-style Last Will set before every
+connect.
+
+Events are delivered to one callback, from the network thread; the relay queues them and
+handles them on its own thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger("custody.agent.transport")
+
+
+@dataclass(frozen=True)
+class Connected:
+    pass
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+
+
+Event = Connected | Disconnected | Message
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+
+
+class Transport(Protocol):
+    def start(self, on_event: Callable[[Event], None]) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [lo, min(hi, lo * 2**attempt)]."""
+    cap = min(hi, lo * (2 ** min(attempt, 30)))
+    return rng.uniform(lo, max(lo, cap))
+
+
+class MqttTransport:
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        host: str,
+        port: int,
+        subscriptions: list[str],
+        will: Callable[[], Will],
+        keepalive: int = 15,
+        max_inflight: int = 32,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        seed: int | None = None,
+    ) -> None:
+        self._client_id = client_id
+        self._host = host
+        self._port = port
+        self._subscriptions = subscriptions
+        self._will = will
+        self._keepalive = keepalive
+        self._max_inflight = max_inflight
+        self._backoff = backoff
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        self._connected = threading.Event()
+        self._on_event: Callable[[Event], None] = lambda e: None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self, on_event: Callable[[Event], None]) -> None:
+        self._on_event = on_event
+        self._thread = threading.Thread(target=self._run, name="mqtt-transport", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        client = self._client
+        if client is not None and self._connected.is_set():
+            client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Queue a QoS 1 publish. False when not connected: the relay will resend later."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return False
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    # -- network thread ----------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5
+        )
+        client.max_inflight_messages_set(self._max_inflight)
+        client.max_queued_messages_set(0)
+        will = self._will()
+        client.will_set(will.topic, will.payload, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker refused connection: %s", reason)
+            return
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
+        self._connected.set()
+        self._on_event(Connected())
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if self._connected.is_set():
+            self._connected.clear()
+            self._on_event(Disconnected(str(reason)))
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self._on_event(Message(msg.topic, bytes(msg.payload)))
+
+    def _run(self) -> None:
+        attempt = 0
+        lo, hi = self._backoff
+        while not self._stop.is_set():
+            client = self._make_client()
+            self._client = client
+            try:
+                client.connect(self._host, self._port, keepalive=self._keepalive, clean_start=True)
+            except OSError as exc:
+                log.info("broker %s:%d unreachable: %s", self._host, self._port, exc)
+            else:
+                while not self._stop.is_set():
+                    rc = client.loop(timeout=0.05)
+                    if rc != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                    if self._connected.is_set():
+                        attempt = 0
+                if self._connected.is_set():
+                    self._connected.clear()
+                    self._on_event(Disconnected("connection lost"))
+                with contextlib.suppress(OSError):
+                    client.disconnect()
+            if self._stop.is_set():
+                break
+            delay = backoff_delay(attempt, lo, hi, self._rng)
+            attempt += 1
+            self._stop.wait(delay)

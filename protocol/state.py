@@ -1,0 +1,91 @@
+"""Device state messages: Sparkplug-style birth/death and periodic telemetry.
+
+Birth and death are retained on ``dev/{id}/state`` and carry the same ``bd_seq``, so a
+stale Last Will (from a connection that was already replaced) can be told apart from a
+real death. Telemetry is the operator's view of a device's health.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from protocol.encoding import canonical, decode
+from protocol.errors import MessageError
+from protocol.fields import check_fields as _fields
+from protocol.fields import check_version as _version
+from protocol.fields import int_field as _int
+from protocol.journal import VERSION, check_device_id
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    device_id: str
+    online: bool
+    bd_seq: int
+    ts_ms: int
+
+    def encode(self) -> bytes:
+        return canonical(
+            {
+                "v": VERSION,
+                "device_id": self.device_id,
+                "online": self.online,
+                "bd_seq": self.bd_seq,
+                "ts_ms": self.ts_ms,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> DeviceState:
+        obj = decode(data, what="device state")
+        _version(obj, "device state")
+        _fields(obj, "device state", {"v", "device_id", "online", "bd_seq", "ts_ms"})
+        if not isinstance(obj["online"], bool):
+            raise MessageError("online must be a boolean")
+        return cls(
+            check_device_id(obj["device_id"]),
+            obj["online"],
+            _int(obj, "bd_seq"),
+            _int(obj, "ts_ms"),
+        )
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    device_id: str
+    ts_ms: int
+    backlog_items: int
+    backlog_bytes: int
+    oldest_unacked_age_s: int
+    last_receipt_seq: int
+    journal_seq: int
+    storage_free_bytes: int
+    battery_pct: int = -1  # -1: unknown (no firmware bridge yet)
+    recording: bool = False
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"v": VERSION}
+        for f in fields(self):
+            obj[f.name] = getattr(self, f.name)
+        return canonical(obj)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Telemetry:
+        obj = decode(data, what="telemetry")
+        _version(obj, "telemetry")
+        names = {f.name for f in fields(cls)}
+        _fields(obj, "telemetry", {"v", "device_id", "ts_ms"}, names)
+        kwargs: dict[str, Any] = {"device_id": check_device_id(obj["device_id"])}
+        for name in names - {"device_id"}:
+            if name not in obj:
+                continue
+            if name == "recording":
+                if not isinstance(obj[name], bool):
+                    raise MessageError("recording must be a boolean")
+                kwargs[name] = obj[name]
+            else:
+                kwargs[name] = _int(obj, name, -1)
+        return cls(**kwargs)
