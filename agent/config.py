@@ -11,27 +11,13 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import ConfigError
+from protocol.topics import parse_broker_url
 
 ENV_PREFIX = "CUSTODY_AGENT_"
-
-
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://host:port`` → (host, port). Raises ``ValueError`` with what is wrong."""
-    parsed = urlparse(url)
-    if parsed.scheme != "mqtt":
-        raise ValueError(f"broker URL {url!r} must start with mqtt:// (mqtts:// comes with TLS)")
-    if not parsed.hostname:
-        raise ValueError(f"broker URL {url!r} has no host")
-    try:
-        port = parsed.port or 1883
-    except ValueError as exc:
-        raise ValueError(f"broker URL {url!r} has an invalid port") from exc
-    return parsed.hostname, port
 
 
 class AgentConfig(BaseModel):

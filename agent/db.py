@@ -36,44 +36,44 @@ def open_db(path: Path) -> sqlite_utils.Database:
 
 
 def _create_schema(db: sqlite_utils.Database) -> None:
-    with immediate(db):
-        Table(db, "journal").create(
-            {
-                "seq": int,
-                "hash": bytes,
-                "kind": str,
-                "record": bytes,
-                "acked": int,
-                "added_ms": int,
-            },
-            pk="seq",
-            if_not_exists=True,
-        )
-        Table(db, "media").create(
-            {
-                "seq": int,
-                "path": str,
-                "size": int,
-                "sha256": str,
-                "media_type": str,
-                "kind": str,
-                "marked": int,
-                "state": str,  # pending | receipted | rejected
-                "acked_bytes": int,
-                "added_ms": int,
-                "receipt": bytes,
-                "receipted_ms": int,
-                "reason": str,
-            },
-            pk="seq",
-            if_not_exists=True,
-        )
-        Table(db, "kv").create({"key": str, "value": int}, pk="key", if_not_exists=True)
-        db.execute("CREATE INDEX IF NOT EXISTS media_pending ON media(state, marked, seq)")
-        db.execute("CREATE INDEX IF NOT EXISTS journal_unacked ON journal(acked, seq)")
-        db.execute(
-            "INSERT OR IGNORE INTO kv(key, value) VALUES ('schema_version', ?)", [SCHEMA_VERSION]
-        )
+    # No surrounding transaction: sqlite-utils commits each create itself.
+    Table(db, "journal").create(
+        {
+            "seq": int,
+            "hash": bytes,
+            "kind": str,
+            "record": bytes,
+            "acked": int,
+            "added_ms": int,
+        },
+        pk="seq",
+        if_not_exists=True,
+    )
+    Table(db, "media").create(
+        {
+            "seq": int,
+            "path": str,
+            "size": int,
+            "sha256": str,
+            "media_type": str,
+            "kind": str,
+            "marked": int,
+            "state": str,  # pending | receipted | rejected
+            "acked_bytes": int,
+            "added_ms": int,
+            "receipt": bytes,
+            "receipted_ms": int,
+            "reason": str,
+        },
+        pk="seq",
+        if_not_exists=True,
+    )
+    Table(db, "kv").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+    db.execute("CREATE INDEX IF NOT EXISTS media_pending ON media(state, marked, seq)")
+    db.execute("CREATE INDEX IF NOT EXISTS journal_unacked ON journal(acked, seq)")
+    db.execute(
+        "INSERT OR IGNORE INTO kv(key, value) VALUES ('schema_version', ?)", [SCHEMA_VERSION]
+    )
 
 
 @contextmanager

@@ -96,3 +96,19 @@ def parse_gateway_topic(topic: str) -> ParsedGatewayTopic:
     if kind is None:
         raise MessageError(f"topic {topic!r} has unknown kind {suffix!r}")
     return ParsedGatewayTopic(check_device_id(device_id), kind)
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """``mqtt://host:port`` → (host, port); ``ValueError`` saying what is wrong."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme != "mqtt":
+        raise ValueError(f"broker URL {url!r} must start with mqtt:// (mqtts:// comes with TLS)")
+    if not parsed.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    try:
+        port = parsed.port or 1883
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r} has an invalid port") from exc
+    return parsed.hostname, port

@@ -1,0 +1,85 @@
+"""The agent process: wires config, key, journal, outbox and relay; nothing more.
+
+Thin on purpose (logic lives in the classes it wires). On start it repairs what a crash
+may have left (``Outbox.recover``) and journals a ``boot`` record, so every restart is
+visible in the chain; then the relay runs until ``stop`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+from agent.config import AgentConfig, load_config
+from agent.db import open_db
+from agent.journal import Journal
+from agent.keys import FileKeyStore
+from agent.outbox import Outbox
+from agent.relay import Relay
+from agent.transport import MqttTransport, Will
+from protocol.topics import agent_subscriptions
+
+log = logging.getLogger("custody.agent")
+
+
+class Device:
+    """The device's storage: journal + outbox over one database."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.key = FileKeyStore(config.key_file).signing_key()
+        self.db = open_db(config.data_dir / "agent.db")
+        self.journal = Journal(self.db, config.device_id, self.key)
+        self.outbox = Outbox(self.db, self.journal, config.data_dir)
+
+    @classmethod
+    def from_path(cls, config_path: Path) -> Device:
+        return cls(load_config(config_path))
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device = Device(config)
+        host, port = config.broker_address
+        self.relay: Relay | None = None
+        relay_box: list[Relay] = []
+
+        def will() -> Will:
+            topic, payload = relay_box[0].will()
+            return Will(topic, payload)
+
+        self.transport = MqttTransport(
+            client_id=config.device_id,
+            host=host,
+            port=port,
+            subscriptions=agent_subscriptions(config.device_id),
+            will=will,
+            keepalive=config.keepalive_s,
+            max_inflight=config.window + 16,
+            backoff=(config.reconnect_min_s, config.reconnect_max_s),
+        )
+        self.relay = Relay(
+            config, self.device.journal, self.device.outbox, self.transport, self.device.key
+        )
+        relay_box.append(self.relay)
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        report = self.device.outbox.recover()
+        if any(asdict(report).values()):
+            log.warning("recovered after a crash: %s", report)
+        self.device.journal.append("boot", {"recovery": asdict(report)})
+        assert self.relay is not None
+        try:
+            self.relay.run(self.stop_event)
+        finally:
+            self.device.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,3 @@
+from custody_cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""``custody``: the one console command. Thin: parse arguments, call into the packages.
+
+Sub-commands (a contract with outside tools; extend, do not rename)::
+
+    custody broker  --port PORT --data DIR
+    custody gateway --data DIR --broker mqtt://HOST:PORT --http HOST:PORT
+    custody enroll  DEVICE_ID --gateway-data DIR --out DEVDIR --broker mqtt://HOST:PORT
+    custody agent   --config DEVDIR/agent.toml [--synthetic-segments SECONDS]
+    custody agent add    --config DEVDIR/agent.toml [--marked] FILE...
+    custody agent status --config DEVDIR/agent.toml [--json]
+    custody demo    [--devices N] [--duration SECONDS] [--data DIR] [--http HOST:PORT]
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from agent.errors import AgentError
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host, int(port)
+
+
+def _broker_url(value: str) -> str:
+    from protocol.topics import parse_broker_url
+
+    try:
+        parse_broker_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="custody",
+        description="Evidence from enforcement devices to a gateway, chain of custody intact.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("broker", help="run a private mosquitto in the foreground")
+    b.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    b.add_argument("--data", type=Path, required=True, help="directory for its config")
+    b.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+
+    g = sub.add_parser("gateway", help="run the gateway (ingest + HTTP API)")
+    g.add_argument("--data", type=Path, required=True, help="gateway data directory")
+    g.add_argument("--broker", type=_broker_url, required=True, help="mqtt://HOST:PORT")
+    g.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), help="HOST:PORT")
+
+    e = sub.add_parser("enroll", help="create a device identity and register it")
+    e.add_argument("device_id", metavar="DEVICE_ID")
+    e.add_argument("--gateway-data", type=Path, required=True, help="gateway data directory")
+    e.add_argument("--out", type=Path, required=True, help="device directory to create")
+    e.add_argument("--broker", type=_broker_url, required=True, help="mqtt://HOST:PORT")
+    e.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds")
+
+    a = sub.add_parser("agent", help="run the device agent, or add/status with a sub-command")
+    a.add_argument("--config", type=Path, help="DEVDIR/agent.toml")
+    a.add_argument(
+        "--synthetic-segments",
+        type=float,
+        metavar="SECONDS",
+        help="also capture a synthetic segment every SECONDS (no camera yet)",
+    )
+    a.add_argument("--segment-size", type=int, default=256 * 1024, help="bytes per segment")
+    asub = a.add_subparsers(dest="agent_command", metavar="{add,status}")
+    add = asub.add_parser("add", help="add files as evidence (agent running or not)")
+    add.add_argument("--config", type=Path, required=True, help="DEVDIR/agent.toml")
+    add.add_argument("--marked", action="store_true", help="flag as marked (uploaded first)")
+    add.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    st = asub.add_parser("status", help="print backlog and custody watermark")
+    st.add_argument("--config", type=Path, required=True, help="DEVDIR/agent.toml")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("demo", help="broker + gateway + simulated fleet, live event log")
+    d.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
+    d.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
+    d.add_argument("--data", type=Path, default=None, help="keep state here (default: temp)")
+    d.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), help="HOST:PORT")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    events = logging.getLogger("custody.events")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
+    events.addHandler(handler)
+    events.setLevel(logging.INFO)
+    events.propagate = False
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from gateway.broker import run_foreground
+
+    print(f"custody broker: mqtt://{args.host}:{args.port} (config in {args.data})", flush=True)
+    return run_foreground(args.data, args.port, args.host)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.api import create_app
+    from gateway.datadir import DataDir
+    from gateway.service import GatewayService
+
+    data = DataDir.open(args.data)
+    service = GatewayService(data, args.broker)
+    host, port = args.http
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(data), host=host, port=port, log_level="warning")
+    )
+    service.start()
+    print(
+        f"custody gateway: API http://{host}:{port}/api/v1/ "
+        f"(token in {data.token_path}), broker {args.broker}",
+        flush=True,
+    )
+    try:
+        server.run()
+    finally:
+        service.stop()
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from gateway.registry import enroll
+
+    path = enroll(
+        args.device_id,
+        args.gateway_data,
+        args.out,
+        args.broker,
+        telemetry_interval_s=args.telemetry_interval,
+    )
+    print(f"enrolled {args.device_id}: {path}")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.service import Agent, Device
+
+    if args.config is None:
+        print("custody agent: --config DEVDIR/agent.toml is required", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    if args.agent_command == "add":
+        device = Device(config)
+        try:
+            for f in args.files:
+                seq = device.outbox.add_file(f, marked=args.marked)
+                print(f"added {f} as seq {seq}")
+        finally:
+            device.close()
+        return 0
+    if args.agent_command == "status":
+        device = Device(config)
+        try:
+            status = device.outbox.status()
+        finally:
+            device.close()
+        if args.json:
+            print(json.dumps(status))
+        else:
+            for k, v in status.items():
+                print(f"{k:22} {v}")
+        return 0
+    agent = Agent(config)
+    stop = agent.stop_event
+    _stop_on_signals(stop)
+    source_thread = None
+    if args.synthetic_segments:
+        from simulators.segments import SegmentSource
+
+        source_device = Device(config)
+        source = SegmentSource(
+            source_device.outbox,
+            config.device_id,
+            interval_s=args.synthetic_segments,
+            size=args.segment_size,
+        )
+        source_thread = threading.Thread(target=source.run, args=(stop,), daemon=True)
+        source_thread.start()
+    print(f"custody agent {config.device_id}: broker {config.broker}", flush=True)
+    agent.run()
+    if source_thread is not None:
+        source_thread.join(timeout=5)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from custody_cli.demo import run_demo
+
+    return run_demo(args.devices, args.duration, args.data, args.http)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from gateway.errors import GatewayError
+
+    commands = {
+        "broker": cmd_broker,
+        "gateway": cmd_gateway,
+        "enroll": cmd_enroll,
+        "agent": cmd_agent,
+        "demo": cmd_demo,
+    }
+    try:
+        return commands[args.command](args)
+    except (AgentError, GatewayError) as exc:
+        print(f"custody {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

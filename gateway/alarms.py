@@ -1,0 +1,53 @@
+"""Alarms: what an operator must look at (rejections and anomalies, with a clear reason).
+
+The same anomaly repeated (a device resending a forged batch every few seconds) raises
+one alarm whose ``count`` grows, not a flood. Alarm kinds are stable strings that the
+dashboard and outside tools filter on:
+
+``unknown_device`` ``revoked_device`` ``bad_signature`` ``bad_message`` ``replay``
+``sequence_gap`` ``fork`` ``hash_mismatch`` ``manifest_mismatch`` ``topic_mismatch``
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+log = logging.getLogger("custody.gateway.alarms")
+events = logging.getLogger("custody.events")
+
+ALARM_KINDS = frozenset(
+    {
+        "unknown_device",
+        "revoked_device",
+        "bad_signature",
+        "bad_message",
+        "replay",
+        "sequence_gap",
+        "fork",
+        "hash_mismatch",
+        "manifest_mismatch",
+        "topic_mismatch",
+    }
+)
+
+
+def raise_alarm(
+    conn: sqlite3.Connection, kind: str, device_id: str, detail: str, now_ms: int, key: str = ""
+) -> None:
+    """Record an alarm inside the caller's transaction (deduplicated by kind/device/key)."""
+    if kind not in ALARM_KINDS:
+        raise ValueError(f"unknown alarm kind {kind!r}")
+    dedupe = f"{kind}|{device_id}|{key or detail}"
+    cur = conn.execute(
+        "UPDATE alarms SET count = count + 1, last_ms = ?, detail = ? WHERE dedupe = ?",
+        [now_ms, detail, dedupe],
+    )
+    if cur.rowcount == 0:
+        conn.execute(
+            "INSERT INTO alarms(kind, device_id, detail, dedupe, count, first_ms, last_ms, state) "
+            "VALUES (?, ?, ?, ?, 1, ?, ?, 'open')",
+            [kind, device_id, detail, dedupe, now_ms, now_ms],
+        )
+        events.warning("%s ALARM %s: %s", device_id, kind, detail)
+    log.warning("alarm %s device=%s: %s", kind, device_id, detail)

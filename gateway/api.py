@@ -1,0 +1,299 @@
+"""The HTTP API (FastAPI), under ``/api/v1/``, with its OpenAPI document at ``/openapi.json``.
+
+Every route except ``GET /healthz`` requires ``Authorization: Bearer <token>``; for now
+the only token is the admin token in ``DIR/admin.token`` (users, roles and scopes arrive
+with issue #5). Every download of evidence bytes is written to the audit table.
+
+Reads use their own SQLite connection per request, so the API never blocks ingest.
+"""
+
+import datetime as dt
+import hmac
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import sqlite_utils
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway.blobs import BlobStore
+from gateway.datadir import DataDir
+from gateway.db import connect, transaction
+from gateway.translog import TransparencyLog
+from protocol.merkle import MerkleError, verify_consistency
+
+bearer = HTTPBearer(auto_error=False, description="The admin token from DIR/admin.token")
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def create_app(data: DataDir) -> FastAPI:
+    token = data.admin_token()
+    key = data.signing_key()
+    blobs = BlobStore(data.blobs)
+    app = FastAPI(
+        title="custody gateway",
+        version="1",
+        description="Evidence from enforcement devices with its chain of custody intact.",
+    )
+
+    def db() -> Iterator[sqlite_utils.Database]:
+        conn = connect(data.db_path)
+        try:
+            yield conn
+        finally:
+            conn.conn.close()
+
+    def caller(
+        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> str:
+        if cred is None or cred.scheme.lower() != "bearer":
+            raise HTTPException(
+                401,
+                "missing credentials: send Authorization: Bearer <token> (see DIR/admin.token)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
+            raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        return "admin"
+
+    Db = Annotated[sqlite_utils.Database, Depends(db)]
+    Caller = Annotated[str, Depends(caller)]
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return (
+            "<!doctype html><title>custody gateway</title><h1>custody gateway</h1>"
+            "<p>The API is under <code>/api/v1/</code>; its reference is at "
+            '<a href="/docs">/docs</a>. Authenticate with the admin token from '
+            "<code>DIR/admin.token</code>.</p>"
+        )
+
+    @app.get("/api/v1/devices", tags=["devices"])
+    def devices(conn: Db, who: Caller) -> list[dict[str, Any]]:
+        rows = conn.execute(
+            "SELECT device_id, status, enrolled_at, online, bd_seq, last_seen_ms, head_seq, "
+            "telemetry FROM devices ORDER BY device_id"
+        ).fetchall()
+        return [
+            {
+                "device_id": r[0],
+                "status": r[1],
+                "enrolled_at": r[2],
+                "online": bool(r[3]),
+                "bd_seq": r[4],
+                "last_seen": iso(r[5]),
+                "journal_head_seq": r[6],
+                "telemetry": json.loads(r[7]) if r[7] else None,
+            }
+            for r in rows
+        ]
+
+    def evidence_item(r: Any) -> dict[str, Any]:
+        return {
+            "id": r[0],
+            "device_id": r[1],
+            "seq": r[2],
+            "kind": r[3],
+            "media_type": r[4],
+            "name": r[5],
+            "marked": bool(r[6]),
+            "sha256": r[7],
+            "size": r[8],
+            "verified": bool(r[9]),
+            "captured_at": iso(r[10]),
+            "received_at": iso(r[11]),
+            "log_index": r[12],
+        }
+
+    columns = (
+        "id, device_id, seq, kind, media_type, name, marked, sha256, size, verified, "
+        "captured_ms, received_ms, log_index"
+    )
+
+    @app.get("/api/v1/evidence", tags=["evidence"])
+    def evidence(
+        conn: Db,
+        who: Caller,
+        device_id: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[dict[str, Any]]:
+        where, args = ("WHERE device_id = ?", [device_id]) if device_id else ("", [])
+        rows = conn.execute(
+            f"SELECT {columns} FROM evidence {where} ORDER BY id LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        ).fetchall()
+        return [evidence_item(r) for r in rows]
+
+    def one_evidence(conn: sqlite_utils.Database, evidence_id: int) -> dict[str, Any]:
+        row = conn.execute(f"SELECT {columns} FROM evidence WHERE id = ?", [evidence_id]).fetchone()
+        if row is None:
+            raise HTTPException(404, f"no evidence with id {evidence_id}")
+        return evidence_item(row)
+
+    @app.get("/api/v1/evidence/{evidence_id}", tags=["evidence"])
+    def evidence_one(evidence_id: int, conn: Db, who: Caller) -> dict[str, Any]:
+        return one_evidence(conn, evidence_id)
+
+    @app.get("/api/v1/evidence/{evidence_id}/media", tags=["evidence"])
+    def evidence_media(evidence_id: int, conn: Db, who: Caller) -> FileResponse:
+        item = one_evidence(conn, evidence_id)
+        with transaction(conn) as c:
+            c.execute(
+                "INSERT INTO audit(at_ms, actor, action, target) VALUES (?, ?, 'download', ?)",
+                [int(dt.datetime.now(dt.UTC).timestamp() * 1000), who, f"evidence/{evidence_id}"],
+            )
+        return FileResponse(
+            blobs.path(item["sha256"]),
+            media_type=item["media_type"],
+            headers={"X-Custody-SHA256": item["sha256"]},
+        )
+
+    @app.get("/api/v1/journal", tags=["evidence"])
+    def journal(
+        conn: Db,
+        who: Caller,
+        device_id: str,
+        after_seq: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    ) -> list[dict[str, Any]]:
+        rows = conn.execute(
+            "SELECT seq, kind, wall_ms, received_ms, log_index, gap_before, record FROM journal "
+            "WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            [device_id, after_seq, limit],
+        ).fetchall()
+        return [
+            {
+                "seq": r[0],
+                "kind": r[1],
+                "time": iso(r[2]),
+                "received_at": iso(r[3]),
+                "log_index": r[4],
+                "gap_before": bool(r[5]),
+                "record": json.loads(r[6]),
+            }
+            for r in rows
+        ]
+
+    @app.get("/api/v1/uploads", tags=["evidence"])
+    def uploads(conn: Db, who: Caller, device_id: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("WHERE device_id = ?", [device_id]) if device_id else ("", [])
+        rows = conn.execute(
+            "SELECT device_id, seq, size, state, reason, bytes_received, inits, resumed_from "
+            f"FROM uploads {where} ORDER BY device_id, seq",
+            args,
+        ).fetchall()
+        return [
+            {
+                "device_id": r[0],
+                "seq": r[1],
+                "size": r[2],
+                "state": r[3],
+                "reason": r[4],
+                "bytes_received": r[5],
+                "inits": r[6],
+                "resumed_from": None if r[7] < 0 else r[7],
+            }
+            for r in rows
+        ]
+
+    @app.get("/api/v1/alarms", tags=["alarms"])
+    def alarms(
+        conn: Db, who: Caller, device_id: str | None = None, kind: str | None = None
+    ) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        if device_id:
+            clauses.append("device_id = ?")
+            args.append(device_id)
+        if kind:
+            clauses.append("kind = ?")
+            args.append(kind)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = conn.execute(
+            "SELECT id, kind, device_id, detail, count, first_ms, last_ms, state "
+            f"FROM alarms {where} ORDER BY id",
+            args,
+        ).fetchall()
+        return [
+            {
+                "id": r[0],
+                "kind": r[1],
+                "device_id": r[2],
+                "detail": r[3],
+                "count": r[4],
+                "first_at": iso(r[5]),
+                "last_at": iso(r[6]),
+                "state": r[7],
+            }
+            for r in rows
+        ]
+
+    def log_view(conn: sqlite_utils.Database) -> TransparencyLog:
+        return TransparencyLog(conn, key)
+
+    @app.get("/api/v1/log/tree-head", tags=["transparency log"])
+    def tree_head(conn: Db, who: Caller) -> dict[str, Any]:
+        head = log_view(conn).tree_head(int(dt.datetime.now(dt.UTC).timestamp() * 1000))
+        out = head.to_wire()
+        out["public_key"] = key.verify_key.hex
+        return out
+
+    @app.get("/api/v1/log/proof/{log_index}", tags=["transparency log"])
+    def proof(
+        log_index: int,
+        conn: Db,
+        who: Caller,
+        tree_size: Annotated[int | None, Query(ge=1)] = None,
+    ) -> dict[str, Any]:
+        view = log_view(conn)
+        size = view.size if tree_size is None else tree_size
+        if size > view.size:
+            raise HTTPException(400, f"tree_size {size} is larger than the log ({view.size})")
+        if not 0 <= log_index < size:
+            raise HTTPException(404, f"log index {log_index} is not in a tree of size {size}")
+        leaf = conn.execute("SELECT leaf FROM log_leaves WHERE idx = ?", [log_index]).fetchone()
+        head = view.tree_head(int(dt.datetime.now(dt.UTC).timestamp() * 1000))
+        return {
+            "log_index": log_index,
+            "tree_size": size,
+            "leaf": json.loads(leaf[0]),
+            "leaf_hash": view.hashes[log_index].hex(),
+            "root_hash": view.root_at(size).hex(),
+            "inclusion_proof": [h.hex() for h in view.inclusion(log_index, size)],
+            "tree_head": head.to_wire(),
+        }
+
+    @app.get("/api/v1/log/consistency", tags=["transparency log"])
+    def consistency(
+        conn: Db,
+        who: Caller,
+        first: Annotated[int, Query(ge=1)],
+        second: Annotated[int, Query(ge=1)],
+    ) -> dict[str, Any]:
+        view = log_view(conn)
+        try:
+            proof = view.consistency(first, second)
+        except MerkleError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        old, new = view.root_at(first), view.root_at(second)
+        assert verify_consistency(first, second, old, new, proof)
+        return {
+            "first": first,
+            "second": second,
+            "first_root": old.hex(),
+            "second_root": new.hex(),
+            "consistency_proof": [h.hex() for h in proof],
+        }
+
+    return app

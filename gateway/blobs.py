@@ -1,0 +1,43 @@
+"""Content-addressed evidence storage: ``blobs/ab/cd/<sha256>``.
+
+A blob is moved into place only after its bytes are fsync'd and verified against the
+signed manifest; the directory is fsync'd after the rename, so a receipt never names a
+file that a power cut could take back. Blobs are never rewritten: storing content that
+already exists leaves the existing file alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256_hex: str) -> Path:
+        return self.root / sha256_hex[:2] / sha256_hex[2:4] / sha256_hex
+
+    def exists(self, sha256_hex: str) -> bool:
+        return self.path(sha256_hex).exists()
+
+    def adopt(self, verified_file: Path, sha256_hex: str) -> Path:
+        """Move an fsync'd, verified file into the store (or drop it if already stored)."""
+        target = self.path(sha256_hex)
+        if target.exists():
+            verified_file.unlink()
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(verified_file, 0o440)
+        os.rename(verified_file, target)
+        fsync_dir(target.parent)
+        return target

@@ -1,0 +1,148 @@
+"""The gateway database (SQLite through sqlite-utils, WAL).
+
+Append-only by construction: ``journal``, ``evidence``, ``log_leaves`` and ``audit`` rows
+are inserted and never updated or deleted by any code path; ``devices``, ``uploads`` and
+``alarms`` hold mutable state about those facts. ``synchronous=FULL`` because a receipt is
+sent only after the commit that records it, and must survive power loss.
+
+The ingest thread is the only writer inside the gateway; ``custody enroll`` may write the
+``devices`` table from another process while the gateway runs (WAL + busy timeout).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils.db import Table
+
+
+def connect(path: Path) -> sqlite_utils.Database:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return sqlite_utils.Database(conn)
+
+
+def open_db(path: Path) -> sqlite_utils.Database:
+    db = connect(path)
+    create_schema(db)
+    return db
+
+
+@contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def create_schema(db: sqlite_utils.Database) -> None:
+    # No surrounding transaction: sqlite-utils commits each create itself.
+    Table(db, "devices").create(
+        {
+            "device_id": str,
+            "public_key": str,
+            "status": str,  # active | revoked
+            "enrolled_at": str,
+            "online": int,
+            "bd_seq": int,
+            "last_seen_ms": int,
+            "telemetry": str,
+            "head_seq": int,
+            "head_hash": str,
+            "batch_counter": int,
+            "last_batch_hash": str,
+        },
+        pk="device_id",
+        not_null={"public_key", "status"},
+        defaults={"online": 0, "bd_seq": 0, "head_seq": 0, "batch_counter": 0},
+        if_not_exists=True,
+    )
+    Table(db, "journal").create(
+        {
+            "device_id": str,
+            "seq": int,
+            "hash": str,
+            "kind": str,
+            "wall_ms": int,
+            "record": str,
+            "received_ms": int,
+            "log_index": int,
+            "gap_before": int,
+        },
+        pk=("device_id", "seq"),
+        if_not_exists=True,
+    )
+    Table(db, "uploads").create(
+        {
+            "device_id": str,
+            "seq": int,
+            "size": int,
+            "sha256": str,
+            "ranges": str,  # durable (fsync'd) byte ranges, JSON
+            "bytes_received": int,
+            "inits": int,
+            "resumed_from": int,  # bytes already held at the first resume, -1 none
+            "state": str,  # receiving | complete | rejected
+            "reason": str,
+            "updated_ms": int,
+        },
+        pk=("device_id", "seq"),
+        if_not_exists=True,
+    )
+    Table(db, "evidence").create(
+        {
+            "id": int,
+            "device_id": str,
+            "seq": int,
+            "kind": str,
+            "media_type": str,
+            "name": str,
+            "marked": int,
+            "sha256": str,
+            "size": int,
+            "verified": int,
+            "captured_ms": int,
+            "received_ms": int,
+            "log_index": int,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS evidence_device_seq ON evidence(device_id, seq)")
+    Table(db, "log_leaves").create(
+        {"idx": int, "leaf_hash": bytes, "leaf": str, "created_ms": int},
+        pk="idx",
+        if_not_exists=True,
+    )
+    Table(db, "alarms").create(
+        {
+            "id": int,
+            "kind": str,
+            "device_id": str,
+            "detail": str,
+            "dedupe": str,
+            "count": int,
+            "first_ms": int,
+            "last_ms": int,
+            "state": str,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS alarms_dedupe ON alarms(dedupe)")
+    Table(db, "audit").create(
+        {"id": int, "at_ms": int, "actor": str, "action": str, "target": str},
+        pk="id",
+        if_not_exists=True,
+    )

@@ -1,0 +1,116 @@
+"""The gateway process: MQTT in, ingest, MQTT out; the HTTP API beside it.
+
+paho's network thread only queues messages (a bounded queue: when ingest falls behind,
+the network thread blocks, TCP pushes back, and devices slow down instead of the gateway
+growing without bound). One ingest thread owns the database writer and answers devices.
+The gateway subscribes through MQTT 5 shared subscriptions (``$share/gateway/…``) so more
+workers can join the group; all state lives in the database and blob store.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gateway.datadir import DataDir
+from gateway.db import open_db
+from gateway.ingest import Ingest
+from protocol.encoding import canonical
+from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker_url
+
+log = logging.getLogger("custody.gateway.service")
+
+QUEUE_DEPTH = 512
+
+
+class GatewayService:
+    def __init__(self, data: DataDir, broker: str, *, shared: bool = True) -> None:
+        self.data = data
+        self.host, self.port = parse_broker_url(broker)
+        self.shared = shared
+        self.db = open_db(data.db_path)
+        self.ingest = Ingest(data, self.db, data.signing_key())
+        self.inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(QUEUE_DEPTH)
+        self.connected = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"custody-gateway-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.max_inflight_messages_set(64)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(1, 5)
+        self.client.will_set(GATEWAY_STATE, canonical({"v": 1, "online": False}), 1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self._stopping = False
+        self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self.client.connect_async(self.host, self.port, keepalive=15, clean_start=True)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.client.publish(GATEWAY_STATE, canonical({"v": 1, "online": False}), 1, retain=True)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.inbox.put(None)
+        self._thread.join(timeout=10)
+        self.ingest.close()
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker refused the gateway: %s", reason)
+            return
+        for topic in gateway_subscriptions(self.shared):
+            client.subscribe(topic, qos=1)
+        client.publish(GATEWAY_STATE, canonical({"v": 1, "online": True}), 1, retain=True)
+        self.connected.set()
+        log.info("gateway connected to %s:%d", self.host, self.port)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        props: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if self._stopping:
+            return
+        log.warning("gateway lost the broker: %s (reconnecting)", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put(msg)  # blocks when ingest is behind: back-pressure, not growth
+
+    def _ingest_loop(self) -> None:
+        while True:
+            msg = self.inbox.get()
+            if msg is None:
+                return
+            try:
+                replies = self.ingest.handle(msg.topic, bytes(msg.payload))
+            except Exception:  # a bug must not stop ingest for every other device
+                log.exception("ingest failed on %s", msg.topic)
+                self.ingest.log.reload()
+                continue
+            for out in replies:
+                self.client.publish(out.topic, out.payload, qos=1, retain=out.retain)

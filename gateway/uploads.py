@@ -1,0 +1,138 @@
+"""Uploads in progress: bytes streamed to a part file at their offsets, never held in memory.
+
+Memory per upload is one open file descriptor, a sha256 state and a short range list, so
+a 2 GiB file costs the same as a 2 KiB one. Chunks normally arrive in order; the running
+hash follows them and the file is re-read only if they did not.
+
+Durability: the ranges recorded in the database are the ranges that were fsync'd before
+the row was written (a checkpoint every ``CHECKPOINT_BYTES`` and at the end). After a
+gateway crash, ``init`` answers with those ranges, and the device resends the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.upload import Ranges, add_range, covered
+
+CHECKPOINT_BYTES = 16 * 1024 * 1024
+MAX_OPEN = 128
+HASH_BLOCK = 1024 * 1024
+
+
+def ranges_to_json(ranges: Ranges) -> str:
+    return json.dumps([list(r) for r in ranges])
+
+
+def ranges_from_json(text: str | None) -> Ranges:
+    out: Ranges = ()
+    for s, e in json.loads(text or "[]"):
+        out = add_range(out, int(s), int(e))
+    return out
+
+
+@dataclass
+class ActiveUpload:
+    device_id: str
+    seq: int
+    size: int
+    sha256: bytes
+    path: Path
+    ranges: Ranges = ()
+    durable: Ranges = ()
+    bytes_received: int = 0
+    inits: int = 0
+    resumed_from: int = -1
+    unsynced: int = 0
+    fd: int = -1
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed_to: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return covered(self.ranges, self.size)
+
+    def open(self) -> int:
+        if self.fd < 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self.fd
+
+    def write(self, offset: int, data: bytes) -> None:
+        fd = self.open()
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            pos += os.pwrite(fd, view[pos:], offset + pos)
+        if offset == self.hashed_to:
+            self.hasher.update(data)
+            self.hashed_to += len(data)
+        self.ranges = add_range(self.ranges, offset, offset + len(data))
+        self.bytes_received += len(data)
+        self.unsynced += len(data)
+
+    def sync(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+        self.durable = self.ranges
+        self.unsynced = 0
+
+    def digest(self) -> bytes:
+        """sha256 of the whole part file, re-reading only what the running hash missed."""
+        if self.hashed_to == self.size:
+            return bytes(self.hasher.digest())
+        fd = self.open()
+        digest = hashlib.sha256()
+        pos = 0
+        while pos < self.size:
+            block = os.pread(fd, min(HASH_BLOCK, self.size - pos), pos)
+            if not block:
+                break
+            digest.update(block)
+            pos += len(block)
+        return digest.digest()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ActiveUploads:
+    """A bounded cache of uploads with open part files (oldest closed first)."""
+
+    def __init__(self, partial_dir: Path) -> None:
+        self.partial_dir = partial_dir
+        self._items: OrderedDict[tuple[str, int], ActiveUpload] = OrderedDict()
+
+    def part_path(self, device_id: str, seq: int) -> Path:
+        return self.partial_dir / device_id / f"{seq}.part"
+
+    def get(self, device_id: str, seq: int) -> ActiveUpload | None:
+        item = self._items.get((device_id, seq))
+        if item is not None:
+            self._items.move_to_end((device_id, seq))
+        return item
+
+    def put(self, up: ActiveUpload) -> list[ActiveUpload]:
+        """Track ``up``; return uploads evicted to stay under ``MAX_OPEN`` (to checkpoint)."""
+        self._items[(up.device_id, up.seq)] = up
+        evicted = []
+        while len(self._items) > MAX_OPEN:
+            _, old = self._items.popitem(last=False)
+            evicted.append(old)
+        return evicted
+
+    def drop(self, device_id: str, seq: int) -> None:
+        item = self._items.pop((device_id, seq), None)
+        if item is not None:
+            item.close()
+
+    def all(self) -> list[ActiveUpload]:
+        return list(self._items.values())
