@@ -459,6 +459,7 @@ class Ingest:
         return [self._upload_ack(device_id, fin.seq, "receiving", up.ranges)]
 
     def _finalize(self, up: ActiveUpload) -> list[Outgoing]:
+        up.open()  # an empty file never saw a chunk, so its part file may not exist yet
         up.sync()
         digest = up.digest()
         up.close()
