@@ -95,13 +95,13 @@ def test_device_birth_telemetry_and_death_reach_the_gateway(tmp_path, gateway, m
     dev = wait_for(device, 30, "online device with telemetry showing an empty backlog")
     assert dev["telemetry"]["journal_seq"] == 1  # the boot record
     agent.stop()
-    wait_for(
-        lambda: not [d for d in gateway.get("/api/v1/devices") if d["device_id"] == "cam-3"][0][
+
+    def offline() -> bool:
+        return not next(d for d in gateway.get("/api/v1/devices") if d["device_id"] == "cam-3")[
             "online"
-        ],
-        30,
-        "device offline after a clean stop",
-    )
+        ]
+
+    wait_for(offline, 30, "device offline after a clean stop")
 
 
 def test_same_content_twice_is_two_pieces_of_evidence(tmp_path, gateway, make_agent):

@@ -1,0 +1,212 @@
+"""Rejections and anomalies: each becomes an alarm with a clear reason, and nothing that
+was already stored changes. The attacks are real messages on a real broker."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol.journal import GENESIS, JournalRecord
+from protocol.signing import SigningKey
+from protocol.topics import DeviceTopic, device_topic
+from protocol.upload import JournalBatch
+from tests.conftest import Gateway, make_files, wait_for
+
+
+def publish(broker_url: str, topic: str, payload: bytes) -> None:
+    host, port = broker_url.removeprefix("mqtt://").split(":")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(host, int(port))
+    client.loop_start()
+    client.publish(topic, payload, qos=1).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+class Capture:
+    """A plain (non-shared) subscriber that records what devices publish."""
+
+    def __init__(self, broker_url: str, topic: str) -> None:
+        host, port = broker_url.removeprefix("mqtt://").split(":")
+        self.messages: list[bytes] = []
+        self.ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.messages.append(bytes(m.payload))
+        self.client.on_subscribe = lambda *a: self.ready.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        assert self.ready.wait(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def record(device_id: str, seq: int, prev: bytes, key: SigningKey, **body: Any):
+    return JournalRecord(device_id, seq, prev, "mark", int(time.time() * 1000), 1, body).sign(key)
+
+
+def snapshot(gateway: Gateway, device_id: str) -> tuple[Any, Any]:
+    return gateway.evidence(device_id), gateway.get("/api/v1/journal", device_id=device_id)
+
+
+def alarm(gateway: Gateway, kind: str, device_id: str) -> dict[str, Any]:
+    found = wait_for(
+        lambda: gateway.alarms(kind=kind, device_id=device_id), 30, f"{kind} alarm for {device_id}"
+    )
+    return found[0]
+
+
+def test_flipped_byte_in_media_is_rejected_and_journalled(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-flip", gateway)
+    good = make_files(tmp_path / "good", [50_000], seed=10)
+    agent.add(*good.values())
+    agent.start()
+    wait_for(lambda: agent.status()["backlog_items"] == 0, 30, "first evidence receipted")
+    agent.stop()
+    before = snapshot(gateway, "cam-flip")
+    bad = make_files(tmp_path / "bad", [80_000], seed=11)
+    agent.add(*bad.values())
+    [media] = agent.media_files()
+    data = bytearray(media.read_bytes())
+    data[40_000] ^= 0x01
+    media.write_bytes(bytes(data))
+    agent.start()
+    found = alarm(gateway, "hash_mismatch", "cam-flip")
+    assert "signed manifest" in found["detail"]
+    wait_for(lambda: agent.status()["rejected_items"] == 1, 30, "device marks it rejected")
+    assert agent.media_files() == [media], "the device keeps what the gateway refused"
+    wait_for(
+        lambda: any(
+            r["kind"] == "media_corrupt"
+            for r in gateway.get("/api/v1/journal", device_id="cam-flip")
+        ),
+        30,
+        "media_corrupt record journalled and delivered",
+    )
+    after_evidence, after_journal = snapshot(gateway, "cam-flip")
+    assert after_evidence == before[0], "no evidence stored for the altered file"
+    assert after_journal[: len(before[1])] == before[1], "earlier journal unchanged"
+
+
+def test_forged_batch_signature_is_rejected(gateway, make_agent):
+    make_agent("cam-forge", gateway)
+    before = snapshot(gateway, "cam-forge")
+    forger = SigningKey.generate()
+    batch = JournalBatch("cam-forge", 1, (record("cam-forge", 1, GENESIS, forger),))
+    publish(
+        gateway.broker.url, device_topic("cam-forge", DeviceTopic.JOURNAL), batch.encode(forger)
+    )
+    found = alarm(gateway, "bad_signature", "cam-forge")
+    assert "journal batch" in found["detail"]
+    assert snapshot(gateway, "cam-forge") == before
+
+
+def test_forged_record_inside_a_genuine_envelope_is_rejected(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-forge2", gateway)
+    device_key = SigningKey.from_seed((agent.dir / "device.key").read_bytes())
+    forger = SigningKey.generate()
+    good = record("cam-forge2", 1, GENESIS, device_key, note="genuine")
+    forged = record("cam-forge2", 2, good.hash(), forger, note="forged")
+    batch = JournalBatch("cam-forge2", 1, (good, forged))
+    publish(
+        gateway.broker.url,
+        device_topic("cam-forge2", DeviceTopic.JOURNAL),
+        batch.encode(device_key),
+    )
+    found = alarm(gateway, "bad_signature", "cam-forge2")
+    assert "seq 2" in found["detail"]
+    journal = gateway.get("/api/v1/journal", device_id="cam-forge2")
+    assert [r["seq"] for r in journal] == [1], "the genuine record stays, the forged one not"
+
+
+def test_replayed_journal_message_is_rejected(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-replay", gateway)
+    capture = Capture(gateway.broker.url, device_topic("cam-replay", DeviceTopic.JOURNAL))
+    try:
+        agent.add(*make_files(tmp_path / "a", [1000], seed=20).values())
+        agent.start()
+        wait_for(lambda: len(gateway.evidence("cam-replay")) == 1, 30, "first evidence")
+        agent.add(*make_files(tmp_path / "b", [1000], seed=21).values())
+        wait_for(lambda: len(gateway.evidence("cam-replay")) == 2, 30, "second evidence")
+        wait_for(lambda: len(capture.messages) >= 2, 10, "captured envelopes")
+    finally:
+        capture.close()
+    before = snapshot(gateway, "cam-replay")
+    publish(
+        gateway.broker.url, device_topic("cam-replay", DeviceTopic.JOURNAL), capture.messages[0]
+    )
+    found = alarm(gateway, "replay", "cam-replay")
+    assert "replayed" in found["detail"]
+    assert snapshot(gateway, "cam-replay") == before
+
+
+def test_unknown_device_is_rejected(gateway):
+    key = SigningKey.generate()
+    batch = JournalBatch("ghost-7", 1, (record("ghost-7", 1, GENESIS, key),))
+    publish(gateway.broker.url, device_topic("ghost-7", DeviceTopic.JOURNAL), batch.encode(key))
+    found = alarm(gateway, "unknown_device", "ghost-7")
+    assert "not enrolled" in found["detail"]
+    assert gateway.get("/api/v1/journal", device_id="ghost-7") == []
+    assert not [d for d in gateway.get("/api/v1/devices") if d["device_id"] == "ghost-7"]
+
+
+def test_missing_sequence_number_raises_a_gap_alarm(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-gap", gateway)
+    files = make_files(tmp_path, [1000, 2000, 3000], seed=30)
+    agent.add(*files.values())
+    # Someone deletes the second piece of evidence and its record on the device.
+    db = sqlite3.connect(agent.dir / "agent.db")
+    path = db.execute("SELECT path FROM media WHERE seq = 2").fetchone()[0]
+    db.execute("DELETE FROM journal WHERE seq = 2")
+    db.execute("DELETE FROM media WHERE seq = 2")
+    db.commit()
+    db.close()
+    (agent.dir / "media" / path).unlink()
+    agent.start()
+    found = alarm(gateway, "sequence_gap", "cam-gap")
+    assert "2..2" in found["detail"] and "Art. 34" in found["detail"]
+    wait_for(lambda: len(gateway.evidence("cam-gap")) == 2, 30, "evidence either side of the gap")
+    assert {e["seq"] for e in gateway.evidence("cam-gap")} == {1, 3}
+    journal = gateway.get("/api/v1/journal", device_id="cam-gap")
+    assert [r["gap_before"] for r in journal if r["seq"] == 3] == [True]
+
+
+def test_malformed_payloads_raise_alarms_and_the_gateway_keeps_working(
+    tmp_path, gateway, make_agent
+):
+    agent = make_agent("cam-junk", gateway)
+    for topic_kind, payload in [
+        (DeviceTopic.JOURNAL, b"\xff\xfe not json"),
+        (DeviceTopic.UPLOAD_INIT, b'{"v": 1, "device_id": "cam-junk"}'),
+        (DeviceTopic.UPLOAD_CHUNK, b"\x00"),
+        (DeviceTopic.TELEMETRY, b'{"v": 2}'),
+    ]:
+        publish(gateway.broker.url, device_topic("cam-junk", topic_kind), payload)
+    wait_for(
+        lambda: len(gateway.alarms(kind="bad_message", device_id="cam-junk")) >= 4,
+        30,
+        "bad_message alarms",
+    )
+    details = " | ".join(a["detail"] for a in gateway.alarms(device_id="cam-junk"))
+    assert "not UTF-8" in details and "missing" in details and "version 2" in details
+    agent.add(*make_files(tmp_path, [5000], seed=40).values())
+    agent.start()
+    wait_for(lambda: len(gateway.evidence("cam-junk")) == 1, 30, "evidence after the junk")
+
+
+def test_stored_blobs_are_read_only(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-ro", gateway)
+    agent.add(*make_files(tmp_path, [1000], seed=50).values())
+    agent.start()
+    wait_for(lambda: gateway.evidence("cam-ro"), 30, "evidence")
+    sha = gateway.evidence("cam-ro")[0]["sha256"]
+    blob = Path(gateway.data) / "blobs" / sha[:2] / sha[2:4] / sha
+    assert blob.stat().st_mode & 0o222 == 0
