@@ -98,6 +98,12 @@ def bump_counter(db: sqlite_utils.Database, key: str) -> int:
     return int(row[0])
 
 
+def add_to_counter(db: sqlite_utils.Database, key: str, amount: int) -> None:
+    with immediate(db) as conn:
+        conn.execute("INSERT OR IGNORE INTO kv(key, value) VALUES (?, 0)", [key])
+        conn.execute("UPDATE kv SET value = value + ? WHERE key = ?", [amount, key])
+
+
 def get_counter(db: sqlite_utils.Database, key: str) -> int:
     row = db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
     return int(row[0]) if row else 0

@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlite_utils
 
-from agent.db import immediate
+from agent.db import get_counter, immediate
 from agent.errors import StoreError
 from agent.journal import Journal, now_ms
 from protocol.journal import MEDIA_KINDS
@@ -283,5 +283,8 @@ class Outbox:
             "journal_seq": head,
             "receipted_items": int(receipted[0]),
             "rejected_items": int(rejected[0]),
+            # Bytes the gateway already held when an interrupted upload resumed: what a
+            # restart from zero would have sent again.
+            "resumed_bytes": get_counter(self.db, "resumed_bytes"),
             "oldest_unacked_age_s": 0 if oldest is None else max(0, (now_ms() - oldest) // 1000),
         }

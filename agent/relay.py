@@ -28,16 +28,18 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from agent.config import AgentConfig
-from agent.db import bump_counter
+from agent.db import add_to_counter, bump_counter
 from agent.journal import Journal, now_ms
 from agent.outbox import MediaItem, Outbox
 from agent.transport import Connected, Disconnected, Event, Message, Transport
+from protocol.encoding import decode
 from protocol.errors import ProtocolError
 from protocol.journal import SignedRecord
 from protocol.receipt import JournalAck, Receipt
 from protocol.signing import SigningKey, VerifyKey
 from protocol.state import DeviceState, Telemetry
 from protocol.topics import (
+    GATEWAY_STATE,
     DeviceTopic,
     GatewayTopic,
     device_topic,
@@ -72,7 +74,9 @@ class TokenBucket:
 
     def __init__(self, rate: int, burst: int) -> None:
         self.rate = rate
-        self.burst = max(burst, rate)
+        # A fifth of a second's worth: enough to fill a pump cycle, small enough that
+        # the cap holds over short intervals too.
+        self.burst = max(burst, rate // 5)
         self.tokens = float(self.burst)
         self.at = time.monotonic()
 
@@ -108,6 +112,8 @@ class Relay:
         self.connected = False
         self.uploads: dict[int, Upload] = {}
         self.journal_inflight: tuple[int, float] | None = None
+        self.gateway_online: bool | None = None
+        self.gateway_session: object = None
         self.journal_retry_at = 0.0
         self.next_telemetry = 0.0
         self.bucket = TokenBucket(config.bandwidth_limit_bps, config.chunk_size * 2)
@@ -178,7 +184,8 @@ class Relay:
         self.journal_inflight = None
 
     def _on_message(self, msg: Message) -> None:
-        if not msg.topic.startswith("custody/v1/gw/") or msg.topic.endswith("/gw/state"):
+        if msg.topic == GATEWAY_STATE:
+            self._on_gateway_state(msg.payload)
             return
         parsed = parse_gateway_topic(msg.topic)
         if parsed.device_id != self.device_id:
@@ -189,6 +196,23 @@ class Relay:
             self._on_upload_ack(UploadAck.decode(msg.payload, self.gateway_key))
         elif parsed.kind is GatewayTopic.RECEIPT:
             self._on_receipt(Receipt.decode(msg.payload, self.gateway_key), msg.payload)
+
+    def _on_gateway_state(self, payload: bytes) -> None:
+        state = decode(payload, what="gateway state") if payload else {}
+        online = state.get("online") is True
+        session = state.get("session")
+        restarted = self.gateway_online is False or (
+            self.gateway_session is not None and session != self.gateway_session
+        )
+        if online and restarted:
+            # The gateway restarted: whatever it acknowledged but had not made durable is
+            # gone, so start every upload again from ``init`` (cheap: it answers with the
+            # ranges it really holds) instead of waiting for timeouts.
+            log.info("gateway is back; resynchronising uploads")
+            self._reset_session()
+        self.gateway_online = online
+        if online:
+            self.gateway_session = session
 
     def _on_journal_ack(self, ack: JournalAck) -> None:
         if ack.device_id != self.device_id:
@@ -224,6 +248,7 @@ class Relay:
                     held = sum(e - s for s, e in ack.ranges)
                     up.resumed_from = held
                     self.counters["resumes"] += 1
+                    add_to_counter(self.journal.db, "resumed_bytes", held)
                     log.info(
                         "seq %d: resuming, gateway holds %d of %d bytes",
                         ack.seq,
@@ -386,6 +411,4 @@ class Relay:
 
 
 def _load(raw: bytes) -> object:
-    from protocol.encoding import decode
-
     return decode(raw, what="stored journal record")

@@ -35,7 +35,6 @@ from gateway.datadir import DataDir
 from gateway.db import transaction
 from gateway.translog import TransparencyLog
 from gateway.uploads import (
-    CHECKPOINT_BYTES,
     ActiveUpload,
     ActiveUploads,
     ranges_from_json,
@@ -339,6 +338,16 @@ class Ingest:
         else:
             up.ranges = up.durable = ranges_from_json(row[0])
             up.bytes_received, up.inits, up.resumed_from = int(row[1]), int(row[2]), int(row[3])
+            if up.ranges and up.resumed_from < 0:
+                # Picked up again after a gateway restart: resume from the durable ranges.
+                up.resumed_from = sum(e - s for s, e in up.ranges)
+                events.info(
+                    "%s seq %d resumes after restart: %d of %d bytes held",
+                    device_id,
+                    seq,
+                    up.resumed_from,
+                    up.size,
+                )
         for old in self.active.put(up):
             self._checkpoint(old)
             old.close()
@@ -441,7 +450,7 @@ class Ingest:
         up.write(chunk.offset, chunk.data)
         if up.complete:
             return self._finalize(up)
-        if up.unsynced >= CHECKPOINT_BYTES:
+        if up.checkpoint_due():
             self._checkpoint(up)
         return [self._upload_ack(device_id, chunk.seq, "receiving", up.ranges)]
 

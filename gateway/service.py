@@ -9,6 +9,7 @@ workers can join the group; all state lives in the database and blob store.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -39,20 +40,26 @@ class GatewayService:
         self.ingest = Ingest(data, self.db, data.signing_key())
         self.inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(QUEUE_DEPTH)
         self.connected = threading.Event()
+        # A stable client id per data directory: a restarted gateway takes over its old
+        # session at once (and the broker publishes the old Last Will then, not 20 s later).
+        # ``session`` tells devices that this is a new gateway process.
+        client_id = "custody-gateway-" + hashlib.sha256(str(data.root).encode()).hexdigest()[:12]
+        self.session = uuid.uuid4().hex
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"custody-gateway-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
         self.client.max_inflight_messages_set(64)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 5)
-        self.client.will_set(GATEWAY_STATE, canonical({"v": 1, "online": False}), 1, retain=True)
+        self.client.will_set(GATEWAY_STATE, self._state(False), 1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._stopping = False
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+
+    def _state(self, online: bool) -> bytes:
+        return canonical({"v": 1, "online": online, "session": self.session})
 
     def start(self) -> None:
         self._thread.start()
@@ -61,7 +68,7 @@ class GatewayService:
 
     def stop(self) -> None:
         self._stopping = True
-        self.client.publish(GATEWAY_STATE, canonical({"v": 1, "online": False}), 1, retain=True)
+        self.client.publish(GATEWAY_STATE, self._state(False), 1, retain=True)
         self.client.disconnect()
         self.client.loop_stop()
         self.inbox.put(None)
@@ -81,7 +88,7 @@ class GatewayService:
             return
         for topic in gateway_subscriptions(self.shared):
             client.subscribe(topic, qos=1)
-        client.publish(GATEWAY_STATE, canonical({"v": 1, "online": True}), 1, retain=True)
+        client.publish(GATEWAY_STATE, self._state(True), 1, retain=True)
         self.connected.set()
         log.info("gateway connected to %s:%d", self.host, self.port)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 
 from protocol.upload import Ranges, add_range, covered
 
-CHECKPOINT_BYTES = 16 * 1024 * 1024
+CHECKPOINT_BYTES = 8 * 1024 * 1024
+CHECKPOINT_INTERVAL_S = 1.0
 MAX_OPEN = 128
 HASH_BLOCK = 1024 * 1024
 
@@ -50,6 +52,7 @@ class ActiveUpload:
     inits: int = 0
     resumed_from: int = -1
     unsynced: int = 0
+    synced_at: float = field(default_factory=time.monotonic)
     fd: int = -1
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed_to: int = 0
@@ -82,6 +85,12 @@ class ActiveUpload:
             os.fsync(self.fd)
         self.durable = self.ranges
         self.unsynced = 0
+        self.synced_at = time.monotonic()
+
+    def checkpoint_due(self) -> bool:
+        return self.unsynced >= CHECKPOINT_BYTES or (
+            self.unsynced > 0 and time.monotonic() - self.synced_at >= CHECKPOINT_INTERVAL_S
+        )
 
     def digest(self) -> bytes:
         """sha256 of the whole part file, re-reading only what the running hash missed."""

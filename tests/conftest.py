@@ -200,7 +200,7 @@ class AgentProc:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                custody_cmd("agent", "--config", str(self.config)),
+                custody_cmd("-v", "agent", "--config", str(self.config)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,

@@ -1,0 +1,154 @@
+"""Nothing captured is lost: really kill the agent, really stop the broker, really kill the
+gateway, mid-upload — then every file is at the gateway exactly once, byte-identical,
+verified, receipted on the device and deleted there, and uploads resumed from the ranges
+the gateway held rather than from zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    AgentProc,
+    Broker,
+    Gateway,
+    assert_all_in_custody,
+    make_files,
+    wait_for,
+)
+
+pytestmark = pytest.mark.chaos
+
+MiB = 1024 * 1024
+CHUNK = 64 * 1024
+WINDOW = 16
+# Slow the link so there is an upload in progress to interrupt.
+SLOW = {"chunk_size": str(CHUNK), "window": str(WINDOW), "bandwidth_limit_bps": str(3 * MiB)}
+
+
+def random_moment(rng: random.Random, lo: float, hi: float) -> None:
+    """Let the system run for a random while before the next fault (this *is* the test's
+    randomness, not a wait for a condition)."""
+    time.sleep(rng.uniform(lo, hi))
+
+
+def assert_resumed_not_restarted(gateway: Gateway, agent: AgentProc) -> list[dict]:
+    """Interrupted uploads continued from the bytes the gateway held: the device says how
+    many bytes it skipped, and the gateway received little more than each file's size."""
+    assert agent.status()["resumed_bytes"] > 0, "the device never resumed from held ranges"
+    uploads = gateway.get("/api/v1/uploads", device_id=agent.device_id)
+    for up in uploads:
+        # Each (re)start may cost at most one window of chunks already in flight; an upload
+        # that started again from zero would cost its whole size.
+        allowance = up["inits"] * WINDOW * CHUNK + WINDOW * CHUNK
+        assert up["bytes_received"] <= up["size"] + allowance, up
+    return [u for u in uploads if u["resumed_from"]]
+
+
+def partial_bytes(gateway: Gateway, device_id: str) -> int:
+    folder = gateway.data / "partial" / device_id
+    return sum(p.stat().st_size for p in folder.glob("*.part")) if folder.exists() else 0
+
+
+def test_agent_sigkilled_at_random_moments(tmp_path: Path, gateway, make_agent):
+    seed = int(os.environ.get("CUSTODY_CHAOS_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    print(f"chaos seed {seed}")
+    agent: AgentProc = make_agent("cam-kill", gateway, **SLOW)
+    files = make_files(tmp_path / "a", [3 * MiB, 5 * MiB, 0, 700_000, 2 * MiB, 1], seed=60)
+    agent.add(*files.values())
+    kills = 0
+    for round_ in range(12):
+        agent.start()
+        random_moment(rng, 0.4, 1.5)
+        agent.kill()
+        kills += 1
+        if round_ == 5:  # evidence keeps arriving while the agent is dead
+            more = make_files(tmp_path / "b", [4 * MiB, 10_000], seed=61)
+            agent.add(*more.values())
+            files.update(more)
+        if agent.status()["backlog_items"] == 0:
+            break
+    agent.start()
+    wait_for(lambda: agent.status()["backlog_items"] == 0, 120, "backlog to drain after kills")
+    assert kills >= 5
+    assert_all_in_custody(gateway, agent, files)
+    resumed = assert_resumed_not_restarted(gateway, agent)
+    assert any(u["resumed_from"] > 0 for u in resumed), "gateway saw no re-init with held bytes"
+    assert not gateway.alarms(device_id="cam-kill"), "crashes are not tampering"
+
+
+def test_broker_stopped_and_restarted_mid_upload(tmp_path: Path, own_broker: Broker, make_agent):
+    gateway = Gateway(tmp_path / "gw", own_broker, tmp_path / "gw.log")
+    gateway.start()
+    try:
+        agent: AgentProc = make_agent("cam-broker", gateway, **SLOW)
+        files = make_files(tmp_path, [6 * MiB, 6 * MiB, 1000], seed=70)
+        agent.add(*files.values())
+        agent.start()
+        wait_for(lambda: partial_bytes(gateway, "cam-broker") > 2 * MiB, 60, "upload under way")
+        own_broker.stop()
+        time.sleep(1.5)  # the outage itself
+        own_broker.start()
+        wait_for(lambda: agent.status()["backlog_items"] == 0, 120, "backlog to drain")
+        assert_all_in_custody(gateway, agent, files)
+        assert_resumed_not_restarted(gateway, agent)
+    finally:
+        gateway.stop()
+
+
+def test_gateway_sigkilled_and_restarted_mid_upload(tmp_path: Path, gateway, make_agent):
+    agent: AgentProc = make_agent("cam-gw", gateway, **SLOW)
+    files = make_files(tmp_path, [10 * MiB, 3 * MiB], seed=80)
+    agent.add(*files.values())
+    agent.start()
+
+    def checkpointed() -> bool:
+        db = sqlite3.connect(gateway.data / "custody.db")
+        try:
+            rows = db.execute("SELECT ranges FROM uploads WHERE device_id = 'cam-gw'").fetchall()
+        finally:
+            db.close()
+        return any(json.loads(r[0]) for r in rows)
+
+    wait_for(checkpointed, 60, "a durable checkpoint of a partial upload")
+    gateway.kill()
+    gateway.start()
+    wait_for(lambda: agent.status()["backlog_items"] == 0, 120, "backlog to drain")
+    assert_all_in_custody(gateway, agent, files)
+    resumed = assert_resumed_not_restarted(gateway, agent)
+    assert resumed and resumed[0]["resumed_from"] > 0, "gateway did not reload held ranges"
+
+
+def test_everything_at_once_with_two_devices(tmp_path: Path, own_broker: Broker, make_agent):
+    """Agent kill, broker restart and gateway kill in one run, two devices uploading."""
+    rng = random.Random(1234)
+    gateway = Gateway(tmp_path / "gw", own_broker, tmp_path / "gw.log")
+    gateway.start()
+    try:
+        agents = [make_agent(f"cam-mix{i}", gateway, **SLOW) for i in range(2)]
+        files = {}
+        for i, agent in enumerate(agents):
+            files[agent.device_id] = make_files(tmp_path / str(i), [4 * MiB, 1 * MiB, 99], i)
+            agent.add(*files[agent.device_id].values())
+            agent.start()
+        random_moment(rng, 0.5, 1.0)
+        agents[0].kill()
+        own_broker.stop()
+        random_moment(rng, 0.5, 1.0)
+        own_broker.start()
+        agents[0].start()
+        random_moment(rng, 0.5, 1.0)
+        gateway.kill()
+        gateway.start()
+        for agent in agents:
+            wait_for(lambda a=agent: a.status()["backlog_items"] == 0, 120, f"{agent.device_id}")
+            assert_all_in_custody(gateway, agent, files[agent.device_id])
+    finally:
+        gateway.stop()
