@@ -31,7 +31,7 @@ class AgentConfig(BaseModel):
     )
     key_file: Path = Field(description="The device's Ed25519 signing key (0600).")
     chunk_size: int = Field(256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes/chunk.")
-    window: int = Field(16, ge=1, le=256, description="Chunks in flight without an ack.")
+    window: int = Field(32, ge=1, le=256, description="Chunks in flight without an ack.")
     max_active_uploads: int = Field(2, ge=1, le=16, description="Files sending at once.")
     journal_batch: int = Field(64, ge=1, le=256, description="Records per journal message.")
     ack_timeout_s: float = Field(5.0, gt=0, description="Resend what is unacked after this.")

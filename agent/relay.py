@@ -51,6 +51,9 @@ log = logging.getLogger("custody.agent.relay")
 events = logging.getLogger("custody.events")
 
 JOURNAL_REJECT_BACKOFF_S = 30.0
+POLL_S = 0.05
+PREFETCH = 16
+MAX_TRACKED = 8
 
 
 @dataclass
@@ -115,6 +118,9 @@ class Relay:
         self.gateway_online: bool | None = None
         self.gateway_session: object = None
         self.journal_retry_at = 0.0
+        self.next_journal_poll = 0.0
+        self.next_outbox_poll = 0.0
+        self.upcoming: list[MediaItem] = []
         self.next_telemetry = 0.0
         self.bucket = TokenBucket(config.bandwidth_limit_bps, config.chunk_size * 2)
         self.bd_seq = bump_counter(journal.db, "bd_seq")
@@ -182,6 +188,7 @@ class Relay:
             up.close()
         self.uploads.clear()
         self.journal_inflight = None
+        self.next_outbox_poll = self.next_journal_poll = 0.0
 
     def _on_message(self, msg: Message) -> None:
         if msg.topic == GATEWAY_STATE:
@@ -228,6 +235,7 @@ class Relay:
                 self.journal_retry_at = time.monotonic() + JOURNAL_REJECT_BACKOFF_S
                 return
             self.journal.mark_acked(ack.acked_through)
+            self.next_outbox_poll = self.next_journal_poll = 0.0
         if ack.rejected_seq:
             log.error(
                 "gateway rejected journal record %d: %s (%s)",
@@ -288,6 +296,7 @@ class Relay:
         up = self.uploads.pop(receipt.seq, None)
         if up is not None:
             up.close()
+        self.next_outbox_poll = 0.0
 
     # -- sending -------------------------------------------------------------------------
 
@@ -307,8 +316,11 @@ class Relay:
             if now - self.journal_inflight[1] < self.config.ack_timeout_s:
                 return
             self.journal_inflight = None
-        if now < self.journal_retry_at:
+        if now < self.journal_retry_at or now < self.next_journal_poll:
             return
+        # New records come from other threads and processes; look for them on a short
+        # timer (and right after an ack), not on every event, to keep the hot path cheap.
+        self.next_journal_poll = now + POLL_S
         rows = self.journal.unacked(self.config.journal_batch)
         if not rows:
             return
@@ -324,16 +336,34 @@ class Relay:
         if self._publish(DeviceTopic.JOURNAL, batch.encode(self.key)):
             self.journal_inflight = (rows[-1][0], now)
 
+    def _admit_uploads(self, now: float, busy: int) -> None:
+        """Start uploads while fewer than ``max_active_uploads`` have bytes left to send.
+
+        The next candidates are fetched a few at a time (marked first, then oldest) and
+        refreshed on a short timer, so starting the next file costs no database query;
+        its ``init`` goes out while the previous file's last chunks are still in flight.
+        """
+        if now >= self.next_outbox_poll:
+            self.next_outbox_poll = now + POLL_S
+            self.upcoming = self.outbox.next_uploads(set(self.uploads), PREFETCH)
+        while busy < self.config.max_active_uploads and len(self.uploads) < MAX_TRACKED:
+            item = self.upcoming.pop(0) if self.upcoming else None
+            if item is None:
+                return
+            if item.seq in self.uploads or self.outbox.state(item.seq) != "pending":
+                continue  # the prefetched list may be a little stale
+            up = Upload(item)
+            self.uploads[item.seq] = up
+            self._send_control(up, now)
+            busy += 1
+
     def _pump_uploads(self, now: float) -> None:
         timeout = self.config.ack_timeout_s
-        sending = [u for u in self.uploads.values() if u.phase != "fin"]
-        if len(sending) < self.config.max_active_uploads and len(self.uploads) < 8:
-            wanted = self.config.max_active_uploads - len(sending)
-            for item in self.outbox.next_uploads(set(self.uploads), wanted):
-                self.uploads[item.seq] = Upload(item)
         budget = self.config.window - sum(len(u.inflight) for u in self.uploads.values())
+        busy = 0  # uploads that still have bytes not yet sent
         for up in sorted(self.uploads.values(), key=lambda u: (not u.item.marked, u.item.seq)):
             if up.phase in ("init", "fin"):
+                busy += up.phase == "init"
                 if now - up.last_tx >= timeout:
                     self._send_control(up, now)
                 continue
@@ -347,19 +377,27 @@ class Relay:
                     up.phase = "fin"
                     self._send_control(up, now)
                 continue
-            for start, end in holes:
-                off = start
-                while off < end and budget > 0:
-                    length = min(self.config.chunk_size, end - off)
-                    if off not in up.inflight:
-                        if not self.bucket.take(length):
-                            return
-                        if not self._send_chunk(up, off, length, now):
-                            return
-                        budget -= 1
-                    off += length
-                if budget <= 0:
-                    return
+            unsent = self._send_holes(up, holes, budget, now)
+            budget = self.config.window - sum(len(u.inflight) for u in self.uploads.values())
+            busy += unsent
+        self._admit_uploads(now, busy)
+
+    def _send_holes(
+        self, up: Upload, holes: list[tuple[int, int]], budget: int, now: float
+    ) -> bool:
+        """Send chunks into ``holes`` within ``budget``; True if bytes remain unsent."""
+        for start, end in holes:
+            off = start
+            while off < end:
+                length = min(self.config.chunk_size, end - off)
+                if off not in up.inflight:
+                    if budget <= 0 or not self.bucket.take(length):
+                        return True
+                    if not self._send_chunk(up, off, length, now):
+                        return True
+                    budget -= 1
+                off += length
+        return False
 
     def _send_control(self, up: Upload, now: float) -> None:
         up.last_tx = now

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,13 @@ class Transport(Protocol):
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool: ...
 
     def stop(self) -> None: ...
+
+
+def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
+    # paho leaves Nagle on: a small publish written right after a PUBACK then waits for
+    # the broker's delayed ACK (~40 ms a hop), which made a receipt take ~300 ms.
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -132,6 +140,7 @@ class MqttTransport:
         client.max_queued_messages_set(0)
         will = self._will()
         client.will_set(will.topic, will.payload, qos=1, retain=True)
+        client.on_socket_open = _no_delay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

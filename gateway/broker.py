@@ -29,6 +29,7 @@ log_dest stderr
 log_type error
 log_type warning
 connection_messages false
+set_tcp_nodelay true
 """
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import sqlite_utils
 
@@ -33,35 +31,25 @@ from gateway.alarms import raise_alarm
 from gateway.blobs import BlobStore
 from gateway.datadir import DataDir
 from gateway.db import transaction
+from gateway.evidence import Background, EvidenceIntake
+from gateway.outgoing import Outgoing, now_ms
 from gateway.translog import TransparencyLog
-from gateway.uploads import (
-    ActiveUpload,
-    ActiveUploads,
-    ranges_from_json,
-    ranges_to_json,
-)
+from gateway.uploads import ActiveUploads
 from protocol.encoding import decode
 from protocol.errors import MessageError, ProtocolError, SignatureError
-from protocol.journal import GENESIS, MEDIA_KINDS, Link, MediaInfo, check_link
-from protocol.receipt import JournalAck, Receipt, evidence_leaf, record_leaf
+from protocol.journal import GENESIS, Link, check_link
+from protocol.receipt import JournalAck, record_leaf
 from protocol.signing import SigningKey, VerifyKey
 from protocol.state import DeviceState, Telemetry
 from protocol.topics import DeviceTopic, GatewayTopic, gateway_topic, parse_device_topic
-from protocol.upload import Chunk, JournalBatch, UploadAck, UploadFin, UploadInit
+from protocol.upload import Chunk, JournalBatch, UploadFin, UploadInit
+
+__all__ = ["Device", "Ingest", "Outgoing"]
 
 log = logging.getLogger("custody.gateway.ingest")
+
+STATUS_TTL_S = 1.0
 events = logging.getLogger("custody.events")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    topic: str
-    payload: bytes
-    retain: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,12 +65,29 @@ class Device:
 
 
 class Ingest:
-    def __init__(self, data: DataDir, db: sqlite_utils.Database, key: SigningKey) -> None:
+    def __init__(
+        self,
+        data: DataDir,
+        db: sqlite_utils.Database,
+        key: SigningKey,
+        *,
+        background: Background | None = None,
+    ) -> None:
         self.db = db
         self.key = key
         self.log = TransparencyLog(db, key)
-        self.blobs = BlobStore(data.blobs)
-        self.active = ActiveUploads(data.partial)
+        self._status_cache: dict[str, tuple[bool, float]] = {}
+        self.evidence = EvidenceIntake(
+            db,
+            key,
+            self.log,
+            BlobStore(data.blobs),
+            ActiveUploads(data.partial),
+            is_active=lambda d: self._active_device(d) is not None,
+            is_active_cached=self._is_active_cached,
+            alarm=self._alarm,
+            background=background,
+        )
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -97,11 +102,11 @@ class Ingest:
             if kind is DeviceTopic.JOURNAL:
                 return self.on_journal(device_id, payload)
             if kind is DeviceTopic.UPLOAD_CHUNK:
-                return self.on_chunk(device_id, Chunk.decode(payload))
+                return self.evidence.on_chunk(device_id, Chunk.decode(payload))
             if kind is DeviceTopic.UPLOAD_INIT:
-                return self.on_init(device_id, UploadInit.decode(payload))
+                return self.evidence.on_init(device_id, UploadInit.decode(payload))
             if kind is DeviceTopic.UPLOAD_FIN:
-                return self.on_fin(device_id, UploadFin.decode(payload))
+                return self.evidence.on_fin(device_id, UploadFin.decode(payload))
             if kind is DeviceTopic.STATE:
                 return self.on_state(device_id, payload)
             return self.on_telemetry(device_id, payload)
@@ -147,11 +152,16 @@ class Ingest:
             return None
         return dev
 
-    def _upload_ack(
-        self, device_id: str, seq: int, state: str, ranges: Any = (), reason: str = ""
-    ) -> Outgoing:
-        ack = UploadAck(device_id, seq, state, tuple(ranges), reason, now_ms())
-        return Outgoing(gateway_topic(device_id, GatewayTopic.UPLOAD_ACK), ack.encode(self.key))
+    def _is_active_cached(self, device_id: str) -> bool:
+        """Chunks arrive by the hundred per second; re-read the registry at most every
+        ``STATUS_TTL_S`` for them (revocation still takes effect within that time)."""
+        now = time.monotonic()
+        cached = self._status_cache.get(device_id)
+        if cached is not None and now - cached[1] < STATUS_TTL_S:
+            return cached[0]
+        active = self._active_device(device_id) is not None
+        self._status_cache[device_id] = (active, now)
+        return active
 
     # -- journal -------------------------------------------------------------------------
 
@@ -301,271 +311,6 @@ class Ingest:
 
     # -- uploads -------------------------------------------------------------------------
 
-    def _manifest(self, device_id: str, seq: int) -> tuple[MediaInfo, dict[str, Any]] | None:
-        row = self.db.execute(
-            "SELECT kind, record FROM journal WHERE device_id = ? AND seq = ?", [device_id, seq]
-        ).fetchone()
-        if row is None or row[0] not in MEDIA_KINDS:
-            return None
-        record = decode(row[1].encode(), what="stored record")
-        return MediaInfo.from_body(record["body"]), record
-
-    def _upload(self, device_id: str, seq: int) -> ActiveUpload | None:
-        """The upload for (device, seq), from memory, the database, or its manifest."""
-        up = self.active.get(device_id, seq)
-        if up is not None:
-            return up
-        found = self._manifest(device_id, seq)
-        if found is None:
-            return None
-        info, _ = found
-        row = self.db.execute(
-            "SELECT ranges, bytes_received, inits, resumed_from FROM uploads "
-            "WHERE device_id = ? AND seq = ?",
-            [device_id, seq],
-        ).fetchone()
-        up = ActiveUpload(
-            device_id, seq, info.size, info.sha256, self.active.part_path(device_id, seq)
-        )
-        if row is None:
-            with transaction(self.db) as conn:
-                conn.execute(
-                    "INSERT INTO uploads(device_id, seq, size, sha256, ranges, bytes_received, "
-                    "inits, resumed_from, state, reason, updated_ms) "
-                    "VALUES (?, ?, ?, ?, '[]', 0, 0, -1, 'receiving', '', ?)",
-                    [device_id, seq, info.size, info.sha256.hex(), now_ms()],
-                )
-        else:
-            up.ranges = up.durable = ranges_from_json(row[0])
-            up.bytes_received, up.inits, up.resumed_from = int(row[1]), int(row[2]), int(row[3])
-            if up.ranges and up.resumed_from < 0:
-                # Picked up again after a gateway restart: resume from the durable ranges.
-                up.resumed_from = sum(e - s for s, e in up.ranges)
-                events.info(
-                    "%s seq %d resumes after restart: %d of %d bytes held",
-                    device_id,
-                    seq,
-                    up.resumed_from,
-                    up.size,
-                )
-        for old in self.active.put(up):
-            self._checkpoint(old)
-            old.close()
-        return up
-
-    def _checkpoint(self, up: ActiveUpload) -> None:
-        up.sync()
-        with transaction(self.db) as conn:
-            conn.execute(
-                "UPDATE uploads SET ranges = ?, bytes_received = ?, inits = ?, resumed_from = ?, "
-                "updated_ms = ? WHERE device_id = ? AND seq = ?",
-                [
-                    ranges_to_json(up.durable),
-                    up.bytes_received,
-                    up.inits,
-                    up.resumed_from,
-                    now_ms(),
-                    up.device_id,
-                    up.seq,
-                ],
-            )
-
-    def _settled(self, device_id: str, seq: int) -> list[Outgoing] | None:
-        """Replies for an upload that is already finished (complete or rejected), else None."""
-        ev = self.db.execute(
-            "SELECT size FROM evidence WHERE device_id = ? AND seq = ?", [device_id, seq]
-        ).fetchone()
-        if ev is not None:
-            return [
-                self._upload_ack(device_id, seq, "complete", [(0, int(ev[0]))] if ev[0] else []),
-                self.receipt(device_id, seq),
-            ]
-        row = self.db.execute(
-            "SELECT reason FROM uploads WHERE device_id = ? AND seq = ? AND state = 'rejected'",
-            [device_id, seq],
-        ).fetchone()
-        if row is not None:
-            return [self._upload_ack(device_id, seq, "rejected", reason=row[0])]
-        return None
-
-    def on_init(self, device_id: str, init: UploadInit) -> list[Outgoing]:
-        if init.device_id != device_id or self._active_device(device_id) is None:
-            return []
-        settled = self._settled(device_id, init.seq)
-        if settled is not None:
-            return settled
-        found = self._manifest(device_id, init.seq)
-        if found is None:
-            return [self._upload_ack(device_id, init.seq, "unknown")]
-        info, _ = found
-        if info.sha256 != init.sha256 or info.size != init.size:
-            self._alarm(
-                "manifest_mismatch",
-                device_id,
-                f"upload init for seq {init.seq} names sha256/size that differ from its "
-                "signed manifest",
-                key=str(init.seq),
-            )
-            return [self._upload_ack(device_id, init.seq, "rejected", reason="manifest_mismatch")]
-        up = self._upload(device_id, init.seq)
-        assert up is not None
-        up.inits += 1
-        if up.inits > 1 and up.resumed_from < 0 and up.ranges:
-            up.resumed_from = sum(e - s for s, e in up.ranges)
-            events.info(
-                "%s seq %d resumes: %d of %d bytes already held",
-                device_id,
-                init.seq,
-                up.resumed_from,
-                up.size,
-            )
-        self._checkpoint(up)
-        if up.complete:
-            return self._finalize(up)
-        return [self._upload_ack(device_id, init.seq, "receiving", up.ranges)]
-
-    def on_chunk(self, device_id: str, chunk: Chunk) -> list[Outgoing]:
-        if chunk.device_id != device_id:
-            self._alarm(
-                "topic_mismatch",
-                device_id,
-                f"chunk claiming {chunk.device_id} on {device_id}'s topic",
-            )
-            return []
-        if self._active_device(device_id) is None:
-            return []
-        up = self._upload(device_id, chunk.seq)
-        if up is None:
-            settled = self._settled(device_id, chunk.seq)
-            return settled or [self._upload_ack(device_id, chunk.seq, "unknown")]
-        if chunk.offset + len(chunk.data) > up.size:
-            self._alarm(
-                "bad_message",
-                device_id,
-                f"chunk at {chunk.offset}+{len(chunk.data)} exceeds seq {chunk.seq}'s "
-                f"size {up.size}",
-                key=f"bounds {chunk.seq}",
-            )
-            return []
-        up.write(chunk.offset, chunk.data)
-        if up.complete:
-            return self._finalize(up)
-        if up.checkpoint_due():
-            self._checkpoint(up)
-        return [self._upload_ack(device_id, chunk.seq, "receiving", up.ranges)]
-
-    def on_fin(self, device_id: str, fin: UploadFin) -> list[Outgoing]:
-        if fin.device_id != device_id or self._active_device(device_id) is None:
-            return []
-        settled = self._settled(device_id, fin.seq)
-        if settled is not None:
-            return settled
-        up = self._upload(device_id, fin.seq)
-        if up is None:
-            return [self._upload_ack(device_id, fin.seq, "unknown")]
-        if up.complete:
-            return self._finalize(up)
-        return [self._upload_ack(device_id, fin.seq, "receiving", up.ranges)]
-
-    def _finalize(self, up: ActiveUpload) -> list[Outgoing]:
-        up.open()  # an empty file never saw a chunk, so its part file may not exist yet
-        up.sync()
-        digest = up.digest()
-        up.close()
-        self.active.drop(up.device_id, up.seq)
-        received = now_ms()
-        if digest != up.sha256:
-            with transaction(self.db) as conn:
-                raise_alarm(
-                    conn,
-                    "hash_mismatch",
-                    up.device_id,
-                    f"media of seq {up.seq} has sha256 {digest.hex()[:16]}… but its signed "
-                    f"manifest says {up.sha256.hex()[:16]}…: altered on the device or in transit",
-                    received,
-                    key=str(up.seq),
-                )
-                conn.execute(
-                    "UPDATE uploads SET state = 'rejected', reason = 'hash_mismatch', "
-                    "updated_ms = ? WHERE device_id = ? AND seq = ?",
-                    [received, up.device_id, up.seq],
-                )
-            up.path.unlink(missing_ok=True)
-            return [self._upload_ack(up.device_id, up.seq, "rejected", reason="hash_mismatch")]
-        found = self._manifest(up.device_id, up.seq)
-        assert found is not None
-        _, record = found
-        self.blobs.adopt(up.path, up.sha256.hex())
-        body = record["body"]
-        try:
-            with transaction(self.db) as conn:
-                index = self.log.append(
-                    conn,
-                    evidence_leaf(up.device_id, up.seq, up.sha256, up.size, received),
-                    received,
-                )
-                conn.execute(
-                    "INSERT INTO evidence(device_id, seq, kind, media_type, name, marked, sha256, "
-                    "size, verified, captured_ms, received_ms, log_index) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
-                    [
-                        up.device_id,
-                        up.seq,
-                        record["kind"],
-                        body["media_type"],
-                        str(body.get("name", "")),
-                        int(bool(body.get("marked"))),
-                        up.sha256.hex(),
-                        up.size,
-                        record["wall_ms"],
-                        received,
-                        index,
-                    ],
-                )
-                conn.execute(
-                    "UPDATE uploads SET state = 'complete', ranges = ?, bytes_received = ?, "
-                    "inits = ?, resumed_from = ?, updated_ms = ? WHERE device_id = ? AND seq = ?",
-                    [
-                        ranges_to_json(up.ranges),
-                        up.bytes_received,
-                        up.inits,
-                        up.resumed_from,
-                        received,
-                        up.device_id,
-                        up.seq,
-                    ],
-                )
-        except BaseException:
-            self.log.reload()
-            raise
-        events.info(
-            "%s evidence seq=%d %d bytes verified, log#%d", up.device_id, up.seq, up.size, index
-        )
-        return [
-            self._upload_ack(up.device_id, up.seq, "complete", [(0, up.size)] if up.size else []),
-            self.receipt(up.device_id, up.seq),
-        ]
-
-    def receipt(self, device_id: str, seq: int) -> Outgoing:
-        row = self.db.execute(
-            "SELECT sha256, size, received_ms, log_index FROM evidence "
-            "WHERE device_id = ? AND seq = ?",
-            [device_id, seq],
-        ).fetchone()
-        sha, size, received, index = bytes.fromhex(row[0]), int(row[1]), int(row[2]), int(row[3])
-        head = self.log.tree_head(now_ms())
-        receipt = Receipt(
-            device_id,
-            seq,
-            sha,
-            size,
-            received,
-            index,
-            head,
-            tuple(self.log.inclusion(index, head.tree_size)),
-        )
-        return Outgoing(gateway_topic(device_id, GatewayTopic.RECEIPT), receipt.encode(self.key))
-
     # -- state ---------------------------------------------------------------------------
 
     def on_state(self, device_id: str, payload: bytes) -> list[Outgoing]:
@@ -606,10 +351,8 @@ class Ingest:
             )
         return []
 
+    def flush(self) -> list[Outgoing]:
+        return self.evidence.flush()
+
     def close(self) -> None:
-        for up in self.active.all():
-            try:
-                self._checkpoint(up)
-            except (OSError, sqlite3.Error) as exc:
-                log.warning("checkpoint of %s/%d failed at shutdown: %s", up.device_id, up.seq, exc)
-            up.close()
+        self.evidence.close()

@@ -28,7 +28,7 @@ broker = "{broker}"
 gateway_public_key = "{gateway_key}"
 key_file = "device.key"
 chunk_size = 262144
-window = 16
+window = 32
 telemetry_interval_s = {telemetry}
 """
 

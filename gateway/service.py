@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import socket
 import threading
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -22,13 +25,22 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.datadir import DataDir
 from gateway.db import open_db
-from gateway.ingest import Ingest
+from gateway.ingest import Ingest, Outgoing
 from protocol.encoding import canonical
 from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker_url
 
 log = logging.getLogger("custody.gateway.service")
 
 QUEUE_DEPTH = 512
+Item = mqtt.MQTTMessage | Callable[[], list[Outgoing]] | None
+BATCH = 64
+
+
+def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
+    # paho leaves Nagle on; small acks and receipts would wait ~40 ms per hop for the
+    # broker's delayed ACK.
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class GatewayService:
@@ -37,8 +49,11 @@ class GatewayService:
         self.host, self.port = parse_broker_url(broker)
         self.shared = shared
         self.db = open_db(data.db_path)
-        self.ingest = Ingest(data, self.db, data.signing_key())
-        self.inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(QUEUE_DEPTH)
+        # File verification (fsync, hashing, the move into the blob store) runs here, so
+        # a large file finishing does not stall every other device's chunks.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finalize")
+        self.ingest = Ingest(data, self.db, data.signing_key(), background=self._background)
+        self.inbox: queue.Queue[Item] = queue.Queue(QUEUE_DEPTH)
         self.connected = threading.Event()
         # A stable client id per data directory: a restarted gateway takes over its old
         # session at once (and the broker publishes the old Last Will then, not 20 s later).
@@ -52,11 +67,27 @@ class GatewayService:
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 5)
         self.client.will_set(GATEWAY_STATE, self._state(False), 1, retain=True)
+        self.client.on_socket_open = _no_delay
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._stopping = False
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+
+    def _background(
+        self,
+        work: Callable[[], bytes | None],
+        then: Callable[[bytes | None], list[Outgoing]],
+    ) -> None:
+        def done(future: Future[bytes | None]) -> None:
+            try:
+                result = future.result()
+            except Exception:
+                log.exception("background verification failed")
+                result = None
+            self.inbox.put(lambda: then(result))
+
+        self._io.submit(work).add_done_callback(done)
 
     def _state(self, online: bool) -> bytes:
         return canonical({"v": 1, "online": online, "session": self.session})
@@ -71,6 +102,7 @@ class GatewayService:
         self.client.publish(GATEWAY_STATE, self._state(False), 1, retain=True)
         self.client.disconnect()
         self.client.loop_stop()
+        self._io.shutdown(wait=True)
         self.inbox.put(None)
         self._thread.join(timeout=10)
         self.ingest.close()
@@ -111,13 +143,31 @@ class GatewayService:
     def _ingest_loop(self) -> None:
         while True:
             msg = self.inbox.get()
-            if msg is None:
-                return
-            try:
-                replies = self.ingest.handle(msg.topic, bytes(msg.payload))
-            except Exception:  # a bug must not stop ingest for every other device
-                log.exception("ingest failed on %s", msg.topic)
-                self.ingest.log.reload()
-                continue
-            for out in replies:
-                self.client.publish(out.topic, out.payload, qos=1, retain=out.retain)
+            # Drain what is already queued before answering, so a burst of chunks costs
+            # one (cumulative) ack instead of one per chunk.
+            batch = [msg]
+            while msg is not None and len(batch) < BATCH:
+                try:
+                    msg = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(msg)
+            for item in batch:
+                if item is None:
+                    self._publish(self.ingest.flush())
+                    return
+                try:
+                    if callable(item):
+                        replies = item()
+                    else:
+                        replies = self.ingest.handle(item.topic, bytes(item.payload))
+                except Exception:  # a bug must not stop ingest for every other device
+                    log.exception("ingest failed on %s", getattr(item, "topic", item))
+                    self.ingest.log.reload()
+                    continue
+                self._publish(replies)
+            self._publish(self.ingest.flush())
+
+    def _publish(self, replies: list[Outgoing]) -> None:
+        for out in replies:
+            self.client.publish(out.topic, out.payload, qos=1, retain=out.retain)

@@ -63,8 +63,11 @@ class ActiveUpload:
 
     def open(self) -> int:
         if self.fd < 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         return self.fd
 
     def write(self, offset: int, data: bytes) -> None:
@@ -81,7 +84,7 @@ class ActiveUpload:
         self.unsynced += len(data)
 
     def sync(self) -> None:
-        if self.fd >= 0:
+        if self.fd >= 0 and self.unsynced:
             os.fsync(self.fd)
         self.durable = self.ranges
         self.unsynced = 0
@@ -142,6 +145,10 @@ class ActiveUploads:
         item = self._items.pop((device_id, seq), None)
         if item is not None:
             item.close()
+
+    def forget(self, device_id: str, seq: int) -> None:
+        """Stop tracking without closing: whoever finalizes the upload owns its file now."""
+        self._items.pop((device_id, seq), None)
 
     def all(self) -> list[ActiveUpload]:
         return list(self._items.values())

@@ -57,18 +57,42 @@ def _utf16_key(key: str) -> list[int]:
     return [int.from_bytes(encoded[i : i + 2], "big") for i in range(0, len(encoded), 2)]
 
 
+class _Unsupported(Exception):
+    pass
+
+
 def _sorted(value: JSONValue) -> JSONValue:
+    """One pass: check types and sort keys. Errors are re-diagnosed by ``_check``."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if not INT_MIN <= value <= INT_MAX:
+            raise _Unsupported
+        return value
     if isinstance(value, Mapping):
-        return {k: _sorted(value[k]) for k in sorted(value, key=_utf16_key)}
+        keys = list(value)
+        if not all(type(k) is str for k in keys):
+            raise _Unsupported
+        # For ASCII names, UTF-16 code-unit order is plain string order (the common case).
+        if all(k.isascii() for k in keys):
+            keys.sort()
+        else:
+            keys.sort(key=_utf16_key)
+        return {k: _sorted(value[k]) for k in keys}
     if isinstance(value, list | tuple):
         return [_sorted(v) for v in value]
-    return value
+    raise _Unsupported
 
 
 def canonical(value: JSONValue) -> bytes:
     """Encode ``value`` canonically. Raises ``EncodingError`` for unsupported values."""
-    _check(value, "$")
-    text = json.dumps(_sorted(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        prepared = _sorted(value)
+    except _Unsupported:
+        _check(value, "$")  # raises with the path of the offending value
+        raise EncodingError("value cannot be encoded canonically") from None
+    text = json.dumps(prepared, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text.encode("utf-8")
 
 

@@ -29,7 +29,7 @@ MiB = 1024 * 1024
 CHUNK = 64 * 1024
 WINDOW = 16
 # Slow the link so there is an upload in progress to interrupt.
-SLOW = {"chunk_size": str(CHUNK), "window": str(WINDOW), "bandwidth_limit_bps": str(3 * MiB)}
+SLOW = {"chunk_size": str(CHUNK), "window": str(WINDOW), "bandwidth_limit_bps": str(2 * MiB)}
 
 
 def random_moment(rng: random.Random, lo: float, hi: float) -> None:

@@ -1,0 +1,216 @@
+"""Relay throughput: custody end to end against raw paho → mosquitto → paho, same run.
+
+Raw baseline: one paho client publishes every file in chunks of CHUNK bytes at QoS 1 to a
+private mosquitto, another paho client subscribed at QoS 1 receives them; the clock stops
+when the last byte has arrived. Same data, same chunk size, same paho in-flight limit.
+
+custody: the same files sit in a device outbox (captured before the clock starts); the
+clock runs from the agent's start until the last signed custody receipt is back, i.e.
+gateway verified the sha256 against the signed manifest, fsync'd the blob, committed the
+row, appended to the Merkle log. The gateway runs as its own process, as in production.
+
+Then: time-to-receipt for a single small file on an idle link, p50/p99 over ROUNDS files.
+
+Prints ``relay_vs_raw_ratio: X`` (custody throughput / raw throughput) as its last line.
+Usage: python bench/relay.py [--files 50] [--size-mib 4] [--chunk-kib 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as mqtt
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.config import load_config  # noqa: E402
+from agent.service import Agent, Device  # noqa: E402
+from gateway import broker  # noqa: E402
+from gateway.registry import enroll  # noqa: E402
+
+ROUNDS = 50
+
+
+def make_data(directory: Path, files: int, size: int) -> list[Path]:
+    directory.mkdir(parents=True)
+    paths = []
+    for i in range(files):
+        path = directory / f"file-{i:03d}.bin"
+        path.write_bytes(hashlib.shake_256(f"bench/{i}".encode()).digest(size))
+        paths.append(path)
+    return paths
+
+
+def no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
+    # The same socket option custody's clients set, so both sides are measured alike.
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def raw_throughput(port: int, paths: list[Path], chunk: int, inflight: int) -> float:
+    total = sum(p.stat().st_size for p in paths)
+    received = 0
+    done = threading.Event()
+    subscribed = threading.Event()
+
+    def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        nonlocal received
+        received += len(msg.payload)
+        if received >= total:
+            done.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-sub", protocol=mqtt.MQTTv5)
+    sub.on_socket_open = no_delay
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_connect = lambda c, *a: c.subscribe("raw/#", qos=1)
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    subscribed.wait(10)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=mqtt.MQTTv5)
+    pub.max_inflight_messages_set(inflight)
+    pub.on_socket_open = no_delay
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    start = time.perf_counter()
+    infos = []
+    for i, path in enumerate(paths):
+        with open(path, "rb") as f:
+            offset = 0
+            while block := f.read(chunk):
+                infos.append(pub.publish(f"raw/{i}/{offset}", block, qos=1))
+                offset += len(block)
+                # Keep the publisher's own queue bounded, like custody's window.
+                while len(infos) > inflight * 4:
+                    infos.pop(0).wait_for_publish(30)
+    if not done.wait(300):
+        raise SystemExit(f"raw: only {received} of {total} bytes arrived")
+    elapsed = time.perf_counter() - start
+    for c in (pub, sub):
+        c.disconnect()
+        c.loop_stop()
+    return total / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=50)
+    ap.add_argument("--size-mib", type=float, default=4)
+    ap.add_argument("--chunk-kib", type=int, default=256)
+    ap.add_argument("--window", type=int, default=32)
+    args = ap.parse_args()
+    sys.setswitchinterval(0.0005)  # as `custody` sets for its processes
+    chunk = args.chunk_kib * 1024
+    size = int(args.size_mib * 1024 * 1024)
+    with tempfile.TemporaryDirectory(prefix="custody-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        paths = make_data(tmp / "data", args.files, size)
+        total = args.files * size
+        port = broker.free_port()
+        mosq = broker.start(tmp / "broker", port)
+        http_port = broker.free_port()
+        gw_log = open(tmp / "gateway.log", "wb")  # noqa: SIM115
+        gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "custody_cli",
+                "gateway",
+                "--data",
+                str(tmp / "gw"),
+                "--broker",
+                f"mqtt://127.0.0.1:{port}",
+                "--http",
+                f"127.0.0.1:{http_port}",
+            ],
+            cwd=ROOT,
+            stdout=gw_log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("gateway did not start")
+                time.sleep(0.05)
+            inflight = args.window + 16  # what the agent's transport uses
+            raw = raw_throughput(port, paths, chunk, inflight)
+
+            config_path = enroll("bench-1", tmp / "gw", tmp / "dev", f"mqtt://127.0.0.1:{port}")
+            env = {"CUSTODY_AGENT_CHUNK_SIZE": str(chunk), "CUSTODY_AGENT_WINDOW": str(args.window)}
+            config = load_config(config_path, environ=env)
+            feeder = Device(config)
+            for p in paths:
+                feeder.outbox.add_file(p)
+            agent = Agent(config)
+            assert agent.relay is not None
+            relay = agent.relay
+            procs = {
+                "agent+bench": psutil.Process(),
+                "gateway": psutil.Process(gw.pid),
+                "mosquitto": psutil.Process(mosq.pid),
+            }
+            cpu0 = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+            start = time.perf_counter()
+            thread = threading.Thread(target=agent.run, daemon=True)
+            thread.start()
+            while relay.counters["receipts"] < args.files:
+                time.sleep(0.005)
+                if time.perf_counter() - start > 600:
+                    raise SystemExit("custody: backlog did not drain in 600 s")
+            custody = total / (time.perf_counter() - start)
+            cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in procs.items()}
+
+            latencies = []
+            small = tmp / "small.txt"
+            small.write_bytes(b"x" * 1024)
+            for _ in range(ROUNDS):
+                before = relay.counters["receipts"]
+                t0 = time.perf_counter()
+                feeder.outbox.add_file(small)
+                while relay.counters["receipts"] == before:
+                    time.sleep(0.0005)
+                latencies.append(time.perf_counter() - t0)
+            agent.stop()
+            thread.join(timeout=10)
+            feeder.close()
+        finally:
+            gw.terminate()
+            gw.wait(timeout=15)
+            mosq.terminate()
+            mosq.wait(timeout=10)
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * len(latencies)) - 1)]
+    mib = 1024 * 1024
+    print(
+        f"backlog: {args.files} files x {args.size_mib:g} MiB, chunk {args.chunk_kib} KiB, "
+        f"window {args.window}"
+    )
+    print("custody cpu seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    print(f"raw_paho_qos1_throughput_mib_s: {raw / mib:.1f}")
+    print(f"custody_end_to_end_throughput_mib_s: {custody / mib:.1f}")
+    print(f"time_to_receipt_small_file_p50_ms: {statistics.median(latencies) * 1000:.1f}")
+    print(f"time_to_receipt_small_file_p99_ms: {p99 * 1000:.1f}")
+    print(f"relay_vs_raw_ratio: {custody / raw:.2f}")
+
+
+if __name__ == "__main__":
+    main()
