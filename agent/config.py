@@ -61,6 +61,10 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> AgentConfi
         raise ConfigError(f"agent config {path} does not exist (run `custody enroll`)") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"agent config {path} is not UTF-8 text") from exc
+    except OSError as exc:
+        raise ConfigError(f"agent config {path} cannot be read: {exc.strerror}") from exc
     for name in AgentConfig.model_fields:
         key = ENV_PREFIX + name.upper()
         if key in env:

@@ -44,7 +44,10 @@ class FileKeyStore:
         """Generate a key and write it 0600, atomically. Refuses to overwrite."""
         key = SigningKey.generate()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError as exc:
+            raise KeyStoreError(f"{path} already exists; refusing to overwrite a key") from exc
         try:
             os.write(fd, key.seed())
             os.fsync(fd)

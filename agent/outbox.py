@@ -18,6 +18,7 @@ import logging
 import mimetypes
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ from protocol.receipt import Receipt
 log = logging.getLogger("custody.agent.outbox")
 
 COPY_BLOCK = 1024 * 1024
+#: ``recover`` leaves younger files alone: they may belong to a ``custody agent add`` that
+#: is still between its rename and its commit in another process.
+SETTLE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,10 @@ class Outbox:
                 while block := f.read(COPY_BLOCK):
                     yield block
 
+        # A name that is not valid UTF-8 (possible on Linux) is kept readable, not fatal.
+        name = src.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         return self.add_blocks(
-            blocks(), kind=kind, media_type=media_type, marked=marked, body={"name": src.name}
+            blocks(), kind=kind, media_type=media_type, marked=marked, body={"name": name}
         )
 
     def _commit(
@@ -220,11 +226,13 @@ class Outbox:
 
     def recover(self) -> RecoveryReport:
         discarded = 0
+        cutoff = time.time() - SETTLE_S
         for tmp in self.incoming.glob("*.part"):
             # Never counted as captured: the commit that would have made it evidence did
             # not happen. `agent add` still has the original.
-            tmp.unlink()
-            discarded += 1
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                discarded += 1
         rows = self.db.execute("SELECT seq, path, state FROM media").fetchall()
         known = {str(path): (int(seq), str(state)) for seq, path, state in rows}
         removed = missing = adopted = 0
@@ -238,7 +246,7 @@ class Outbox:
                 log.error("media for seq %d vanished from %s before its receipt", seq, path)
                 self.reject(seq, "missing_on_device")
         for orphan in sorted(self.media_dir.glob("*.bin")):
-            if orphan.name in known:
+            if orphan.name in known or orphan.stat().st_mtime >= cutoff:
                 continue
             # Renamed into place, but the process died before the commit: adopt it rather
             # than lose it, and say so in the manifest.

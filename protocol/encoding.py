@@ -93,7 +93,10 @@ def canonical(value: JSONValue) -> bytes:
         _check(value, "$")  # raises with the path of the offending value
         raise EncodingError("value cannot be encoded canonically") from None
     text = json.dumps(prepared, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EncodingError("value contains a lone surrogate, which has no UTF-8 form") from exc
 
 
 def _no_floats(text: str) -> Any:
@@ -128,6 +131,15 @@ def decode(data: bytes, *, what: str = "message") -> dict[str, Any]:
         )
     except json.JSONDecodeError as exc:
         raise EncodingError(f"{what} is not valid JSON: {exc.msg} at char {exc.pos}") from exc
+    except RecursionError as exc:
+        raise EncodingError(f"{what} is nested too deeply") from exc
+    if "\\u" in text:
+        # JSON escapes can smuggle in lone surrogates, which no UTF-8 encoder (and so no
+        # signature check) can handle later; refuse them here.
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EncodingError(f"{what} contains an invalid Unicode escape") from exc
     if not isinstance(value, dict):
         raise EncodingError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value

@@ -54,7 +54,7 @@ RECORD_KINDS = MEDIA_KINDS | frozenset(
 
 
 def check_device_id(device_id: object) -> str:
-    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise MessageError(
             f"device id {device_id!r} is invalid: use 1-64 of A-Z a-z 0-9 _ . - "
             "starting with a letter or digit"

@@ -77,7 +77,8 @@ class Telemetry:
         obj = decode(data, what="telemetry")
         _version(obj, "telemetry")
         names = {f.name for f in fields(cls)}
-        _fields(obj, "telemetry", {"v", "device_id", "ts_ms"}, names)
+        optional = {"battery_pct", "recording"}  # the fields with defaults
+        _fields(obj, "telemetry", {"v"} | (names - optional), optional)
         kwargs: dict[str, Any] = {"device_id": check_device_id(obj["device_id"])}
         for name in names - {"device_id"}:
             if name not in obj:

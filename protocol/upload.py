@@ -208,7 +208,7 @@ def missing(ranges: Ranges, size: int) -> list[tuple[int, int]]:
         pos = max(pos, e)
     if pos < size:
         holes.append((pos, size))
-    return holes
+    return [(s, min(e, size)) for s, e in holes if s < size]
 
 
 def _ranges(value: object) -> Ranges:
@@ -270,7 +270,7 @@ class UploadAck:
         )
         verify_object(obj, key, what="upload ack")
         state = obj["state"]
-        if state not in UPLOAD_STATES:
+        if not isinstance(state, str) or state not in UPLOAD_STATES:
             raise MessageError(f"upload ack state {state!r} unknown")
         reason = obj["reason"]
         if not isinstance(reason, str):

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from agent.db import open_db
 from agent.errors import StoreError
 from agent.journal import Journal
 from agent.keys import FileKeyStore
-from agent.outbox import COPY_BLOCK, Outbox
+from agent.outbox import COPY_BLOCK, SETTLE_S, Outbox
 from protocol import merkle
 from protocol.encoding import decode
 from protocol.journal import GENESIS, SignedRecord, verify_chain
@@ -193,14 +194,6 @@ def test_capture_refusals_leave_nothing_behind(store: Store, tmp_path: Path) -> 
     assert media_rows(store.db) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="BUG: add_file puts src.name into the signed body; a file name that is not valid "
-    "UTF-8 becomes a surrogate-escaped str that canonical() cannot encode, so add_file raises "
-    "UnicodeEncodeError (not StoreError) after the copy was already renamed into media/, "
-    "leaving an uncommitted orphan file",
-)
 def test_add_file_with_undecodable_name(store: Store, tmp_path: Path) -> None:
     src = make_src(tmp_path / "src", os.fsdecode(b"clip-\xff.mp4"), b"evidence")
     try:
@@ -436,6 +429,24 @@ def test_concurrent_processes_never_fork_the_chain(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def age(*paths: Path) -> None:
+    """Make files look older than ``SETTLE_S`` (recover leaves younger ones alone)."""
+    old = time.time() - SETTLE_S - 10
+    for path in paths:
+        os.utime(path, (old, old))
+
+
+def test_recover_leaves_young_files_to_a_concurrent_add(store, tmp_path):
+    # Another process may be between its rename into media/ and its commit right now.
+    part = store.outbox.incoming / "inflight.part"
+    part.write_bytes(b"being written")
+    young = store.media_dir / "renamed-not-committed.bin"
+    young.write_bytes(b"about to be committed")
+    report = store.outbox.recover()
+    assert (report.discarded_partial, report.adopted_orphans) == (0, 0)
+    assert part.exists() and young.exists()
+
+
 def test_recover_on_a_clean_store_does_nothing(store: Store, tmp_path: Path) -> None:
     store.outbox.add_file(make_src(tmp_path / "src", "x.bin", b"x"))
     report = store.outbox.recover()
@@ -447,6 +458,7 @@ def test_recover_on_a_clean_store_does_nothing(store: Store, tmp_path: Path) -> 
 def test_recover_discards_partial_writes(store: Store) -> None:
     part = store.outbox.incoming / "0123abcd.part"
     part.write_bytes(b"half a video")
+    age(part)
     report = store.outbox.recover()
     assert report.discarded_partial == 1
     assert not part.exists()
@@ -458,6 +470,7 @@ def test_recover_adopts_orphan_media(store: Store, tmp_path: Path) -> None:
     store.outbox.add_file(make_src(tmp_path / "src", "known.bin", b"known"))
     orphan = store.media_dir / "feedfacefeedfacefeedfacefeedface.bin"
     orphan.write_bytes(payload("orphan", 5_000))
+    age(orphan)
     report = store.outbox.recover()
     assert report.adopted_orphans == 1
     assert orphan.read_bytes() == payload("orphan", 5_000)  # kept, now owned by a row
@@ -525,6 +538,7 @@ def test_recover_all_at_once_across_a_reopen(tmp_path: Path) -> None:
     (s.media_dir / rows[lost]["path"]).unlink()
     (s.outbox.incoming / "x.part").write_bytes(b"partial")
     (s.media_dir / "orphan.bin").write_bytes(b"orphan")
+    age(s.outbox.incoming / "x.part", s.media_dir / "orphan.bin")
     s.db.conn.close()
 
     s = open_store(tmp_path / "device", key)  # the agent restarts

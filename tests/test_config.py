@@ -184,12 +184,6 @@ def test_bad_environment_override_is_a_config_error(tmp_path: Path) -> None:
         load_config(path, environ={"CUSTODY_AGENT_BROKER": "http://x"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG: load_config maps only FileNotFoundError and TOMLDecodeError to ConfigError; "
-    "a non-UTF-8 agent.toml makes read_text(encoding='utf-8') raise UnicodeDecodeError",
-)
 def test_non_utf8_config_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_bytes(VALID.replace("dev-1", "dév-1").encode("latin-1"))
