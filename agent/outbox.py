@@ -189,19 +189,38 @@ class Outbox:
 
     def settle(self, receipt: Receipt, raw: bytes) -> bool:
         """Store a verified receipt, then delete the local copy. False if it does not match."""
-        item = self.get(receipt.seq)
-        if item is None or item.sha256 != receipt.sha256 or item.size != receipt.size:
-            log.warning("receipt for seq %d does not match the outbox; ignored", receipt.seq)
-            return False
+        return bool(self.settle_many([(receipt, raw)]))
+
+    def settle_many(self, receipts: list[tuple[Receipt, bytes]]) -> list[int]:
+        """Store verified receipts in one commit, then delete the local copies.
+
+        Returns the sequence numbers settled now. A receipt naming another sha256 or size
+        than the outbox row is ignored (and logged): it cannot be for this evidence.
+        """
+        matching: list[tuple[MediaItem, Receipt, bytes]] = []
+        for receipt, raw in receipts:
+            item = self.get(receipt.seq)
+            if item is None or item.sha256 != receipt.sha256 or item.size != receipt.size:
+                log.warning("receipt for seq %d does not match the outbox; ignored", receipt.seq)
+                continue
+            matching.append((item, receipt, raw))
+        if not matching:
+            return []
+        settled = []
         with immediate(self.db) as conn:
-            cur = conn.execute(
-                "UPDATE media SET state = 'receipted', receipt = ?, receipted_ms = ?, "
-                "acked_bytes = size WHERE seq = ? AND state = 'pending'",
-                [raw, now_ms(), receipt.seq],
-            )
-        if cur.rowcount:
-            self._unlink(item.path)
-        return bool(cur.rowcount)
+            for item, receipt, raw in matching:
+                cur = conn.execute(
+                    "UPDATE media SET state = 'receipted', receipt = ?, receipted_ms = ?, "
+                    "acked_bytes = size WHERE seq = ? AND state = 'pending'",
+                    [raw, now_ms(), receipt.seq],
+                )
+                if cur.rowcount:
+                    settled.append(item)
+        # Only after the receipts are durable. No directory fsync: should a power cut undo
+        # an unlink, ``recover`` removes the file again because its row is receipted.
+        for item in settled:
+            item.path.unlink(missing_ok=True)
+        return [item.seq for item in settled]
 
     def reject(self, seq: int, reason: str) -> None:
         """The gateway refused the bytes: keep the file, stop retrying, journal why."""
@@ -216,11 +235,7 @@ class Outbox:
         self.journal.append("media_corrupt", {"media_seq": seq, "reason": reason}, also=mark)
 
     def _unlink(self, path: Path) -> None:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        fsync_dir(self.media_dir)
+        path.unlink(missing_ok=True)
 
     # -- crash repair --------------------------------------------------------------------
 

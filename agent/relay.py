@@ -124,6 +124,7 @@ class Relay:
         self.next_telemetry = 0.0
         self.bucket = TokenBucket(config.bandwidth_limit_bps, config.chunk_size * 2)
         self.bd_seq = bump_counter(journal.db, "bd_seq")
+        self.receipts: list[tuple[Receipt, bytes]] = []
         self.counters = {"chunks_sent": 0, "bytes_sent": 0, "receipts": 0, "resumes": 0}
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -147,6 +148,7 @@ class Relay:
                         event = self.inbox.get_nowait()
                     except queue.Empty:
                         event = None
+                self._settle_receipts()
                 if self.connected:
                     self._pump()
         finally:
@@ -282,20 +284,28 @@ class Relay:
             del self.uploads[ack.seq]
 
     def _on_receipt(self, receipt: Receipt, raw: bytes) -> None:
-        if receipt.device_id != self.device_id:
+        if receipt.device_id == self.device_id:
+            self.receipts.append((receipt, raw))  # settled together in _settle_receipts
+
+    def _settle_receipts(self) -> None:
+        """One commit for all receipts that arrived together, then the deletions."""
+        if not self.receipts:
             return
-        if self.outbox.settle(receipt, raw):
-            self.counters["receipts"] += 1
-            events.info(
-                "%s receipt seq=%d sha256=%s… log#%d",
-                self.device_id,
-                receipt.seq,
-                receipt.sha256.hex()[:12],
-                receipt.log_index,
-            )
-        up = self.uploads.pop(receipt.seq, None)
-        if up is not None:
-            up.close()
+        batch, self.receipts = self.receipts, []
+        settled = set(self.outbox.settle_many(batch))
+        for receipt, _ in batch:
+            if receipt.seq in settled:
+                self.counters["receipts"] += 1
+                events.info(
+                    "%s receipt seq=%d sha256=%s… log#%d",
+                    self.device_id,
+                    receipt.seq,
+                    receipt.sha256.hex()[:12],
+                    receipt.log_index,
+                )
+            up = self.uploads.pop(receipt.seq, None)
+            if up is not None:
+                up.close()
         self.next_outbox_poll = 0.0
 
     # -- sending -------------------------------------------------------------------------

@@ -35,15 +35,29 @@ def open_db(path: Path) -> sqlite_utils.Database:
 
 
 @contextmanager
-def transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+def transaction(db: sqlite_utils.Database, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    """A write transaction. ``durable=False`` skips the fsync at commit (WAL stays
+    consistent; the commit may be lost on power failure, never half-applied).
+
+    Use it only where losing the commit is safe: upload range checkpoints (the device
+    resends from an older checkpoint), telemetry and online state. Every commit that a
+    message to a device depends on (journal acks, receipts) stays durable. On ext4 every
+    fsync also flushes other files' dirty data, so needless ones slow the whole gateway.
+    """
     conn = db.conn
-    conn.execute("BEGIN IMMEDIATE")
+    if not durable:
+        conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if not durable:
+            conn.execute("PRAGMA synchronous=FULL")
 
 
 def create_schema(db: sqlite_utils.Database) -> None:

@@ -31,6 +31,8 @@ from protocol.topics import GatewayTopic, gateway_topic
 from protocol.upload import Chunk, UploadAck, UploadFin, UploadInit
 
 log = logging.getLogger("custody.gateway.evidence")
+
+ACK_EVERY = 1024 * 1024
 events = logging.getLogger("custody.events")
 
 #: Runs ``work`` off the ingest thread, then ``then(result)`` back on it (publishing what
@@ -100,7 +102,7 @@ class EvidenceIntake:
             device_id, seq, info.size, info.sha256, self.active.part_path(device_id, seq)
         )
         if row is None:
-            with transaction(self.db) as conn:
+            with transaction(self.db, durable=False) as conn:
                 conn.execute(
                     "INSERT INTO uploads(device_id, seq, size, sha256, ranges, bytes_received, "
                     "inits, resumed_from, state, reason, updated_ms) "
@@ -132,7 +134,7 @@ class EvidenceIntake:
 
     def _checkpoint(self, up: ActiveUpload) -> None:
         up.sync()
-        with transaction(self.db) as conn:
+        with transaction(self.db, durable=False) as conn:
             conn.execute(
                 "UPDATE uploads SET ranges = ?, bytes_received = ?, inits = ?, resumed_from = ?, "
                 "updated_ms = ? WHERE device_id = ? AND seq = ?",
@@ -237,13 +239,20 @@ class EvidenceIntake:
         self._pending_acks[(device_id, chunk.seq)] = up
         return []
 
-    def flush(self) -> list[Outgoing]:
-        """The coalesced ``receiving`` acks for chunks handled since the last flush."""
-        pending, self._pending_acks = self._pending_acks, {}
-        return [
-            self._upload_ack(up.device_id, up.seq, "receiving", up.ranges)
-            for up in pending.values()
-        ]
+    def flush(self, *, idle: bool = True) -> list[Outgoing]:
+        """The coalesced ``receiving`` acks for chunks handled since the last flush.
+
+        Acks are cumulative, so while more messages are queued (``idle`` False) an upload
+        is acked only every ``ACK_EVERY`` bytes; once the queue is drained every pending
+        ack goes out, so a device with a small window never waits for a timeout.
+        """
+        out = []
+        for key, up in list(self._pending_acks.items()):
+            if idle or up.unacked >= ACK_EVERY:
+                del self._pending_acks[key]
+                up.unacked = 0
+                out.append(self._upload_ack(up.device_id, up.seq, "receiving", up.ranges))
+        return out
 
     def on_fin(self, device_id: str, fin: UploadFin) -> list[Outgoing]:
         if fin.device_id != device_id or self._active_device(device_id) is None:

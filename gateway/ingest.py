@@ -322,7 +322,7 @@ class Ingest:
         dev = self.device(device_id)
         if dev is None:
             return []
-        with transaction(self.db) as conn:
+        with transaction(self.db, durable=False) as conn:
             if state.online:
                 conn.execute(
                     "UPDATE devices SET online = 1, bd_seq = ?, last_seen_ms = ? "
@@ -344,15 +344,15 @@ class Ingest:
         tele = Telemetry.decode(payload)
         if tele.device_id != device_id:
             raise MessageError(f"telemetry names {tele.device_id} on {device_id}'s topic")
-        with transaction(self.db) as conn:
+        with transaction(self.db, durable=False) as conn:
             conn.execute(
                 "UPDATE devices SET telemetry = ?, last_seen_ms = ? WHERE device_id = ?",
                 [json.dumps(decode(payload, what="telemetry")), now_ms(), device_id],
             )
         return []
 
-    def flush(self) -> list[Outgoing]:
-        return self.evidence.flush()
+    def flush(self, *, idle: bool = True) -> list[Outgoing]:
+        return self.evidence.flush(idle=idle)
 
     def close(self) -> None:
         self.evidence.close()

@@ -166,7 +166,7 @@ class GatewayService:
                     self.ingest.log.reload()
                     continue
                 self._publish(replies)
-            self._publish(self.ingest.flush())
+            self._publish(self.ingest.flush(idle=self.inbox.empty()))
 
     def _publish(self, replies: list[Outgoing]) -> None:
         for out in replies:

@@ -52,6 +52,7 @@ class ActiveUpload:
     inits: int = 0
     resumed_from: int = -1
     unsynced: int = 0
+    unacked: int = 0  # bytes received since the last ack sent to the device
     synced_at: float = field(default_factory=time.monotonic)
     fd: int = -1
     hasher: Any = field(default_factory=hashlib.sha256)
@@ -82,6 +83,7 @@ class ActiveUpload:
         self.ranges = add_range(self.ranges, offset, offset + len(data))
         self.bytes_received += len(data)
         self.unsynced += len(data)
+        self.unacked += len(data)
 
     def sync(self) -> None:
         if self.fd >= 0 and self.unsynced:
