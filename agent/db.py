@@ -77,16 +77,27 @@ def _create_schema(db: sqlite_utils.Database) -> None:
 
 
 @contextmanager
-def immediate(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
-    """A write transaction that takes the write lock up front, committed on success."""
+def immediate(db: sqlite_utils.Database, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    """A write transaction that takes the write lock up front, committed on success.
+
+    ``durable=False`` commits without fsync: safe against a crash of the process (WAL),
+    not against power loss. The next durable commit makes it durable too (the WAL is
+    sequential), which is what ``Outbox.purge`` relies on.
+    """
     conn = db.conn
-    conn.execute("BEGIN IMMEDIATE")
+    if not durable:
+        conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if not durable:
+            conn.execute("PRAGMA synchronous=FULL")
 
 
 def bump_counter(db: sqlite_utils.Database, key: str) -> int:

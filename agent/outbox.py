@@ -189,13 +189,16 @@ class Outbox:
 
     def settle(self, receipt: Receipt, raw: bytes) -> bool:
         """Store a verified receipt, then delete the local copy. False if it does not match."""
-        return bool(self.settle_many([(receipt, raw)]))
+        settled = self.settle_many([(receipt, raw)])
+        self.purge([item.path for item in settled])
+        return bool(settled)
 
-    def settle_many(self, receipts: list[tuple[Receipt, bytes]]) -> list[int]:
-        """Store verified receipts in one commit, then delete the local copies.
+    def settle_many(self, receipts: list[tuple[Receipt, bytes]]) -> list[MediaItem]:
+        """Store verified receipts in one (not yet durable) commit; return what settled.
 
-        Returns the sequence numbers settled now. A receipt naming another sha256 or size
-        than the outbox row is ignored (and logged): it cannot be for this evidence.
+        The local copies must then go through ``purge``, which makes the receipts durable
+        before it deletes anything. A receipt naming another sha256 or size than the
+        outbox row is ignored (and logged): it cannot be for this evidence.
         """
         matching: list[tuple[MediaItem, Receipt, bytes]] = []
         for receipt, raw in receipts:
@@ -207,7 +210,7 @@ class Outbox:
         if not matching:
             return []
         settled = []
-        with immediate(self.db) as conn:
+        with immediate(self.db, durable=False) as conn:
             for item, receipt, raw in matching:
                 cur = conn.execute(
                     "UPDATE media SET state = 'receipted', receipt = ?, receipted_ms = ?, "
@@ -216,11 +219,22 @@ class Outbox:
                 )
                 if cur.rowcount:
                     settled.append(item)
-        # Only after the receipts are durable. No directory fsync: should a power cut undo
-        # an unlink, ``recover`` removes the file again because its row is receipted.
-        for item in settled:
-            item.path.unlink(missing_ok=True)
-        return [item.seq for item in settled]
+        return settled
+
+    def purge(self, paths: list[Path]) -> None:
+        """Make every receipt committed so far durable (one fsync), then delete ``paths``.
+
+        Many receipts share one fsync this way. No directory fsync after the unlinks:
+        should a power cut undo one, ``recover`` removes the file again (its row says
+        receipted).
+        """
+        if not paths:
+            return
+        with immediate(self.db) as conn:
+            conn.execute("INSERT OR IGNORE INTO kv(key, value) VALUES ('purges', 0)")
+            conn.execute("UPDATE kv SET value = value + 1 WHERE key = 'purges'")
+        for path in paths:
+            path.unlink(missing_ok=True)
 
     def reject(self, seq: int, reason: str) -> None:
         """The gateway refused the bytes: keep the file, stop retrying, journal why."""

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from agent.config import AgentConfig
@@ -52,6 +53,8 @@ events = logging.getLogger("custody.events")
 
 JOURNAL_REJECT_BACKOFF_S = 30.0
 POLL_S = 0.05
+PURGE_DELAY_S = 0.2
+PURGE_BATCH = 32
 PREFETCH = 16
 MAX_TRACKED = 8
 
@@ -125,6 +128,8 @@ class Relay:
         self.bucket = TokenBucket(config.bandwidth_limit_bps, config.chunk_size * 2)
         self.bd_seq = bump_counter(journal.db, "bd_seq")
         self.receipts: list[tuple[Receipt, bytes]] = []
+        self.to_purge: list[Path] = []
+        self.purge_at = 0.0
         self.counters = {"chunks_sent": 0, "bytes_sent": 0, "receipts": 0, "resumes": 0}
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -159,6 +164,8 @@ class Relay:
                 )
             for up in self.uploads.values():
                 up.close()
+            self.outbox.purge(self.to_purge)
+            self.to_purge = []
             self.transport.stop()
 
     # -- events --------------------------------------------------------------------------
@@ -292,7 +299,11 @@ class Relay:
         if not self.receipts:
             return
         batch, self.receipts = self.receipts, []
-        settled = set(self.outbox.settle_many(batch))
+        items = self.outbox.settle_many(batch)
+        if items and not self.to_purge:
+            self.purge_at = time.monotonic() + PURGE_DELAY_S
+        self.to_purge.extend(item.path for item in items)
+        settled = {item.seq for item in items}
         for receipt, _ in batch:
             if receipt.seq in settled:
                 self.counters["receipts"] += 1
@@ -313,8 +324,15 @@ class Relay:
     def _publish(self, kind: DeviceTopic, payload: bytes) -> bool:
         return self.transport.publish(device_topic(self.device_id, kind), payload)
 
+    def _purge(self, now: float) -> None:
+        """Delete receipted media in groups: one durable commit covers many receipts."""
+        if self.to_purge and (now >= self.purge_at or len(self.to_purge) >= PURGE_BATCH):
+            paths, self.to_purge = self.to_purge, []
+            self.outbox.purge(paths)
+
     def _pump(self) -> None:
         now = time.monotonic()
+        self._purge(now)
         self._pump_journal(now)
         self._pump_uploads(now)
         if now >= self.next_telemetry:

@@ -301,9 +301,8 @@ class EvidenceIntake:
     def _verify_and_store_unguarded(self, up: ActiveUpload) -> bytes:
         sha = up.sha256.hex()
         if not up.path.exists() and self.blobs.exists(sha):
-            return (
-                up.sha256
-            )  # moved into the store before a crash; the store holds only verified bytes
+            # Moved into the store just before a crash; the store holds only verified bytes.
+            return up.sha256
         up.open()  # an empty file never saw a chunk, so its part file may not exist yet
         up.sync()
         digest = up.digest()

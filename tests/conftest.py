@@ -302,4 +302,4 @@ def assert_all_in_custody(gateway: Gateway, agent: AgentProc, files: dict[str, P
     status = agent.status()
     assert status["backlog_items"] == 0, status
     assert status["receipted_items"] >= len(files)
-    assert agent.media_files() == [], "local copies must be deleted after the receipt"
+    wait_for(lambda: agent.media_files() == [], 10, "local copies deleted after the receipts")
