@@ -52,7 +52,7 @@ log = logging.getLogger("custody.agent.relay")
 events = logging.getLogger("custody.events")
 
 JOURNAL_REJECT_BACKOFF_S = 30.0
-POLL_S = 0.05
+POLL_S = 0.02  # how soon evidence added by another process starts moving
 PURGE_DELAY_S = 0.2
 PURGE_BATCH = 32
 PREFETCH = 16
@@ -144,7 +144,7 @@ class Relay:
         try:
             while not stop.is_set():
                 try:
-                    event: Event | None = self.inbox.get(timeout=0.05)
+                    event: Event | None = self.inbox.get(timeout=POLL_S)
                 except queue.Empty:
                     event = None
                 while event is not None:
