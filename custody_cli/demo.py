@@ -11,6 +11,7 @@ what the gateway holds.
 from __future__ import annotations
 
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -58,6 +59,9 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
     service = GatewayService(gw_data, url)
     service.start()
     host, http_port = http
+    if not _port_free(host, http_port):
+        taken, http_port = http_port, broker.free_port(host)
+        print(f"port {taken} is in use; the API listens on {http_port} instead", flush=True)
     server = uvicorn.Server(
         uvicorn.Config(create_app(gw_data), host=host, port=http_port, log_level="warning")
     )
@@ -111,6 +115,15 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
         if tmp is not None:
             tmp.cleanup()
     return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def summary(gw_data: DataDir, sources: list[tuple[Device, SegmentSource]]) -> None:
