@@ -59,7 +59,9 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
     service = GatewayService(gw_data, url)
     service.start()
     host, http_port = http
-    if not _port_free(host, http_port):
+    if http_port == 0:
+        http_port = broker.free_port(host)
+    elif not _port_free(host, http_port):
         taken, http_port = http_port, broker.free_port(host)
         print(f"port {taken} is in use; the API listens on {http_port} instead", flush=True)
     server = uvicorn.Server(

@@ -117,3 +117,38 @@ def test_same_content_twice_is_two_pieces_of_evidence(tmp_path, gateway, make_ag
         items[0]["sha256"] == items[1]["sha256"] == hashlib.sha256(b"identical bytes").hexdigest()
     )
     assert items[0]["seq"] != items[1]["seq"]
+
+
+def test_marked_evidence_is_uploaded_first(tmp_path, gateway, make_agent):
+    # One file at a time, so the order of receipts is the order of upload.
+    agent = make_agent("cam-5", gateway, max_active_uploads="1")
+    plain = make_files(tmp_path / "plain", [200_000] * 4, seed=90)
+    agent.add(*plain.values())
+    marked = make_files(tmp_path / "marked", [1000], seed=91)
+    agent.add(*marked.values(), marked=True)
+    agent.start()
+    wait_for(lambda: len(gateway.evidence("cam-5")) == 5, 60, "all five")
+    by_arrival = sorted(gateway.evidence("cam-5"), key=lambda e: e["id"])
+    assert by_arrival[0]["marked"] is True, [e["name"] for e in by_arrival]
+    assert by_arrival[0]["seq"] == 5  # captured last, delivered first
+
+
+def test_demo_runs_and_stops_by_itself(tmp_path):
+    from tests.conftest import run_custody
+
+    result = run_custody(
+        "demo",
+        "--devices",
+        "2",
+        "--duration",
+        "6",
+        "--data",
+        str(tmp_path / "demo"),
+        "--http",
+        "127.0.0.1:0",
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "cam-01" in out and "cam-02" in out
+    assert " receipt seq=" in out and " evidence seq=" in out
+    assert "alarms: 0" in out
