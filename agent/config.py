@@ -12,10 +12,17 @@ import os
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import ConfigError
-from protocol.topics import parse_broker_url
+from protocol.topics import parse_broker, parse_broker_url
 
 ENV_PREFIX = "CUSTODY_AGENT_"
 
@@ -30,6 +37,12 @@ class AgentConfig(BaseModel):
         description="Hex Ed25519 key the gateway signs acks and receipts with."
     )
     key_file: Path = Field(description="The device's Ed25519 signing key (0600).")
+    data_key_file: Path | None = Field(
+        None, description="AES-256 key that encrypts buffered media and records (0600)."
+    )
+    tls_ca: Path | None = Field(None, description="CA certificate the broker must present.")
+    tls_cert: Path | None = Field(None, description="This device's X.509 client certificate.")
+    tls_key: Path | None = Field(None, description="Private key of tls_cert (0600).")
     chunk_size: int = Field(256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes/chunk.")
     window: int = Field(32, ge=1, le=256, description="Chunks in flight without an ack.")
     max_active_uploads: int = Field(2, ge=1, le=16, description="Files sending at once.")
@@ -47,9 +60,21 @@ class AgentConfig(BaseModel):
         parse_broker_url(value)
         return value
 
+    @model_validator(mode="after")
+    def _tls_complete(self) -> AgentConfig:
+        if parse_broker(self.broker).tls and not (self.tls_ca and self.tls_cert and self.tls_key):
+            raise ValueError(
+                "an mqtts:// broker needs tls_ca, tls_cert and tls_key (written by custody enroll)"
+            )
+        return self
+
     @property
     def broker_address(self) -> tuple[str, int]:
         return parse_broker_url(self.broker)
+
+    @property
+    def tls(self) -> bool:
+        return parse_broker(self.broker).tls
 
 
 def load_config(path: Path, environ: dict[str, str] | None = None) -> AgentConfig:
@@ -70,7 +95,7 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> AgentConfi
         if key in env:
             raw[name] = env[key]
     base = path.resolve().parent
-    for name in ("data_dir", "key_file"):
+    for name in ("data_dir", "key_file", "data_key_file", "tls_ca", "tls_cert", "tls_key"):
         if isinstance(raw.get(name), str):
             p = Path(raw[name])
             raw[name] = p if p.is_absolute() else base / p

@@ -18,7 +18,7 @@ from agent.journal import Journal
 from agent.keys import FileKeyStore
 from agent.outbox import Outbox
 from agent.relay import Relay
-from agent.transport import MqttTransport, Will
+from agent.transport import MqttTransport, TlsFiles, Will
 from protocol.topics import agent_subscriptions
 
 log = logging.getLogger("custody.agent")
@@ -63,6 +63,11 @@ class Agent:
             keepalive=config.keepalive_s,
             max_inflight=config.window + 16,
             backoff=(config.reconnect_min_s, config.reconnect_max_s),
+            tls=(
+                TlsFiles(config.tls_ca, config.tls_cert, config.tls_key)
+                if config.tls and config.tls_ca and config.tls_cert and config.tls_key
+                else None
+            ),
         )
         self.relay = Relay(
             config, self.device.journal, self.device.outbox, self.transport, self.device.key

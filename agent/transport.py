@@ -17,9 +17,11 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import paho.mqtt.client as mqtt
@@ -50,6 +52,15 @@ Event = Connected | Disconnected | Message
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """Mutual TLS: the CA that signed the broker, and this client's certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class Will:
     topic: str
     payload: bytes
@@ -68,6 +79,10 @@ def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
     # the broker's delayed ACK (~40 ms a hop), which made a receipt take ~300 ms.
     if isinstance(sock, socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _written_by_network_thread(client: mqtt.Client, userdata: object, sock: object) -> None:
+    return None
 
 
 def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -89,6 +104,7 @@ class MqttTransport:
         max_inflight: int = 32,
         backoff: tuple[float, float] = (0.5, 30.0),
         seed: int | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self._client_id = client_id
         self._host = host
@@ -98,6 +114,7 @@ class MqttTransport:
         self._keepalive = keepalive
         self._max_inflight = max_inflight
         self._backoff = backoff
+        self._tls = tls
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,11 +153,20 @@ class MqttTransport:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5
         )
+        if self._tls is not None:
+            client.tls_set(
+                ca_certs=str(self._tls.ca), certfile=str(self._tls.cert), keyfile=str(self._tls.key)
+            )
         client.max_inflight_messages_set(self._max_inflight)
         client.max_queued_messages_set(0)
         will = self._will()
         client.will_set(will.topic, will.payload, qos=1, retain=True)
         client.on_socket_open = _no_delay
+        # Only the network thread may touch the socket: with TLS, a write from the relay
+        # thread while this thread reads corrupts the OpenSSL stream ("bad record mac").
+        # Registering a (no-op) write callback makes paho's publish() just queue the packet
+        # and wake our select; ``client.loop`` then writes it from this thread.
+        client.on_socket_register_write = _written_by_network_thread
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -185,6 +211,8 @@ class MqttTransport:
             self._client = client
             try:
                 client.connect(self._host, self._port, keepalive=self._keepalive, clean_start=True)
+            except ssl.SSLError as exc:
+                log.warning("TLS handshake with %s:%d failed: %s", self._host, self._port, exc)
             except OSError as exc:
                 log.info("broker %s:%d unreachable: %s", self._host, self._port, exc)
             else:

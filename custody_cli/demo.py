@@ -45,9 +45,9 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
     signal.signal(signal.SIGTERM, on_signal)
 
     port = broker.free_port()
-    url = f"mqtt://127.0.0.1:{port}"
-    mosquitto = broker.start(data / "broker", port)
+    url = f"mqtts://127.0.0.1:{port}"
     gw_data = DataDir.open(data / "gateway")
+    mosquitto = broker.start(data / "broker", port, tls_dir=gw_data.ca_dir)
     configs = []
     for i in range(1, devices + 1):
         dev_dir = data / "devices" / f"cam-{i:02d}"
@@ -71,7 +71,7 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
     web.start()
     print(
         f"\ncustody demo — data in {data}\n"
-        f"  broker     {url}\n"
+        f"  broker     {url}   (TLS, client certificates, per-device ACLs)\n"
         f"  API        http://{host}:{http_port}/api/v1/   (docs: http://{host}:{http_port}/docs)\n"
         f"  token      {gw_data.admin_token()}\n"
         f"  try        curl -H 'Authorization: Bearer {gw_data.admin_token()}' "

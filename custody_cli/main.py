@@ -2,9 +2,11 @@
 
 Sub-commands (a contract with outside tools; extend, do not rename)::
 
-    custody broker  --port PORT --data DIR
-    custody gateway --data DIR --broker mqtt://HOST:PORT --http HOST:PORT
-    custody enroll  DEVICE_ID --gateway-data DIR --out DEVDIR --broker mqtt://HOST:PORT
+    custody broker  --port PORT --data DIR [--tls GATEWAY_DIR]
+    custody gateway --data DIR --broker mqtts://HOST:PORT --http HOST:PORT
+    custody enroll  DEVICE_ID --gateway-data DIR --out DEVDIR --broker mqtts://HOST:PORT
+    custody enroll  DEVICE_ID --gateway-data DIR --out DEVDIR --renew
+    custody revoke  DEVICE_ID --gateway-data DIR
     custody agent   --config DEVDIR/agent.toml [--synthetic-segments SECONDS]
     custody agent add    --config DEVDIR/agent.toml [--marked] FILE...
     custody agent status --config DEVDIR/agent.toml [--json]
@@ -56,18 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, required=True, help="TCP port to listen on")
     b.add_argument("--data", type=Path, required=True, help="directory for its config")
     b.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    b.add_argument(
+        "--tls",
+        type=Path,
+        metavar="GATEWAY_DIR",
+        help="TLS only, client certificates from this gateway's CA, per-device ACLs",
+    )
 
     g = sub.add_parser("gateway", help="run the gateway (ingest + HTTP API)")
     g.add_argument("--data", type=Path, required=True, help="gateway data directory")
-    g.add_argument("--broker", type=_broker_url, required=True, help="mqtt://HOST:PORT")
+    g.add_argument("--broker", type=_broker_url, required=True, help="mqtts://HOST:PORT")
     g.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), help="HOST:PORT")
 
     e = sub.add_parser("enroll", help="create a device identity and register it")
     e.add_argument("device_id", metavar="DEVICE_ID")
     e.add_argument("--gateway-data", type=Path, required=True, help="gateway data directory")
     e.add_argument("--out", type=Path, required=True, help="device directory to create")
-    e.add_argument("--broker", type=_broker_url, required=True, help="mqtt://HOST:PORT")
+    e.add_argument("--broker", type=_broker_url, help="mqtts://HOST:PORT (mqtt:// = no TLS)")
     e.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds")
+    e.add_argument("--cert-days", type=int, default=365, help="certificate lifetime (days)")
+    e.add_argument(
+        "--renew", action="store_true", help="new certificate and TLS key; the old are revoked"
+    )
+
+    r = sub.add_parser("revoke", help="cut a device off at the broker and at ingest")
+    r.add_argument("device_id", metavar="DEVICE_ID")
+    r.add_argument("--gateway-data", type=Path, required=True, help="gateway data directory")
 
     a = sub.add_parser("agent", help="run the device agent, or add/status with a sub-command")
     a.add_argument("--config", type=Path, help="DEVDIR/agent.toml")
@@ -119,8 +135,14 @@ def _stop_on_signals(stop: threading.Event) -> None:
 def cmd_broker(args: argparse.Namespace) -> int:
     from gateway.broker import run_foreground
 
-    print(f"custody broker: mqtt://{args.host}:{args.port} (config in {args.data})", flush=True)
-    return run_foreground(args.data, args.port, args.host)
+    scheme = "mqtts" if args.tls else "mqtt"
+    tls_dir = None
+    if args.tls:
+        from gateway.datadir import DataDir
+
+        tls_dir = DataDir.open(args.tls).ca_dir
+    print(f"custody broker: {scheme}://{args.host}:{args.port} (config in {args.data})", flush=True)
+    return run_foreground(args.data, args.port, args.host, tls_dir)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -150,16 +172,32 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from gateway.registry import enroll
+    from gateway.registry import enroll, renew
 
+    if args.renew:
+        renew(args.device_id, args.gateway_data, args.out, cert_days=args.cert_days)
+        print(f"renewed {args.device_id}: new certificate in {args.out / 'device.crt'}")
+        return 0
+    if args.broker is None:
+        print("custody enroll: --broker mqtts://HOST:PORT is required", file=sys.stderr)
+        return 2
     path = enroll(
         args.device_id,
         args.gateway_data,
         args.out,
         args.broker,
         telemetry_interval_s=args.telemetry_interval,
+        cert_days=args.cert_days,
     )
     print(f"enrolled {args.device_id}: {path}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from gateway.registry import revoke
+
+    revoke(args.device_id, args.gateway_data)
+    print(f"revoked {args.device_id}: refused by the broker and by ingest from now on")
     return 0
 
 
@@ -234,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "broker": cmd_broker,
         "gateway": cmd_gateway,
         "enroll": cmd_enroll,
+        "revoke": cmd_revoke,
         "agent": cmd_agent,
         "demo": cmd_demo,
     }

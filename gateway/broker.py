@@ -1,16 +1,27 @@
-"""The private mosquitto: a config written under the data directory, run in the foreground.
+"""The private mosquitto: a config written under the data directory, run as a child.
 
 Used by ``custody broker``, ``custody demo`` and the test suite, so all three run the same
 broker settings. Queue limits are raised above mosquitto's defaults because a gateway
 briefly away must not make the broker drop evidence chunks (devices would resend them,
-but slowly). TLS, certificates and per-device ACLs arrive with issue #3.
+but slowly).
+
+With ``tls_dir`` (the gateway's ``DIR/ca``) the only listener is TLS with a required
+client certificate from the gateway's CA; the certificate's common name is the MQTT
+identity, and the ACL file lets a device write only ``custody/v1/dev/<its id>/#`` and read
+only ``custody/v1/gw/<its id>/#`` and ``custody/v1/gw/state``. Revocation rewrites the CRL
+and the ACL file; ``BrokerProcess`` notices and sends mosquitto SIGHUP, which reloads both
+without dropping anyone else: a revoked device cannot connect again, and its existing
+connection may no longer publish or receive anything.
 """
 
 from __future__ import annotations
 
+import getpass
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,9 +30,12 @@ from gateway.errors import BrokerError
 CONFIG = """\
 # Written by custody; edits are overwritten on the next start.
 per_listener_settings false
-allow_anonymous true
+# A private broker runs as whoever starts it (mosquitto would otherwise switch from root
+# to the "mosquitto" user, which cannot read the 0600 server key).
+user {user}
+allow_anonymous {anonymous}
 listener {port} {host}
-persistence false
+{tls}persistence false
 max_queued_messages 10000
 max_inflight_messages 64
 max_packet_size 16777216
@@ -53,10 +67,40 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(data_dir: Path, port: int, host: str = "127.0.0.1") -> Path:
+TLS = """\
+cafile {ca}/ca.crt
+certfile {ca}/broker.crt
+keyfile {ca}/broker.key
+require_certificate true
+use_identity_as_username true
+crlfile {ca}/crl.pem
+acl_file {ca}/acl
+tls_version tlsv1.2
+"""
+
+
+def write_config(
+    data_dir: Path, port: int, host: str = "127.0.0.1", tls_dir: Path | None = None
+) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "mosquitto.conf"
-    path.write_text(CONFIG.format(port=port, host=host))
+    tls = TLS.format(ca=tls_dir.resolve()) if tls_dir is not None else ""
+    if tls_dir is not None:
+        for name in ("ca.crt", "broker.crt", "broker.key", "crl.pem", "acl"):
+            if not (tls_dir / name).exists():
+                raise BrokerError(
+                    f"{tls_dir / name} is missing: point --tls at a gateway data directory "
+                    "(run `custody gateway` or `custody enroll` there once)"
+                )
+    path.write_text(
+        CONFIG.format(
+            port=port,
+            host=host,
+            user=getpass.getuser(),
+            anonymous="false" if tls_dir is not None else "true",
+            tls=tls,
+        )
+    )
     return path
 
 
@@ -71,18 +115,74 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise BrokerError(f"broker did not start listening on {host}:{port} within {timeout}s")
 
 
-def start(data_dir: Path, port: int, host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+class BrokerProcess:
+    """mosquitto as a child process, reloaded (SIGHUP) when the CRL or ACL file changes."""
+
+    RELOAD_POLL_S = 0.2
+
+    def __init__(self, proc: subprocess.Popen[bytes], tls_dir: Path | None) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self._watched = [tls_dir / "crl.pem", tls_dir / "acl"] if tls_dir else []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self._watched:
+            self._thread = threading.Thread(target=self._watch, name="broker-reload", daemon=True)
+            self._thread.start()
+
+    def _stamp(self) -> list[float]:
+        return [p.stat().st_mtime if p.exists() else 0.0 for p in self._watched]
+
+    def _watch(self) -> None:
+        seen = self._stamp()
+        while not self._stop.wait(self.RELOAD_POLL_S):
+            now = self._stamp()
+            if now != seen and self.proc.poll() is None:
+                seen = now
+                self.proc.send_signal(signal.SIGHUP)
+
+    def reload(self) -> None:
+        self.proc.send_signal(signal.SIGHUP)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        rc = self.proc.wait(timeout)
+        self._stop.set()
+        return rc
+
+    def terminate(self) -> None:
+        self._stop.set()
+        self.proc.terminate()
+
+    def kill(self) -> None:
+        self._stop.set()
+        self.proc.kill()
+
+
+def start(
+    data_dir: Path, port: int, host: str = "127.0.0.1", tls_dir: Path | None = None
+) -> BrokerProcess:
     """Start mosquitto in the background and wait until it accepts connections."""
-    config = write_config(data_dir, port, host)
+    config = write_config(data_dir, port, host, tls_dir)
     proc = subprocess.Popen([find_mosquitto(), "-c", str(config)])
     try:
         wait_for_port(host, port)
     except BrokerError:
         proc.kill()
         raise
-    return proc
+    return BrokerProcess(proc, tls_dir)
 
 
-def run_foreground(data_dir: Path, port: int, host: str = "127.0.0.1") -> int:
-    config = write_config(data_dir, port, host)
-    return subprocess.call([find_mosquitto(), "-c", str(config)])
+def run_foreground(
+    data_dir: Path, port: int, host: str = "127.0.0.1", tls_dir: Path | None = None
+) -> int:
+    broker = start(data_dir, port, host, tls_dir)
+
+    def stop(signum: int, frame: object) -> None:
+        broker.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return broker.wait()

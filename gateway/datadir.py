@@ -8,6 +8,8 @@ Layout (created on first start, or by the first ``custody enroll``)::
     DIR/custody.db      SQLite database
     DIR/blobs/ab/cd/…   content-addressed evidence
     DIR/partial/…       uploads in progress
+    DIR/ca/             the CA (ca.key 0600, ca.crt), broker and gateway certificates,
+                        the CRL and the broker ACL file
 
 Secrets are written with O_EXCL and mode 0600 and never printed.
 """
@@ -68,6 +70,10 @@ class DataDir:
     def partial(self) -> Path:
         return self.root / "partial"
 
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
     @classmethod
     def open(cls, root: Path, *, create: bool = True) -> DataDir:
         """Open ``root``, creating keys and token on first use."""
@@ -83,6 +89,17 @@ class DataDir:
             _write_secret(data.token_path, (secrets.token_urlsafe(32) + "\n").encode())
         data.blobs.mkdir(exist_ok=True)
         data.partial.mkdir(exist_ok=True)
+        if not (data.ca_dir / "acl").exists():
+            # Imported here: the CA and policy modules need the database schema.
+            from gateway.ca import CertificateAuthority
+            from gateway.db import open_db
+            from gateway.policy import write_broker_policy
+
+            db = open_db(data.db_path)
+            try:
+                write_broker_policy(db, CertificateAuthority.open(data.ca_dir))
+            finally:
+                db.conn.close()
         return data
 
     def signing_key(self) -> SigningKey:

@@ -155,6 +155,18 @@ def create_schema(db: sqlite_utils.Database) -> None:
         if_not_exists=True,
     )
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS alarms_dedupe ON alarms(dedupe)")
+    Table(db, "certificates").create(
+        {
+            "serial": str,  # hex
+            "device_id": str,
+            "not_after": str,
+            "issued_at": str,
+            "revoked": int,
+        },
+        pk="serial",
+        defaults={"revoked": 0},
+        if_not_exists=True,
+    )
     Table(db, "audit").create(
         {"id": int, "at_ms": int, "actor": str, "action": str, "target": str},
         pk="id",

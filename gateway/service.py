@@ -27,7 +27,7 @@ from gateway.datadir import DataDir
 from gateway.db import open_db
 from gateway.ingest import Ingest, Outgoing
 from protocol.encoding import canonical
-from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker_url
+from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker
 
 log = logging.getLogger("custody.gateway.service")
 
@@ -46,7 +46,8 @@ def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
 class GatewayService:
     def __init__(self, data: DataDir, broker: str, *, shared: bool = True) -> None:
         self.data = data
-        self.host, self.port = parse_broker_url(broker)
+        url = parse_broker(broker)
+        self.host, self.port = url.host, url.port
         self.shared = shared
         self.db = open_db(data.db_path)
         # File verification (fsync, hashing, the move into the blob store) runs here, so
@@ -63,6 +64,13 @@ class GatewayService:
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
+        if url.tls:
+            ca = data.ca_dir
+            self.client.tls_set(
+                ca_certs=str(ca / "ca.crt"),
+                certfile=str(ca / "gateway.crt"),
+                keyfile=str(ca / "gateway.key"),
+            )
         self.client.max_inflight_messages_set(64)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 5)

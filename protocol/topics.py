@@ -98,17 +98,31 @@ def parse_gateway_topic(topic: str) -> ParsedGatewayTopic:
     return ParsedGatewayTopic(check_device_id(device_id), kind)
 
 
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://host:port`` → (host, port); ``ValueError`` saying what is wrong."""
+@dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker(url: str) -> BrokerURL:
+    """``mqtts://host:port`` (TLS, default 8883) or ``mqtt://host:port`` (plain, 1883)."""
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
-    if parsed.scheme != "mqtt":
-        raise ValueError(f"broker URL {url!r} must start with mqtt:// (mqtts:// comes with TLS)")
+    if parsed.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"broker URL {url!r} must start with mqtts:// (or mqtt:// without TLS)")
     if not parsed.hostname:
         raise ValueError(f"broker URL {url!r} has no host")
+    tls = parsed.scheme == "mqtts"
     try:
-        port = parsed.port or 1883
+        port = parsed.port or (8883 if tls else 1883)
     except ValueError as exc:
         raise ValueError(f"broker URL {url!r} has an invalid port") from exc
-    return parsed.hostname, port
+    return BrokerURL(parsed.hostname, port, tls)
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """(host, port) of a broker URL; see ``parse_broker``."""
+    broker = parse_broker(url)
+    return broker.host, broker.port

@@ -15,13 +15,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import broker as broker_mod
+from gateway.datadir import DataDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,17 +58,21 @@ def run_custody(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 
 class Broker:
-    def __init__(self, data: Path, port: int | None = None) -> None:
+    """A private mosquitto for one test. With ``tls_dir`` (a gateway's ``ca/``) it is the
+    production configuration: TLS only, client certificates, per-device ACLs."""
+
+    def __init__(self, data: Path, port: int | None = None, tls_dir: Path | None = None) -> None:
         self.data = data
         self.port = port or broker_mod.free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.tls_dir = tls_dir
+        self.proc: broker_mod.BrokerProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls_dir else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = broker_mod.start(self.data, self.port)
+        self.proc = broker_mod.start(self.data, self.port, tls_dir=self.tls_dir)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -73,21 +81,24 @@ class Broker:
             self.proc = None
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker(tmp_path_factory.mktemp("broker"))
+@pytest.fixture
+def gateway_dir(tmp_path: Path) -> Path:
+    """A gateway data directory with its CA, made before the broker that trusts it."""
+    return DataDir.open(tmp_path / "gateway").root
+
+
+@pytest.fixture
+def broker(tmp_path: Path, gateway_dir: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker", tls_dir=gateway_dir / "ca")
     b.start()
     yield b
     b.stop()
 
 
 @pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[Broker]:
-    """A broker this test may stop and restart."""
-    b = Broker(tmp_path / "own-broker")
-    b.start()
-    yield b
-    b.stop()
+def own_broker(broker: Broker) -> Broker:
+    """The test's broker, which it may stop and restart (every test has its own)."""
+    return broker
 
 
 class Gateway:
@@ -169,8 +180,8 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, broker: Broker) -> Iterator[Gateway]:
-    g = Gateway(tmp_path / "gateway", broker, tmp_path / "gateway.log")
+def gateway(tmp_path: Path, gateway_dir: Path, broker: Broker) -> Iterator[Gateway]:
+    g = Gateway(gateway_dir, broker, tmp_path / "gateway.log")
     g.start()
     yield g
     g.stop()
@@ -271,6 +282,43 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProc]]:
     yield make
     for a in agents:
         a.stop()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """TLS credentials to connect to a test broker as someone."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def device(cls, device_dir: Path) -> Identity:
+        return cls(device_dir / "ca.crt", device_dir / "device.crt", device_dir / "tls.key")
+
+    @classmethod
+    def gateway(cls, gateway_dir: Path) -> Identity:
+        ca = gateway_dir / "ca"
+        return cls(ca / "ca.crt", ca / "gateway.crt", ca / "gateway.key")
+
+
+def mqtt_client(broker: Broker, who: Identity | None, client_id: str = "") -> mqtt.Client:
+    """A connected, looping paho client (TLS with ``who``'s certificate on a TLS broker)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if who is not None:
+        client.tls_set(ca_certs=str(who.ca), certfile=str(who.cert), keyfile=str(who.key))
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    return client
+
+
+def publish(broker: Broker, who: Identity | None, topic: str, payload: bytes) -> None:
+    client = mqtt_client(broker, who)
+    try:
+        client.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def make_files(directory: Path, sizes: list[int], seed: int = 0) -> dict[str, Path]:

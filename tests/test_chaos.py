@@ -84,8 +84,10 @@ def test_agent_sigkilled_at_random_moments(tmp_path: Path, gateway, make_agent):
     assert not gateway.alarms(device_id="cam-kill"), "crashes are not tampering"
 
 
-def test_broker_stopped_and_restarted_mid_upload(tmp_path: Path, own_broker: Broker, make_agent):
-    gateway = Gateway(tmp_path / "gw", own_broker, tmp_path / "gw.log")
+def test_broker_stopped_and_restarted_mid_upload(
+    tmp_path: Path, gateway_dir: Path, own_broker: Broker, make_agent
+):
+    gateway = Gateway(gateway_dir, own_broker, tmp_path / "gw.log")
     gateway.start()
     try:
         agent: AgentProc = make_agent("cam-broker", gateway, **SLOW)
@@ -126,10 +128,12 @@ def test_gateway_sigkilled_and_restarted_mid_upload(tmp_path: Path, gateway, mak
     assert resumed and resumed[0]["resumed_from"] > 0, "gateway did not reload held ranges"
 
 
-def test_everything_at_once_with_two_devices(tmp_path: Path, own_broker: Broker, make_agent):
+def test_everything_at_once_with_two_devices(
+    tmp_path: Path, gateway_dir: Path, own_broker: Broker, make_agent
+):
     """Agent kill, broker restart and gateway kill in one run, two devices uploading."""
     rng = random.Random(1234)
-    gateway = Gateway(tmp_path / "gw", own_broker, tmp_path / "gw.log")
+    gateway = Gateway(gateway_dir, own_broker, tmp_path / "gw.log")
     gateway.start()
     try:
         agents = [make_agent(f"cam-mix{i}", gateway, **SLOW) for i in range(2)]

@@ -12,35 +12,28 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.ca import CertificateAuthority
 from protocol.journal import GENESIS, JournalRecord
 from protocol.signing import SigningKey
 from protocol.topics import DeviceTopic, device_topic
 from protocol.upload import JournalBatch
-from tests.conftest import Gateway, make_files, wait_for
-
-
-def publish(broker_url: str, topic: str, payload: bytes) -> None:
-    host, port = broker_url.removeprefix("mqtt://").split(":")
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(host, int(port))
-    client.loop_start()
-    client.publish(topic, payload, qos=1).wait_for_publish(10)
-    client.disconnect()
-    client.loop_stop()
+from tests.conftest import Gateway, Identity, make_files, publish, wait_for
 
 
 class Capture:
-    """A plain (non-shared) subscriber that records what devices publish."""
+    """A wiretap with the gateway's identity: a plain (non-shared) subscriber that records
+    what a device publishes."""
 
-    def __init__(self, broker_url: str, topic: str) -> None:
-        host, port = broker_url.removeprefix("mqtt://").split(":")
+    def __init__(self, gateway: Gateway, topic: str) -> None:
         self.messages: list[bytes] = []
         self.ready = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        who = Identity.gateway(gateway.data)
+        self.client.tls_set(ca_certs=str(who.ca), certfile=str(who.cert), keyfile=str(who.key))
         self.client.on_message = lambda c, u, m: self.messages.append(bytes(m.payload))
         self.client.on_subscribe = lambda *a: self.ready.set()
         self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
-        self.client.connect(host, int(port))
+        self.client.connect("127.0.0.1", gateway.broker.port)
         self.client.loop_start()
         assert self.ready.wait(10)
 
@@ -97,12 +90,16 @@ def test_flipped_byte_in_media_is_rejected_and_journalled(tmp_path, gateway, mak
 
 
 def test_forged_batch_signature_is_rejected(gateway, make_agent):
-    make_agent("cam-forge", gateway)
+    forged_dir = make_agent("cam-forge", gateway).dir
     before = snapshot(gateway, "cam-forge")
     forger = SigningKey.generate()
     batch = JournalBatch("cam-forge", 1, (record("cam-forge", 1, GENESIS, forger),))
+    # Whoever holds cam-forge's certificate (not its signing key) can reach the topic.
     publish(
-        gateway.broker.url, device_topic("cam-forge", DeviceTopic.JOURNAL), batch.encode(forger)
+        gateway.broker,
+        Identity.device(forged_dir),
+        device_topic("cam-forge", DeviceTopic.JOURNAL),
+        batch.encode(forger),
     )
     found = alarm(gateway, "bad_signature", "cam-forge")
     assert "journal batch" in found["detail"]
@@ -117,7 +114,8 @@ def test_forged_record_inside_a_genuine_envelope_is_rejected(tmp_path, gateway, 
     forged = record("cam-forge2", 2, good.hash(), forger, note="forged")
     batch = JournalBatch("cam-forge2", 1, (good, forged))
     publish(
-        gateway.broker.url,
+        gateway.broker,
+        Identity.device(agent.dir),
         device_topic("cam-forge2", DeviceTopic.JOURNAL),
         batch.encode(device_key),
     )
@@ -129,7 +127,7 @@ def test_forged_record_inside_a_genuine_envelope_is_rejected(tmp_path, gateway, 
 
 def test_replayed_journal_message_is_rejected(tmp_path, gateway, make_agent):
     agent = make_agent("cam-replay", gateway)
-    capture = Capture(gateway.broker.url, device_topic("cam-replay", DeviceTopic.JOURNAL))
+    capture = Capture(gateway, device_topic("cam-replay", DeviceTopic.JOURNAL))
     try:
         agent.add(*make_files(tmp_path / "a", [1000], seed=20).values())
         agent.start()
@@ -140,18 +138,28 @@ def test_replayed_journal_message_is_rejected(tmp_path, gateway, make_agent):
     finally:
         capture.close()
     before = snapshot(gateway, "cam-replay")
+    # Replayed by someone holding the device's certificate (a copy of its TLS files).
     publish(
-        gateway.broker.url, device_topic("cam-replay", DeviceTopic.JOURNAL), capture.messages[0]
+        gateway.broker,
+        Identity.device(agent.dir),
+        device_topic("cam-replay", DeviceTopic.JOURNAL),
+        capture.messages[0],
     )
     found = alarm(gateway, "replay", "cam-replay")
     assert "replayed" in found["detail"]
     assert snapshot(gateway, "cam-replay") == before
 
 
-def test_unknown_device_is_rejected(gateway):
+def test_unknown_device_is_rejected(tmp_path, gateway):
+    # A certificate from our CA for an id the registry does not know (say, a device deleted
+    # from the registry by hand): the broker lets it in, ingest must not.
+    issued = CertificateAuthority.open(gateway.data / "ca").issue("ghost-7")
+    (tmp_path / "ghost.crt").write_bytes(issued.cert_pem)
+    (tmp_path / "ghost.key").write_bytes(issued.key_pem)
+    ghost = Identity(gateway.data / "ca" / "ca.crt", tmp_path / "ghost.crt", tmp_path / "ghost.key")
     key = SigningKey.generate()
     batch = JournalBatch("ghost-7", 1, (record("ghost-7", 1, GENESIS, key),))
-    publish(gateway.broker.url, device_topic("ghost-7", DeviceTopic.JOURNAL), batch.encode(key))
+    publish(gateway.broker, ghost, device_topic("ghost-7", DeviceTopic.JOURNAL), batch.encode(key))
     found = alarm(gateway, "unknown_device", "ghost-7")
     assert "not enrolled" in found["detail"]
     assert gateway.get("/api/v1/journal", device_id="ghost-7") == []
@@ -189,7 +197,12 @@ def test_malformed_payloads_raise_alarms_and_the_gateway_keeps_working(
         (DeviceTopic.UPLOAD_CHUNK, b"\x00"),
         (DeviceTopic.TELEMETRY, b'{"v": 2}'),
     ]:
-        publish(gateway.broker.url, device_topic("cam-junk", topic_kind), payload)
+        publish(
+            gateway.broker,
+            Identity.device(agent.dir),
+            device_topic("cam-junk", topic_kind),
+            payload,
+        )
     wait_for(
         lambda: len(gateway.alarms(kind="bad_message", device_id="cam-junk")) >= 4,
         30,

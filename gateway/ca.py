@@ -1,0 +1,193 @@
+"""The gateway's certificate authority: who may talk to the broker at all.
+
+Every device gets an X.509 client certificate whose common name is its device id (the
+broker takes the identity from it, ``use_identity_as_username``), the gateway gets one as
+``custody-gateway``, and the broker gets a server certificate for ``localhost`` /
+``127.0.0.1`` plus any names the operator adds. Keys are ECDSA P-256 (universally
+supported by OpenSSL builds of mosquitto and Python's ``ssl``). Revocation is a CRL the
+broker checks on every new connection.
+
+Files live under ``DIR/ca/``; private keys are written 0600 and never printed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+GATEWAY_IDENTITY = "custody-gateway"
+BROKER_IDENTITY = "custody-broker"
+CA_YEARS = 10
+DEFAULT_DEVICE_DAYS = 365
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@dataclass(frozen=True)
+class Issued:
+    key_pem: bytes
+    cert_pem: bytes
+    serial: int
+    not_after: dt.datetime
+
+
+class CertificateAuthority:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.key_path = root / "ca.key"
+        self.cert_path = root / "ca.crt"
+        self.crl_path = root / "crl.pem"
+
+    @classmethod
+    def open(cls, root: Path) -> CertificateAuthority:
+        """Open the CA under ``root``, creating it (and the broker/gateway certs) once."""
+        ca = cls(root)
+        if not ca.cert_path.exists():
+            ca._create()
+        if not (root / "broker.crt").exists():
+            issued = ca.issue(BROKER_IDENTITY, server=True, days=CA_YEARS * 365)
+            _write_private(root / "broker.key", issued.key_pem)
+            _write_public(root / "broker.crt", issued.cert_pem)
+        if not (root / "gateway.crt").exists():
+            issued = ca.issue(GATEWAY_IDENTITY, days=CA_YEARS * 365)
+            _write_private(root / "gateway.key", issued.key_pem)
+            _write_public(root / "gateway.crt", issued.cert_pem)
+        if not ca.crl_path.exists():
+            ca.write_crl([])
+        return ca
+
+    def _create(self) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "custody gateway CA")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CA_YEARS * 365))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(self.key_path, _key_pem(key))
+        _write_public(self.cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+    def _load(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{self.key_path} is not an EC key")
+        return key, x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+
+    def issue(
+        self,
+        common_name: str,
+        *,
+        server: bool = False,
+        days: int = DEFAULT_DEVICE_DAYS,
+        not_before: dt.datetime | None = None,
+    ) -> Issued:
+        """A new key and certificate for ``common_name`` (client unless ``server``)."""
+        ca_key, ca_cert = self._load()
+        key = ec.generate_private_key(ec.SECP256R1())
+        start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+        not_after = start + dt.timedelta(days=days)
+        serial = x509.random_serial_number()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(start)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return Issued(
+            _key_pem(key), cert.public_bytes(serialization.Encoding.PEM), serial, not_after
+        )
+
+    def write_crl(self, revoked_serials: list[int]) -> None:
+        """Publish the CRL the broker checks on every new connection."""
+        ca_key, ca_cert = self._load()
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=30))
+        )
+        for serial in revoked_serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now - dt.timedelta(minutes=5))
+                .build()
+            )
+        crl = builder.sign(ca_key, hashes.SHA256())
+        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
