@@ -1,0 +1,227 @@
+"""A closed door: nobody reaches the broker without a certificate from the gateway's CA,
+a device can speak only for itself, and a revoked device is cut off — all against a real
+mosquitto with the configuration `custody broker --tls` writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.ca import CertificateAuthority
+from protocol.journal import GENESIS, JournalRecord
+from protocol.signing import SigningKey
+from protocol.topics import DeviceTopic, device_topic
+from protocol.upload import JournalBatch
+from tests.conftest import Identity, make_files, publish, run_custody, wait_for
+
+
+def connect_result(port: int, who: Identity | None, ca: Path) -> str:
+    """'ok', or why the broker refused (TLS alert or CONNACK reason)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if who is None:
+        client.tls_set(ca_certs=str(ca))
+    else:
+        client.tls_set(ca_certs=str(ca), certfile=str(who.cert), keyfile=str(who.key))
+    done = threading.Event()
+    result: list[str] = []
+    client.on_connect = lambda c, u, f, rc, p: (result.append(str(rc)), done.set())
+    client.on_disconnect = lambda c, u, f, rc, p: (result.append(f"disconnected {rc}"), done.set())
+    try:
+        client.connect("127.0.0.1", port)
+    except (ssl.SSLError, OSError) as exc:
+        return f"refused: {exc}"
+    client.loop_start()
+    done.wait(5)
+    client.disconnect()
+    client.loop_stop()
+    if result and result[0] == "Success":
+        return "ok"
+    return f"refused: {result}"
+
+
+def issue(ca: CertificateAuthority, name: str, folder: Path, **kwargs) -> Identity:
+    issued = ca.issue(name, **kwargs)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.crt").write_bytes(issued.cert_pem)
+    (folder / f"{name}.key").write_bytes(issued.key_pem)
+    return Identity(ca.cert_path, folder / f"{name}.crt", folder / f"{name}.key")
+
+
+def test_only_current_certificates_from_our_ca_get_in(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-door", gateway)
+    ca_file = gateway.data / "ca" / "ca.crt"
+    port = gateway.broker.port
+    assert connect_result(port, Identity.device(agent.dir), ca_file) == "ok"
+    assert connect_result(port, None, ca_file).startswith("refused")
+    stranger = CertificateAuthority.open(tmp_path / "other-ca")
+    forged = issue(stranger, "cam-door", tmp_path / "forged")
+    assert connect_result(port, forged, ca_file).startswith("refused")
+    ours = CertificateAuthority.open(gateway.data / "ca")
+    expired = issue(
+        ours,
+        "cam-old",
+        tmp_path / "expired",
+        days=1,
+        not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3),
+    )
+    assert connect_result(port, expired, ca_file).startswith("refused")
+    # Plain MQTT on the TLS port gets nowhere either.
+    plain = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    connected = threading.Event()
+    plain.on_connect = lambda c, u, f, rc, p: connected.set() if not rc.is_failure else None
+    plain.connect("127.0.0.1", port)
+    plain.loop_start()
+    assert not connected.wait(2), "a client without TLS got a CONNACK"
+    plain.loop_stop()
+
+
+class Listener:
+    def __init__(self, port: int, who: Identity, topic: str) -> None:
+        self.got: list[str] = []
+        ready = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.tls_set(ca_certs=str(who.ca), certfile=str(who.cert), keyfile=str(who.key))
+        self.client.on_message = lambda c, u, m: self.got.append(m.topic)
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert ready.wait(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_a_device_speaks_only_for_itself(tmp_path, gateway, make_agent):
+    a = make_agent("cam-a", gateway)
+    b = make_agent("cam-b", gateway)
+    port = gateway.broker.port
+    wiretap = Listener(port, Identity.gateway(gateway.data), "custody/v1/dev/#")
+    snoop = Listener(port, Identity.device(a.dir), "#")
+    try:
+        # The broker drops cam-a's publish on cam-b's topic...
+        publish(
+            gateway.broker,
+            Identity.device(a.dir),
+            device_topic("cam-b", DeviceTopic.JOURNAL),
+            b"pretending to be cam-b",
+        )
+        # ...and what cam-b and the gateway say to each other is invisible to cam-a.
+        publish(
+            gateway.broker,
+            Identity.device(b.dir),
+            device_topic("cam-b", DeviceTopic.TELEMETRY),
+            b"{}",
+        )
+        publish(gateway.broker, Identity.gateway(gateway.data), "custody/v1/gw/cam-b/ack", b"x")
+        publish(gateway.broker, Identity.gateway(gateway.data), "custody/v1/gw/cam-a/ack", b"y")
+        wait_for(lambda: "custody/v1/gw/cam-a/ack" in snoop.got, 10, "cam-a's own message")
+        wait_for(lambda: "custody/v1/dev/cam-b/telemetry" in wiretap.got, 10, "b's telemetry")
+        assert "custody/v1/dev/cam-b/journal" not in wiretap.got
+        # Its own messages and the gateway's retained state, nothing of anyone else's.
+        assert set(snoop.got) <= {"custody/v1/gw/cam-a/ack", "custody/v1/gw/state"}, snoop.got
+    finally:
+        wiretap.close()
+        snoop.close()
+    # Had cam-a's batch for cam-b reached ingest on cam-a's own topic, ingest refuses it.
+    key = SigningKey.from_seed((a.dir / "device.key").read_bytes())
+    rec = JournalRecord("cam-b", 1, GENESIS, "mark", 1, 1, {}).sign(key)
+    publish(
+        gateway.broker,
+        Identity.device(a.dir),
+        device_topic("cam-a", DeviceTopic.JOURNAL),
+        JournalBatch("cam-b", 1, (rec,)).encode(key),
+    )
+    found = wait_for(
+        lambda: gateway.alarms(kind="topic_mismatch", device_id="cam-a"), 20, "topic_mismatch alarm"
+    )
+    assert "cam-b" in found[0]["detail"]
+    assert gateway.get("/api/v1/journal", device_id="cam-b") == []
+
+
+def test_revocation_cuts_a_running_device_off(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-lost", gateway)
+    other = make_agent("cam-kept", gateway)
+    agent.add(*make_files(tmp_path / "a", [2000], seed=1).values())
+    agent.start()
+    other.start()
+    wait_for(lambda: len(gateway.evidence("cam-lost")) == 1, 30, "evidence before revocation")
+    result = run_custody("revoke", "cam-lost", "--gateway-data", str(gateway.data))
+    assert result.returncode == 0, result.stderr
+    ca_file = gateway.data / "ca" / "ca.crt"
+    wait_for(
+        lambda: connect_result(gateway.broker.port, Identity.device(agent.dir), ca_file).startswith(
+            "refused"
+        ),
+        10,
+        "the broker to refuse the revoked certificate",
+    )
+    # The running agent's open connection can no longer deliver anything.
+    agent.add(*make_files(tmp_path / "b", [3000], seed=2).values())
+    other.add(*make_files(tmp_path / "c", [3000], seed=3).values())
+    wait_for(lambda: len(gateway.evidence("cam-kept")) == 1, 30, "other devices keep working")
+    assert len(gateway.evidence("cam-lost")) == 1
+    assert agent.status()["backlog_items"] >= 1, "the revoked device keeps its evidence"
+    # And if something of it reaches ingest anyway (here via the gateway's own identity),
+    # ingest refuses it with an alarm.
+    publish(
+        gateway.broker,
+        Identity.gateway(gateway.data),
+        device_topic("cam-lost", DeviceTopic.UPLOAD_FIN),
+        b'{"v":1,"device_id":"cam-lost","seq":1}',
+    )
+    wait_for(
+        lambda: gateway.alarms(kind="revoked_device", device_id="cam-lost"),
+        20,
+        "revoked_device alarm",
+    )
+
+
+def test_renewal_replaces_the_certificate_and_revokes_the_old(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-renew", gateway)
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("ca.crt", "device.crt", "tls.key"):
+        (old / name).write_bytes((agent.dir / name).read_bytes())
+    result = run_custody(
+        "enroll",
+        "cam-renew",
+        "--gateway-data",
+        str(gateway.data),
+        "--out",
+        str(agent.dir),
+        "--renew",
+    )
+    assert result.returncode == 0, result.stderr
+    assert (agent.dir / "device.crt").read_bytes() != (old / "device.crt").read_bytes()
+    ca_file = gateway.data / "ca" / "ca.crt"
+    wait_for(
+        lambda: connect_result(gateway.broker.port, Identity.device(old), ca_file).startswith(
+            "refused"
+        ),
+        10,
+        "old certificate refused",
+    )
+    agent.add(*make_files(tmp_path / "f", [1000], seed=4).values())
+    agent.start()
+    wait_for(lambda: len(gateway.evidence("cam-renew")) == 1, 30, "upload with the new cert")
+
+
+def test_reserved_identities_cannot_be_enrolled(tmp_path, gateway):
+    result = run_custody(
+        "enroll",
+        "custody-gateway",
+        "--gateway-data",
+        str(gateway.data),
+        "--out",
+        str(tmp_path / "x"),
+        "--broker",
+        gateway.broker.url,
+    )
+    assert result.returncode == 2 and "reserved" in result.stderr
