@@ -16,6 +16,7 @@ from typing import Any
 import sqlite_utils
 
 from agent.db import immediate
+from agent.sealed import RecordCipher
 from protocol.journal import GENESIS, JournalRecord, SignedRecord
 from protocol.signing import SigningKey
 
@@ -25,10 +26,30 @@ def now_ms() -> int:
 
 
 class Journal:
-    def __init__(self, db: sqlite_utils.Database, device_id: str, key: SigningKey) -> None:
+    """``cipher`` (when the device has a data key) seals each stored record at rest: the
+    records carry case context, names and places, which a copied device must not reveal.
+    """
+
+    def __init__(
+        self,
+        db: sqlite_utils.Database,
+        device_id: str,
+        key: SigningKey,
+        cipher: RecordCipher | None = None,
+    ) -> None:
         self.db = db
         self.device_id = device_id
         self._key = key
+        self._cipher = cipher
+
+    def _context(self, seq: int) -> bytes:
+        return f"{self.device_id}/journal/{seq}".encode()
+
+    def _seal(self, seq: int, data: bytes) -> bytes:
+        return data if self._cipher is None else self._cipher.seal(data, self._context(seq))
+
+    def _open(self, seq: int, data: bytes) -> bytes:
+        return data if self._cipher is None else self._cipher.open(data, self._context(seq))
 
     def append(
         self,
@@ -53,7 +74,7 @@ class Journal:
             conn.execute(
                 "INSERT INTO journal(seq, hash, kind, record, acked, added_ms) "
                 "VALUES (?, ?, ?, ?, 0, ?)",
-                [seq, record.hash(), kind, record.encode(), record.record.wall_ms],
+                [seq, record.hash(), kind, self._seal(seq, record.encode()), record.record.wall_ms],
             )
             if also is not None:
                 also(conn, seq)
@@ -68,7 +89,7 @@ class Journal:
         rows = self.db.execute(
             "SELECT seq, record FROM journal WHERE acked = 0 ORDER BY seq LIMIT ?", [limit]
         ).fetchall()
-        return [(int(s), bytes(r)) for s, r in rows]
+        return [(int(s), self._open(int(s), bytes(r))) for s, r in rows]
 
     def hash_at(self, seq: int) -> bytes | None:
         row = self.db.execute("SELECT hash FROM journal WHERE seq = ?", [seq]).fetchone()

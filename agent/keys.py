@@ -17,27 +17,42 @@ from protocol.signing import SigningKey
 
 
 class KeyStore(Protocol):
+    """Where a device keeps its secrets: a 0600 file today, a secure element later."""
+
     def signing_key(self) -> SigningKey: ...
+
+    def data_key(self) -> bytes | None: ...
+
+
+def _read_private(path: Path, what: str) -> bytes:
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise KeyStoreError(f"{what} {path} is missing; re-enroll the device") from exc
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyStoreError(
+            f"{what} {path} is readable by others (mode {oct(st.st_mode & 0o777)}); "
+            "run chmod 600 on it"
+        )
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise KeyStoreError(f"{what} {path} is not a 32-byte key")
+    return data
 
 
 class FileKeyStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, data_key_path: Path | None = None) -> None:
         self.path = path
+        self.data_key_path = data_key_path
 
     def signing_key(self) -> SigningKey:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError as exc:
-            raise KeyStoreError(f"device key {self.path} is missing; re-enroll the device") from exc
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyStoreError(
-                f"device key {self.path} is readable by others (mode {oct(st.st_mode & 0o777)}); "
-                "run chmod 600 on it"
-            )
-        seed = self.path.read_bytes()
-        if len(seed) != 32:
-            raise KeyStoreError(f"device key {self.path} is not a 32-byte Ed25519 seed")
-        return SigningKey.from_seed(seed)
+        return SigningKey.from_seed(_read_private(self.path, "device key"))
+
+    def data_key(self) -> bytes | None:
+        """The AES-256 key for media and records at rest (None: stored in the clear)."""
+        if self.data_key_path is None:
+            return None
+        return _read_private(self.data_key_path, "data key")
 
     @staticmethod
     def create(path: Path) -> SigningKey:

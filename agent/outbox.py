@@ -20,7 +20,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import sqlite_utils
 from agent.db import get_counter, immediate
 from agent.errors import StoreError
 from agent.journal import Journal, now_ms
+from agent.sealed import CorruptMedia, MediaReader, open_media, seal_blocks
 from protocol.journal import MEDIA_KINDS
 from protocol.receipt import Receipt
 
@@ -68,25 +69,50 @@ def fsync_dir(path: Path) -> None:
 
 
 class Outbox:
-    def __init__(self, db: sqlite_utils.Database, journal: Journal, data_dir: Path) -> None:
+    """``data_key`` (AES-256) seals every buffered file (``agent.sealed``); without it
+    files are kept in the clear (devices enrolled before encryption at rest)."""
+
+    def __init__(
+        self,
+        db: sqlite_utils.Database,
+        journal: Journal,
+        data_dir: Path,
+        data_key: bytes | None = None,
+    ) -> None:
         self.db = db
         self.journal = journal
+        self.data_key = data_key
         self.media_dir = data_dir / "media"
         self.incoming = self.media_dir / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
 
     # -- capture -------------------------------------------------------------------------
 
+    def open_media(self, item: MediaItem) -> MediaReader:
+        """A reader of the plaintext (authenticated block by block when sealed)."""
+        return open_media(item.path, self.data_key)
+
     def _write_durably(self, blocks: Iterable[bytes]) -> tuple[Path, int, bytes]:
-        """Write blocks to media/ via temp + fsync + rename; return (path, size, sha256)."""
+        """Write blocks to media/ via temp + fsync + rename; return (path, size, sha256).
+
+        The sha256 and size are of the plaintext: that is what the manifest promises and
+        what the gateway will check.
+        """
         tmp = self.incoming / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         size = 0
-        with open(tmp, "xb") as out:
+
+        def plaintext() -> Iterator[bytes]:
+            nonlocal size
             for block in blocks:
-                out.write(block)
                 digest.update(block)
                 size += len(block)
+                yield block
+
+        stored = plaintext() if self.data_key is None else seal_blocks(self.data_key, plaintext())
+        with open(tmp, "xb") as out:
+            for block in stored:
+                out.write(block)
             out.flush()
             os.fsync(out.fileno())
         final = self.media_dir / f"{uuid.uuid4().hex}.bin"
@@ -280,12 +306,20 @@ class Outbox:
             # Renamed into place, but the process died before the commit: adopt it rather
             # than lose it, and say so in the manifest.
             digest = hashlib.sha256()
-            with open(orphan, "rb") as f:
-                while block := f.read(COPY_BLOCK):
-                    digest.update(block)
+            try:
+                reader = open_media(orphan, self.data_key)
+                try:
+                    for block in reader.blocks():
+                        digest.update(block)
+                    size = reader.size
+                finally:
+                    reader.close()
+            except CorruptMedia as exc:
+                log.error("cannot adopt %s: %s; left in place", orphan.name, exc)
+                continue
             self._commit(
                 orphan,
-                orphan.stat().st_size,
+                size,
                 digest.digest(),
                 kind="file",
                 media_type="application/octet-stream",

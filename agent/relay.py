@@ -26,12 +26,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from agent.config import AgentConfig
 from agent.db import add_to_counter, bump_counter
 from agent.journal import Journal, now_ms
 from agent.outbox import MediaItem, Outbox
+from agent.sealed import CorruptMedia, MediaReader
 from agent.transport import Connected, Disconnected, Event, Message, Transport
 from protocol.encoding import decode
 from protocol.errors import ProtocolError
@@ -66,7 +66,7 @@ class Upload:
     acked: Ranges = ()
     inflight: dict[int, tuple[int, float]] = field(default_factory=dict)  # offset → (len, t)
     last_tx: float = 0.0
-    file: BinaryIO | None = None
+    file: MediaReader | None = None
     resumed_from: int | None = None
 
     def close(self) -> None:
@@ -438,15 +438,22 @@ class Relay:
             self._publish(DeviceTopic.UPLOAD_FIN, UploadFin(self.device_id, up.item.seq).encode())
 
     def _send_chunk(self, up: Upload, offset: int, length: int, now: float) -> bool:
-        if up.file is None:
-            try:
-                up.file = open(up.item.path, "rb")  # noqa: SIM115 - kept open across pumps
-            except FileNotFoundError:
-                log.error("media for seq %d is missing before its receipt", up.item.seq)
-                self.outbox.reject(up.item.seq, "missing_on_device")
-                del self.uploads[up.item.seq]
-                return False
-        data = os.pread(up.file.fileno(), length, offset)
+        try:
+            if up.file is None:
+                up.file = self.outbox.open_media(up.item)
+            data = up.file.pread(length, offset)
+        except FileNotFoundError:
+            log.error("media for seq %d is missing before its receipt", up.item.seq)
+            self.outbox.reject(up.item.seq, "missing_on_device")
+            del self.uploads[up.item.seq]
+            return False
+        except CorruptMedia as exc:
+            # Never upload bytes that fail authentication as if they were the evidence.
+            log.error("media for seq %d is corrupt on the device: %s", up.item.seq, exc)
+            self.outbox.reject(up.item.seq, f"corrupt_on_device: {exc}")
+            up.close()
+            del self.uploads[up.item.seq]
+            return False
         if len(data) != length:
             log.error("media for seq %d is shorter than its manifest", up.item.seq)
             self.outbox.reject(up.item.seq, "truncated_on_device")

@@ -18,6 +18,7 @@ from agent.journal import Journal
 from agent.keys import FileKeyStore
 from agent.outbox import Outbox
 from agent.relay import Relay
+from agent.sealed import RecordCipher
 from agent.transport import MqttTransport, TlsFiles, Will
 from protocol.topics import agent_subscriptions
 
@@ -29,10 +30,13 @@ class Device:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.key = FileKeyStore(config.key_file).signing_key()
+        keys = FileKeyStore(config.key_file, config.data_key_file)
+        self.key = keys.signing_key()
+        data_key = keys.data_key()
         self.db = open_db(config.data_dir / "agent.db")
-        self.journal = Journal(self.db, config.device_id, self.key)
-        self.outbox = Outbox(self.db, self.journal, config.data_dir)
+        cipher = RecordCipher(data_key) if data_key is not None else None
+        self.journal = Journal(self.db, config.device_id, self.key, cipher)
+        self.outbox = Outbox(self.db, self.journal, config.data_dir, data_key)
 
     @classmethod
     def from_path(cls, config_path: Path) -> Device:

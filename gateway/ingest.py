@@ -285,6 +285,16 @@ class Ingest:
                     )
                     head_seq, head_hash = rec.seq, signed.hash()
                     accepted.append(rec.seq)
+                    if rec.kind == "media_corrupt":
+                        raise_alarm(
+                            conn,
+                            "media_corrupt",
+                            dev.device_id,
+                            f"the device reports its copy of seq {rec.body.get('media_seq')} "
+                            f"unusable ({rec.body.get('reason')}); it was not uploaded",
+                            received,
+                            key=f"media {rec.body.get('media_seq')}",
+                        )
                 conn.execute(
                     "UPDATE devices SET head_seq = ?, head_hash = ?, batch_counter = ?, "
                     "last_batch_hash = ? WHERE device_id = ?",

@@ -57,8 +57,30 @@ def alarm(gateway: Gateway, kind: str, device_id: str) -> dict[str, Any]:
     return found[0]
 
 
+def test_flipped_byte_in_encrypted_media_is_caught_on_the_device(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-seal", gateway)
+    agent.add(*make_files(tmp_path / "bad", [300_000], seed=12).values())
+    [media] = agent.media_files()
+    data = bytearray(media.read_bytes())
+    data[150_000] ^= 0x01
+    media.write_bytes(bytes(data))
+    agent.start()
+    found = alarm(gateway, "media_corrupt", "cam-seal")
+    assert "not uploaded" in found["detail"] and "authentication" in found["detail"]
+    wait_for(lambda: agent.status()["rejected_items"] == 1, 30, "device marks it rejected")
+    assert gateway.evidence("cam-seal") == []
+    assert gateway.get("/api/v1/uploads", device_id="cam-seal") == [] or all(
+        u["bytes_received"] < 300_000 for u in gateway.get("/api/v1/uploads", device_id="cam-seal")
+    )
+    assert agent.media_files() == [media], "the device keeps what it cannot vouch for"
+
+
 def test_flipped_byte_in_media_is_rejected_and_journalled(tmp_path, gateway, make_agent):
     agent = make_agent("cam-flip", gateway)
+    # A device enrolled without a data key stores media in the clear: then the gateway's
+    # check against the signed manifest is what catches the change.
+    config = agent.config.read_text()
+    agent.config.write_text(config.replace('data_key_file = "data.key"\n', ""))
     good = make_files(tmp_path / "good", [50_000], seed=10)
     agent.add(*good.values())
     agent.start()

@@ -1,0 +1,143 @@
+"""Encryption at rest: round trips, random access, and every kind of tampering caught."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.sealed import HEADER, TAG, CorruptMedia, RecordCipher, SealedReader, seal_blocks
+from tests.conftest import run_custody
+
+KEY = bytes(range(32))
+
+
+def seal(tmp_path: Path, data: bytes, block: int, pieces: int = 3) -> Path:
+    path = tmp_path / f"sealed-{os.urandom(4).hex()}.bin"
+    step = max(1, len(data) // pieces)
+    chunks = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+    path.write_bytes(b"".join(seal_blocks(KEY, chunks, block)))
+    return path
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=5000),
+    block=st.integers(1, 700),
+    a=st.integers(0, 6000),
+    n=st.integers(0, 6000),
+)
+def test_round_trip_and_random_access(tmp_path_factory, data, block, a, n):
+    path = seal(tmp_path_factory.mktemp("s"), data, block)
+    reader = SealedReader(path, KEY)
+    try:
+        assert reader.size == len(data)
+        assert b"".join(reader.blocks()) == data
+        assert reader.pread(n, a) == data[a : a + n]
+    finally:
+        reader.close()
+
+
+def test_ciphertext_reveals_nothing_and_nonces_differ(tmp_path):
+    data = b"plate AB-1234 " * 1000
+    p1, p2 = seal(tmp_path, data, 4096), seal(tmp_path, data, 4096)
+    assert b"AB-1234" not in p1.read_bytes()
+    assert p1.read_bytes()[HEADER.size :] != p2.read_bytes()[HEADER.size :]
+
+
+@pytest.mark.parametrize("where", ["header", "first", "middle", "last-tag"])
+def test_any_flipped_byte_is_detected(tmp_path, where):
+    path = seal(tmp_path, os.urandom(10_000), 1000)
+    raw = bytearray(path.read_bytes())
+    index = {
+        "header": 10,
+        "first": HEADER.size + 3,
+        "middle": len(raw) // 2,
+        "last-tag": len(raw) - 1,
+    }[where]
+    raw[index] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptMedia), SealedReader(path, KEY) as reader:
+        b"".join(reader.blocks())
+
+
+def read(path: Path, key: bytes, length: int = -1, offset: int = 0) -> bytes:
+    with SealedReader(path, key) as reader:
+        return b"".join(reader.blocks()) if length < 0 else reader.pread(length, offset)
+
+
+def test_truncation_reordering_and_wrong_key_are_detected(tmp_path):
+    data = os.urandom(5000)
+    path = seal(tmp_path, data, 1000)
+    raw = path.read_bytes()
+    block = 1000 + TAG
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(raw[: HEADER.size + 3 * block])  # whole blocks gone from the end
+    with pytest.raises(CorruptMedia):
+        read(cut, KEY)
+    body = raw[HEADER.size :]
+    swapped = tmp_path / "swapped.bin"
+    swapped.write_bytes(
+        raw[: HEADER.size] + body[block : 2 * block] + body[:block] + body[2 * block :]
+    )
+    with pytest.raises(CorruptMedia):
+        read(swapped, KEY, 10, 0)
+    with pytest.raises(CorruptMedia):
+        read(path, bytes(32), 10, 0)
+    other = seal(tmp_path, os.urandom(5000), 1000)  # a block moved in from another file
+    mixed = tmp_path / "mixed.bin"
+    mixed.write_bytes(
+        raw[: HEADER.size + block]
+        + other.read_bytes()[HEADER.size + block :][:block]
+        + raw[HEADER.size + 2 * block :]
+    )
+    with pytest.raises(CorruptMedia):
+        read(mixed, KEY, 10, 1000)
+
+
+def test_record_cipher_binds_its_context():
+    cipher = RecordCipher(KEY)
+    sealed = cipher.seal(b'{"case":"A-17"}', b"dev/journal/1")
+    assert b"A-17" not in sealed
+    assert cipher.open(sealed, b"dev/journal/1") == b'{"case":"A-17"}'
+    with pytest.raises(CorruptMedia):
+        cipher.open(sealed, b"dev/journal/2")  # a record moved to another seq
+
+
+def device_copy_reveals(tmp_path: Path, *, encrypted: bool) -> list[str]:
+    """Enroll, capture marked evidence (never uploaded: no broker), copy the data directory
+    without the key files, and list which secrets can be found in the copy's bytes."""
+    dev = tmp_path / ("enc" if encrypted else "plain")
+    result = run_custody(
+        "enroll",
+        "cam-x",
+        "--gateway-data",
+        str(tmp_path / f"gw-{encrypted}"),
+        "--out",
+        str(dev),
+        "--broker",
+        "mqtt://127.0.0.1:1",
+    )
+    assert result.returncode == 0, result.stderr
+    if not encrypted:
+        config = dev / "agent.toml"
+        config.write_text(config.read_text().replace('data_key_file = "data.key"\n', ""))
+    secret = tmp_path / "case-4711-suspect-statement.txt"
+    secret.write_bytes(b"witness saw plate TJ-A-9F321 at 14:02\n" * 2000)
+    assert (
+        run_custody("agent", "add", "--config", str(dev / "agent.toml"), str(secret)).returncode
+        == 0
+    )
+    copy = tmp_path / f"stolen-{encrypted}"
+    shutil.copytree(dev, copy, ignore=shutil.ignore_patterns("*.key"))
+    blob = b"".join(p.read_bytes() for p in copy.rglob("*") if p.is_file())
+    return [s for s in ("TJ-A-9F321", "case-4711-suspect") if s.encode() in blob]
+
+
+def test_a_copied_device_reveals_no_media_or_case_data(tmp_path):
+    assert device_copy_reveals(tmp_path, encrypted=False) == ["TJ-A-9F321", "case-4711-suspect"]
+    assert device_copy_reveals(tmp_path, encrypted=True) == []
