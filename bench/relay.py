@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 from agent.config import load_config  # noqa: E402
 from agent.service import Agent, Device  # noqa: E402
 from gateway import broker  # noqa: E402
+from gateway.ca import CertificateAuthority  # noqa: E402
+from gateway.datadir import DataDir  # noqa: E402
 from gateway.registry import enroll  # noqa: E402
 
 ROUNDS = 50
@@ -60,7 +62,18 @@ def no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def raw_throughput(port: int, paths: list[Path], chunk: int, inflight: int) -> float:
+Creds = tuple[str, str, str] | None  # (ca, cert, key) for TLS
+
+
+def raw_throughput(
+    port: int,
+    paths: list[Path],
+    chunk: int,
+    inflight: int,
+    pub_tls: Creds = None,
+    sub_tls: Creds = None,
+    topic: str = "raw",
+) -> float:
     total = sum(p.stat().st_size for p in paths)
     received = 0
     done = threading.Event()
@@ -73,14 +86,18 @@ def raw_throughput(port: int, paths: list[Path], chunk: int, inflight: int) -> f
             done.set()
 
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-sub", protocol=mqtt.MQTTv5)
+    if sub_tls:
+        sub.tls_set(ca_certs=sub_tls[0], certfile=sub_tls[1], keyfile=sub_tls[2])
     sub.on_socket_open = no_delay
     sub.on_message = on_message
     sub.on_subscribe = lambda *a: subscribed.set()
-    sub.on_connect = lambda c, *a: c.subscribe("raw/#", qos=1)
+    sub.on_connect = lambda c, *a: c.subscribe(f"{topic}/#", qos=1)
     sub.connect("127.0.0.1", port)
     sub.loop_start()
     subscribed.wait(10)
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub", protocol=mqtt.MQTTv5)
+    if pub_tls:
+        pub.tls_set(ca_certs=pub_tls[0], certfile=pub_tls[1], keyfile=pub_tls[2])
     pub.max_inflight_messages_set(inflight)
     pub.on_socket_open = no_delay
     pub.connect("127.0.0.1", port)
@@ -91,7 +108,7 @@ def raw_throughput(port: int, paths: list[Path], chunk: int, inflight: int) -> f
         with open(path, "rb") as f:
             offset = 0
             while block := f.read(chunk):
-                infos.append(pub.publish(f"raw/{i}/{offset}", block, qos=1))
+                infos.append(pub.publish(f"{topic}/{i}/{offset}", block, qos=1))
                 offset += len(block)
                 # Keep the publisher's own queue bounded, like custody's window.
                 while len(infos) > inflight * 4:
@@ -111,6 +128,9 @@ def main() -> None:
     ap.add_argument("--size-mib", type=float, default=4)
     ap.add_argument("--chunk-kib", type=int, default=256)
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument(
+        "--tls", action="store_true", help="both sides over mutual TLS (the production setup)"
+    )
     args = ap.parse_args()
     sys.setswitchinterval(0.0005)  # as `custody` sets for its processes
     chunk = args.chunk_kib * 1024
@@ -120,7 +140,9 @@ def main() -> None:
         paths = make_data(tmp / "data", args.files, size)
         total = args.files * size
         port = broker.free_port()
-        mosq = broker.start(tmp / "broker", port)
+        gw_data = DataDir.open(tmp / "gw")
+        mosq = broker.start(tmp / "broker", port, tls_dir=gw_data.ca_dir if args.tls else None)
+        scheme = "mqtts" if args.tls else "mqtt"
         http_port = broker.free_port()
         gw_log = open(tmp / "gateway.log", "wb")  # noqa: SIM115
         gw = subprocess.Popen(
@@ -132,7 +154,7 @@ def main() -> None:
                 "--data",
                 str(tmp / "gw"),
                 "--broker",
-                f"mqtt://127.0.0.1:{port}",
+                f"{scheme}://127.0.0.1:{port}",
                 "--http",
                 f"127.0.0.1:{http_port}",
             ],
@@ -154,10 +176,28 @@ def main() -> None:
             inflight = args.window + 16  # what the agent's transport uses
             me, broker_proc = psutil.Process(), psutil.Process(mosq.pid)
             raw_cpu0 = sum(me.cpu_times()[:2]) + sum(broker_proc.cpu_times()[:2])
-            raw = raw_throughput(port, paths, chunk, inflight)
+            pub_tls: Creds = None
+            sub_tls: Creds = None
+            topic = "raw"
+            if args.tls:
+                # Raw traffic must pass the same ACLs: a device identity publishes under
+                # its own topic, the gateway identity subscribes.
+                ca = CertificateAuthority.open(gw_data.ca_dir)
+                issued = ca.issue("bench-raw")
+                (tmp / "raw.crt").write_bytes(issued.cert_pem)
+                (tmp / "raw.key").write_bytes(issued.key_pem)
+                ca_file = str(gw_data.ca_dir / "ca.crt")
+                pub_tls = (ca_file, str(tmp / "raw.crt"), str(tmp / "raw.key"))
+                sub_tls = (
+                    ca_file,
+                    str(gw_data.ca_dir / "gateway.crt"),
+                    str(gw_data.ca_dir / "gateway.key"),
+                )
+                topic = "custody/v1/dev/bench-raw/raw"
+            raw = raw_throughput(port, paths, chunk, inflight, pub_tls, sub_tls, topic)
             raw_cpu = sum(me.cpu_times()[:2]) + sum(broker_proc.cpu_times()[:2]) - raw_cpu0
 
-            config_path = enroll("bench-1", tmp / "gw", tmp / "dev", f"mqtt://127.0.0.1:{port}")
+            config_path = enroll("bench-1", tmp / "gw", tmp / "dev", f"{scheme}://127.0.0.1:{port}")
             env = {"CUSTODY_AGENT_CHUNK_SIZE": str(chunk), "CUSTODY_AGENT_WINDOW": str(args.window)}
             config = load_config(config_path, environ=env)
             feeder = Device(config)
@@ -203,6 +243,7 @@ def main() -> None:
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, round(0.99 * len(latencies)) - 1)]
     mib = 1024 * 1024
+    print(f"transport: {'mutual TLS' if args.tls else 'plain TCP'}")
     print(
         f"backlog: {args.files} files x {args.size_mib:g} MiB, chunk {args.chunk_kib} KiB, "
         f"window {args.window}"
