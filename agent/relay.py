@@ -22,17 +22,19 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import AgentConfig
-from agent.db import add_to_counter, bump_counter
+from agent.db import add_to_counter, bump_counter, get_counter
 from agent.journal import Journal, now_ms
 from agent.outbox import MediaItem, Outbox
 from agent.sealed import CorruptMedia, MediaReader
 from agent.transport import Connected, Disconnected, Event, Message, Transport
+from protocol.command import Command
 from protocol.encoding import decode
 from protocol.errors import ProtocolError
 from protocol.journal import SignedRecord
@@ -54,6 +56,7 @@ events = logging.getLogger("custody.events")
 JOURNAL_REJECT_BACKOFF_S = 30.0
 POLL_S = 0.02  # how soon evidence added by another process starts moving
 PURGE_DELAY_S = 0.2
+REFUSAL_EVERY_S = 60.0
 PURGE_BATCH = 32
 PREFETCH = 16
 MAX_TRACKED = 8
@@ -128,6 +131,7 @@ class Relay:
         self.bucket = TokenBucket(config.bandwidth_limit_bps, config.chunk_size * 2)
         self.bd_seq = bump_counter(journal.db, "bd_seq")
         self.receipts: list[tuple[Receipt, bytes]] = []
+        self.refusals: dict[tuple[str, str], float] = {}
         self.to_purge: list[Path] = []
         self.purge_at = 0.0
         self.counters = {"chunks_sent": 0, "bytes_sent": 0, "receipts": 0, "resumes": 0}
@@ -190,7 +194,7 @@ class Relay:
             try:
                 self._on_message(event)
             except ProtocolError as exc:
-                log.warning("dropped bad gateway message on %s: %s", event.topic, exc)
+                self._refuse(event.topic.rsplit("/", 1)[-1], exc)
 
     def _reset_session(self) -> None:
         for up in self.uploads.values():
@@ -212,6 +216,52 @@ class Relay:
             self._on_upload_ack(UploadAck.decode(msg.payload, self.gateway_key))
         elif parsed.kind is GatewayTopic.RECEIPT:
             self._on_receipt(Receipt.decode(msg.payload, self.gateway_key), msg.payload)
+        elif parsed.kind is GatewayTopic.COMMAND:
+            self._on_command(msg.payload)
+
+    def _on_command(self, payload: bytes) -> None:
+        """Carry out a signed, fresh, never-seen command; journal it either way."""
+        try:
+            cmd = Command.decode(payload, self.gateway_key)
+            cmd.accept(self.device_id, get_counter(self.journal.db, "last_cmd_id"), now_ms())
+        except ProtocolError as exc:
+            self._refuse("command", exc)
+            return
+
+        def remember(conn: sqlite3.Connection, seq: int) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO kv(key, value) VALUES ('last_cmd_id', ?)", [cmd.cmd_id]
+            )
+
+        self.journal.append(
+            "command_executed",
+            {"cmd_id": cmd.cmd_id, "name": cmd.name, "args": cmd.args},
+            also=remember,
+        )
+        log.info("carried out gateway command %d: %s %s", cmd.cmd_id, cmd.name, cmd.args)
+        if cmd.name == "mark":
+            self.journal.append("mark", {"source": "remote", "note": str(cmd.args.get("note", ""))})
+        elif cmd.name == "telemetry":
+            self.next_telemetry = 0.0
+        elif cmd.name == "set_bandwidth":
+            rate = cmd.args.get("bytes_per_s")
+            if isinstance(rate, int) and rate >= 0:
+                self.bucket = TokenBucket(rate, self.config.chunk_size * 2)
+        elif cmd.name == "resync":
+            self._reset_session()
+
+    def _refuse(self, what: str, exc: ProtocolError) -> None:
+        """Journal a refused gateway message (at most once a minute per kind of refusal,
+        so a flood of forgeries cannot flood the journal)."""
+        log.warning("refused %s from the gateway: %s", what, exc)
+        key = (what, exc.reason)
+        now = time.monotonic()
+        if now - self.refusals.get(key, -REFUSAL_EVERY_S) < REFUSAL_EVERY_S:
+            return
+        self.refusals[key] = now
+        self.journal.append(
+            "command_rejected", {"what": what, "reason": exc.reason, "detail": str(exc)[:300]}
+        )
 
     def _on_gateway_state(self, payload: bytes) -> None:
         state = decode(payload, what="gateway state") if payload else {}

@@ -17,11 +17,13 @@ import sqlite_utils
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.blobs import BlobStore
 from gateway.datadir import DataDir
 from gateway.db import connect, transaction
 from gateway.translog import TransparencyLog
+from protocol.command import COMMANDS
 from protocol.merkle import MerkleError, verify_consistency
 
 bearer = HTTPBearer(auto_error=False, description="The admin token from DIR/admin.token")
@@ -235,6 +237,66 @@ def create_app(data: DataDir) -> FastAPI:
                 "first_at": iso(r[5]),
                 "last_at": iso(r[6]),
                 "state": r[7],
+            }
+            for r in rows
+        ]
+
+    class CommandRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str = Field(description=f"one of {sorted(COMMANDS)}")
+        args: dict[str, Any] = Field(default_factory=dict)
+        ttl_s: int = Field(300, ge=1, le=86400, description="the device ignores it after this")
+
+    @app.post("/api/v1/devices/{device_id}/commands", tags=["devices"], status_code=202)
+    def send_command(device_id: str, body: CommandRequest, conn: Db, who: Caller) -> dict[str, Any]:
+        """Queue a signed command for one device (sent within a second, acted on once)."""
+        if body.name not in COMMANDS:
+            raise HTTPException(422, f"unknown command {body.name!r}; known: {sorted(COMMANDS)}")
+        row = conn.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
+        if row is None:
+            raise HTTPException(404, f"device {device_id} is not enrolled")
+        if row[0] != "active":
+            raise HTTPException(409, f"device {device_id} is {row[0]}")
+        now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+        with transaction(conn) as c:
+            cmd_id = c.execute(
+                "SELECT coalesce(max(cmd_id), 0) + 1 FROM commands WHERE device_id = ?",
+                [device_id],
+            ).fetchone()[0]
+            c.execute(
+                "INSERT INTO commands(device_id, cmd_id, name, args, issued_ms, expires_ms, "
+                "state, created_by) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+                [
+                    device_id,
+                    cmd_id,
+                    body.name,
+                    json.dumps(body.args),
+                    now,
+                    now + body.ttl_s * 1000,
+                    who,
+                ],
+            )
+            c.execute(
+                "INSERT INTO audit(at_ms, actor, action, target) VALUES (?, ?, 'command', ?)",
+                [now, who, f"device/{device_id}/command/{cmd_id}"],
+            )
+        return {"device_id": device_id, "cmd_id": cmd_id, "name": body.name, "state": "pending"}
+
+    @app.get("/api/v1/devices/{device_id}/commands", tags=["devices"])
+    def list_commands(device_id: str, conn: Db, who: Caller) -> list[dict[str, Any]]:
+        rows = conn.execute(
+            "SELECT cmd_id, name, args, issued_ms, expires_ms, state FROM commands "
+            "WHERE device_id = ? ORDER BY cmd_id",
+            [device_id],
+        ).fetchall()
+        return [
+            {
+                "cmd_id": r[0],
+                "name": r[1],
+                "args": json.loads(r[2]),
+                "issued_at": iso(r[3]),
+                "expires_at": iso(r[4]),
+                "state": r[5],
             }
             for r in rows
         ]

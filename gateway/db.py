@@ -167,6 +167,20 @@ def create_schema(db: sqlite_utils.Database) -> None:
         defaults={"revoked": 0},
         if_not_exists=True,
     )
+    Table(db, "commands").create(
+        {
+            "device_id": str,
+            "cmd_id": int,
+            "name": str,
+            "args": str,
+            "issued_ms": int,
+            "expires_ms": int,
+            "state": str,  # pending | sent
+            "created_by": str,
+        },
+        pk=("device_id", "cmd_id"),
+        if_not_exists=True,
+    )
     Table(db, "audit").create(
         {"id": int, "at_ms": int, "actor": str, "action": str, "target": str},
         pk="id",

@@ -35,6 +35,7 @@ from gateway.evidence import Background, EvidenceIntake
 from gateway.outgoing import Outgoing, now_ms
 from gateway.translog import TransparencyLog
 from gateway.uploads import ActiveUploads
+from protocol.command import Command
 from protocol.encoding import decode
 from protocol.errors import MessageError, ProtocolError, SignatureError
 from protocol.journal import GENESIS, Link, check_link
@@ -360,6 +361,27 @@ class Ingest:
                 [json.dumps(decode(payload, what="telemetry")), now_ms(), device_id],
             )
         return []
+
+    def pending_commands(self) -> list[Outgoing]:
+        """Commands queued through the API, signed and ready to publish (marked sent)."""
+        rows = self.db.execute(
+            "SELECT device_id, cmd_id, name, args, issued_ms, expires_ms FROM commands "
+            "WHERE state = 'pending' ORDER BY device_id, cmd_id"
+        ).fetchall()
+        if not rows:
+            return []
+        out = []
+        with transaction(self.db, durable=False) as conn:
+            for device_id, cmd_id, name, args, issued, expires in rows:
+                cmd = Command(device_id, cmd_id, name, issued, expires, json.loads(args))
+                out.append(
+                    Outgoing(gateway_topic(device_id, GatewayTopic.COMMAND), cmd.encode(self.key))
+                )
+                conn.execute(
+                    "UPDATE commands SET state = 'sent' WHERE device_id = ? AND cmd_id = ?",
+                    [device_id, cmd_id],
+                )
+        return out
 
     def flush(self, *, idle: bool = True) -> list[Outgoing]:
         return self.evidence.flush(idle=idle)

@@ -14,6 +14,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +33,7 @@ from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker
 log = logging.getLogger("custody.gateway.service")
 
 QUEUE_DEPTH = 512
+COMMAND_POLL_S = 0.25
 Item = mqtt.MQTTMessage | Callable[[], list[Outgoing]] | None
 BATCH = 64
 
@@ -149,8 +151,20 @@ class GatewayService:
         self.inbox.put(msg)  # blocks when ingest is behind: back-pressure, not growth
 
     def _ingest_loop(self) -> None:
+        next_commands = 0.0
         while True:
-            msg = self.inbox.get()
+            now = time.monotonic()
+            if now >= next_commands:
+                # Commands are queued in the database by the API (any process); send them.
+                next_commands = now + COMMAND_POLL_S
+                try:
+                    self._publish(self.ingest.pending_commands())
+                except Exception:
+                    log.exception("sending queued commands failed")
+            try:
+                msg = self.inbox.get(timeout=COMMAND_POLL_S)
+            except queue.Empty:
+                continue
             # Drain what is already queued before answering, so a burst of chunks costs
             # one (cumulative) ack instead of one per chunk.
             batch = [msg]

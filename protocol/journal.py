@@ -49,6 +49,7 @@ RECORD_KINDS = MEDIA_KINDS | frozenset(
         "tamper",
         "media_corrupt",
         "command_rejected",
+        "command_executed",
     }
 )
 

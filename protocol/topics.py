@@ -37,6 +37,7 @@ class GatewayTopic(Enum):
     JOURNAL_ACK = "jack"
     UPLOAD_ACK = "ack"
     RECEIPT = "receipt"
+    COMMAND = "cmd"
 
 
 GATEWAY_STATE = f"{ROOT}/gw/state"

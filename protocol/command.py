@@ -1,0 +1,96 @@
+"""Commands from the gateway to one device: signed, numbered, and short-lived.
+
+A command is acted on only if its gateway signature verifies, it names this device, its
+``cmd_id`` is above every id the device has already seen (so a captured command cannot
+be replayed, whatever the clocks say), and the device's clock is inside
+``[issued_ms - skew, expires_ms]`` (so a command that sat in a queue for hours is not
+carried out late). Anything else is refused and the refusal is journalled.
+
+Acks and receipts are signed too but are idempotent statements of fact, so replaying
+them changes nothing; only commands have effects, and only they carry this window.
+
+Pure: no I/O, no clocks (callers pass ``now_ms``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.encoding import canonical, decode
+from protocol.errors import MessageError, ProtocolError
+from protocol.fields import check_fields, check_version, int_field
+from protocol.journal import VERSION, check_device_id
+from protocol.signing import SigningKey, VerifyKey, sign_object, verify_object
+
+#: What a v1 device understands. Unknown names are refused (and journalled), not ignored.
+COMMANDS = frozenset({"mark", "telemetry", "set_bandwidth", "resync"})
+CLOCK_SKEW_MS = 120_000
+
+
+class StaleCommand(ProtocolError):
+    reason = "stale"
+
+
+class ReplayedCommand(ProtocolError):
+    reason = "replay"
+
+
+@dataclass(frozen=True)
+class Command:
+    device_id: str
+    cmd_id: int
+    name: str
+    issued_ms: int
+    expires_ms: int
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self, key: SigningKey) -> bytes:
+        obj = {
+            "v": VERSION,
+            "device_id": self.device_id,
+            "cmd_id": self.cmd_id,
+            "name": self.name,
+            "args": self.args,
+            "issued_ms": self.issued_ms,
+            "expires_ms": self.expires_ms,
+        }
+        return canonical(sign_object(obj, key))
+
+    @classmethod
+    def decode(cls, data: bytes, key: VerifyKey) -> Command:
+        """Parse and check the signature (not freshness: see ``accept``)."""
+        obj = decode(data, what="command")
+        check_version(obj, "command")
+        check_fields(
+            obj,
+            "command",
+            {"v", "device_id", "cmd_id", "name", "args", "issued_ms", "expires_ms", "sig"},
+        )
+        verify_object(obj, key, what="command")
+        if not isinstance(obj["name"], str) or not isinstance(obj["args"], dict):
+            raise MessageError("command name must be a string and args an object")
+        return cls(
+            check_device_id(obj["device_id"]),
+            int_field(obj, "cmd_id", 1),
+            obj["name"],
+            int_field(obj, "issued_ms"),
+            int_field(obj, "expires_ms"),
+            obj["args"],
+        )
+
+    def accept(self, device_id: str, last_cmd_id: int, now_ms: int) -> None:
+        """Raise unless this device may act on the command now."""
+        if self.device_id != device_id:
+            raise MessageError(f"command {self.cmd_id} is for {self.device_id}, not {device_id}")
+        if self.cmd_id <= last_cmd_id:
+            raise ReplayedCommand(
+                f"command {self.cmd_id} is not above the last one carried out ({last_cmd_id})"
+            )
+        if now_ms > self.expires_ms or now_ms < self.issued_ms - CLOCK_SKEW_MS:
+            raise StaleCommand(
+                f"command {self.cmd_id} is valid {self.issued_ms}..{self.expires_ms}, "
+                f"device clock says {now_ms}"
+            )
+        if self.name not in COMMANDS:
+            raise MessageError(f"unknown command {self.name!r}; known: {sorted(COMMANDS)}")
