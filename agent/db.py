@@ -71,6 +71,7 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     Table(db, "kv").create({"key": str, "value": int}, pk="key", if_not_exists=True)
     db.execute("CREATE INDEX IF NOT EXISTS media_pending ON media(state, marked, seq)")
     db.execute("CREATE INDEX IF NOT EXISTS journal_unacked ON journal(acked, seq)")
+    db.execute("CREATE INDEX IF NOT EXISTS journal_kind ON journal(kind, seq)")
     db.execute(
         "INSERT OR IGNORE INTO kv(key, value) VALUES ('schema_version', ?)", [SCHEMA_VERSION]
     )

@@ -17,6 +17,7 @@ import sqlite_utils
 
 from agent.db import immediate
 from agent.sealed import RecordCipher
+from protocol.encoding import decode
 from protocol.journal import GENESIS, JournalRecord, SignedRecord
 from protocol.signing import SigningKey
 
@@ -36,11 +37,14 @@ class Journal:
         device_id: str,
         key: SigningKey,
         cipher: RecordCipher | None = None,
+        key_loader: Callable[[str], SigningKey] | None = None,
     ) -> None:
         self.db = db
         self.device_id = device_id
         self._key = key
         self._cipher = cipher
+        self._key_loader = key_loader
+        self._checked_rotation = 0
 
     def _context(self, seq: int) -> bytes:
         return f"{self.device_id}/journal/{seq}".encode()
@@ -60,6 +64,7 @@ class Journal:
     ) -> SignedRecord:
         """Sign and store the next record; ``also(conn, seq)`` runs in the same transaction."""
         with immediate(self.db) as conn:
+            self._follow_rotation(conn)
             row = conn.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = (row[0] + 1, bytes(row[1])) if row else (1, GENESIS)
             record = JournalRecord(
@@ -79,6 +84,25 @@ class Journal:
             if also is not None:
                 also(conn, seq)
         return record
+
+    def _follow_rotation(self, conn: sqlite3.Connection) -> None:
+        """Another process (the agent) may have rotated the key since we loaded ours: sign
+        with the key the newest hand-over names, or every later record would be refused."""
+        row = conn.execute(
+            "SELECT seq, record FROM journal WHERE kind = 'key_rotation' ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        if row is None or int(row[0]) == self._checked_rotation:
+            return
+        record = decode(self._open(int(row[0]), bytes(row[1])), what="stored record")
+        wanted = str(record["body"]["new_public_key"])
+        if wanted != self._key.verify_key.hex and self._key_loader is not None:
+            self._key = self._key_loader(wanted)
+        self._checked_rotation = int(row[0])
+
+    def rotate_to(self, new_key: SigningKey) -> None:
+        """Journal the hand-over (signed by the current key), then sign with ``new_key``."""
+        self.append("key_rotation", {"new_public_key": new_key.verify_key.hex})
+        self._key = new_key
 
     def head(self) -> tuple[int, bytes]:
         row = self.db.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
@@ -104,3 +128,19 @@ class Journal:
 
     def unacked_count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM journal WHERE acked = 0").fetchone()[0])
+
+
+def last_handover(
+    db: sqlite_utils.Database, device_id: str, cipher: RecordCipher | None
+) -> str | None:
+    """The public key the newest ``key_rotation`` record hands over to, if any."""
+    row = db.execute(
+        "SELECT seq, record FROM journal WHERE kind = 'key_rotation' ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return None
+    raw = bytes(row[1])
+    if cipher is not None:
+        raw = cipher.open(raw, f"{device_id}/journal/{int(row[0])}".encode())
+    record = decode(raw, what="stored record")
+    return str(record["body"]["new_public_key"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,15 @@ class KeyStore(Protocol):
     def signing_key(self) -> SigningKey: ...
 
     def data_key(self) -> bytes | None: ...
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_private(path: Path, what: str) -> bytes:
@@ -53,6 +63,44 @@ class FileKeyStore:
         if self.data_key_path is None:
             return None
         return _read_private(self.data_key_path, "data key")
+
+    @property
+    def next_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".next")
+
+    def rotate(self, hand_over: Callable[[SigningKey], None]) -> SigningKey:
+        """Replace the signing key, so that the journal chain continues across keys.
+
+        The new key is written beside the old (``.next``); ``hand_over(new)`` must then
+        durably journal a ``key_rotation`` record signed by the *old* key that names the
+        new public key; only then does the new key replace the old. ``finish_rotation``
+        completes or abandons a rotation that a crash interrupted.
+        """
+        new = SigningKey.generate()
+        self.next_path.unlink(missing_ok=True)
+        _write_new(self.next_path, new.seed())
+        hand_over(new)
+        os.replace(self.next_path, self.path)
+        return new
+
+    def key_for(self, public_hex: str) -> SigningKey:
+        """The signing key (current or about to become current) with this public key."""
+        for path in (self.path, self.next_path):
+            if path.exists():
+                key = SigningKey.from_seed(_read_private(path, "device key"))
+                if key.verify_key.hex == public_hex:
+                    return key
+        raise KeyStoreError(f"no device key matches the journal's signer {public_hex[:16]}…")
+
+    def finish_rotation(self, handed_over_to: str | None) -> None:
+        """After a crash: keep ``.next`` if the journal already names it, else drop it."""
+        if not self.next_path.exists():
+            return
+        pending = SigningKey.from_seed(_read_private(self.next_path, "next device key"))
+        if handed_over_to == pending.verify_key.hex:
+            os.replace(self.next_path, self.path)
+        else:
+            self.next_path.unlink()
 
     @staticmethod
     def create(path: Path) -> SigningKey:

@@ -25,6 +25,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,12 +110,14 @@ class Relay:
         outbox: Outbox,
         transport: Transport,
         key: SigningKey,
+        rotate_key: Callable[[], SigningKey] | None = None,
     ) -> None:
         self.config = config
         self.journal = journal
         self.outbox = outbox
         self.transport = transport
         self.key = key
+        self.rotate_key = rotate_key
         self.gateway_key = VerifyKey.from_hex(config.gateway_public_key)
         self.device_id = config.device_id
         self.inbox: queue.Queue[Event] = queue.Queue()
@@ -249,6 +252,9 @@ class Relay:
                 self.bucket = TokenBucket(rate, self.config.chunk_size * 2)
         elif cmd.name == "resync":
             self._reset_session()
+        elif cmd.name == "rotate_key" and self.rotate_key is not None:
+            self.key = self.rotate_key()
+            log.info("journal signing key rotated; now %s", self.key.verify_key.hex[:16])
 
     def _refuse(self, what: str, exc: ProtocolError) -> None:
         """Journal a refused gateway message (at most once a minute per kind of refusal,

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from agent.config import AgentConfig, load_config
 from agent.db import open_db
-from agent.journal import Journal
+from agent.journal import Journal, last_handover
 from agent.keys import FileKeyStore
 from agent.outbox import Outbox
 from agent.relay import Relay
 from agent.sealed import RecordCipher
 from agent.transport import MqttTransport, TlsFiles, Will
+from protocol.signing import SigningKey
 from protocol.topics import agent_subscriptions
 
 log = logging.getLogger("custody.agent")
@@ -30,17 +31,27 @@ class Device:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        keys = FileKeyStore(config.key_file, config.data_key_file)
-        self.key = keys.signing_key()
-        data_key = keys.data_key()
+        self.keys = FileKeyStore(config.key_file, config.data_key_file)
+        data_key = self.keys.data_key()
         self.db = open_db(config.data_dir / "agent.db")
         cipher = RecordCipher(data_key) if data_key is not None else None
-        self.journal = Journal(self.db, config.device_id, self.key, cipher)
+        # A key rotation a crash interrupted is completed (or dropped) according to what
+        # the journal says, before the signing key is read.
+        self.keys.finish_rotation(last_handover(self.db, config.device_id, cipher))
+        self.key = self.keys.signing_key()
+        self.journal = Journal(
+            self.db, config.device_id, self.key, cipher, key_loader=self.keys.key_for
+        )
         self.outbox = Outbox(self.db, self.journal, config.data_dir, data_key)
 
     @classmethod
     def from_path(cls, config_path: Path) -> Device:
         return cls(load_config(config_path))
+
+    def rotate_signing_key(self) -> SigningKey:
+        """Hand the journal over to a fresh key (see ``FileKeyStore.rotate``)."""
+        self.key = self.keys.rotate(self.journal.rotate_to)
+        return self.key
 
     def close(self) -> None:
         self.db.conn.close()
@@ -74,7 +85,12 @@ class Agent:
             ),
         )
         self.relay = Relay(
-            config, self.device.journal, self.device.outbox, self.transport, self.device.key
+            config,
+            self.device.journal,
+            self.device.outbox,
+            self.transport,
+            self.device.key,
+            rotate_key=self.device.rotate_signing_key,
         )
         relay_box.append(self.relay)
         self.stop_event = threading.Event()

@@ -167,6 +167,11 @@ def create_schema(db: sqlite_utils.Database) -> None:
         defaults={"revoked": 0},
         if_not_exists=True,
     )
+    Table(db, "device_keys").create(
+        {"device_id": str, "from_seq": int, "public_key": str, "at_ms": int},
+        pk=("device_id", "from_seq"),
+        if_not_exists=True,
+    )
     Table(db, "commands").create(
         {
             "device_id": str,

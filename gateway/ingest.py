@@ -179,7 +179,7 @@ class Ingest:
         if dev is None:
             return [self._journal_ack(device_id, 0, GENESIS, 1, "unknown_device", "not enrolled")]
         try:
-            batch = JournalBatch.decode(payload, dev.public_key)
+            batch = self._decode_batch(payload, dev.public_key)
         except SignatureError as exc:
             self._alarm("bad_signature", device_id, f"journal batch: {exc}", key="batch")
             return [
@@ -208,8 +208,23 @@ class Ingest:
             return []
         return [self._accept_batch(dev, batch, batch_hash)]
 
+    @staticmethod
+    def _decode_batch(payload: bytes, key: VerifyKey) -> JournalBatch:
+        """Verify the envelope with the device's key, or with a key the batch itself hands
+        over to (a rotation: the agent already signs with its new key)."""
+        try:
+            return JournalBatch.decode(payload, key)
+        except SignatureError as first:
+            for candidate in JournalBatch.announced_keys(payload):
+                try:
+                    return JournalBatch.decode(payload, candidate)
+                except SignatureError:
+                    continue
+            raise first
+
     def _accept_batch(self, dev: Device, batch: JournalBatch, batch_hash: str) -> Outgoing:
         head_seq, head_hash = dev.head_seq, dev.head_hash
+        key = dev.public_key  # changes at a key_rotation record
         rejected_seq, reason, detail = 0, "", ""
         received = now_ms()
         accepted: list[int] = []
@@ -218,7 +233,7 @@ class Ingest:
                 for signed in batch.records:
                     rec = signed.record
                     try:
-                        signed.verify(dev.public_key)
+                        signed.verify(key)
                     except SignatureError as exc:
                         rejected_seq, reason, detail = rec.seq, "bad_signature", str(exc)
                         raise_alarm(
@@ -286,6 +301,19 @@ class Ingest:
                     )
                     head_seq, head_hash = rec.seq, signed.hash()
                     accepted.append(rec.seq)
+                    if rec.kind == "key_rotation":
+                        # Signed by the old key, names the new one: the chain continues.
+                        key = VerifyKey.from_hex(str(rec.body.get("new_public_key")))
+                        conn.execute(
+                            "UPDATE devices SET public_key = ? WHERE device_id = ?",
+                            [key.hex, dev.device_id],
+                        )
+                        conn.execute(
+                            "INSERT INTO device_keys(device_id, from_seq, public_key, at_ms) "
+                            "VALUES (?, ?, ?, ?)",
+                            [dev.device_id, rec.seq + 1, key.hex, received],
+                        )
+                        events.info("%s journal key rotated at seq %d", dev.device_id, rec.seq)
                     if rec.kind == "media_corrupt":
                         raise_alarm(
                             conn,

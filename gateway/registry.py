@@ -124,6 +124,11 @@ def enroll(
                 "VALUES (?, ?, 'active', ?)",
                 [device_id, key.verify_key.hex, _now()],
             )
+            conn.execute(
+                "INSERT INTO device_keys(device_id, from_seq, public_key, at_ms) "
+                "VALUES (?, 1, ?, ?)",
+                [device_id, key.verify_key.hex, int(dt.datetime.now(dt.UTC).timestamp() * 1000)],
+            )
         _issue_certificate(
             db, CertificateAuthority.open(data.ca_dir), device_id, out_dir, cert_days
         )

@@ -50,6 +50,7 @@ RECORD_KINDS = MEDIA_KINDS | frozenset(
         "media_corrupt",
         "command_rejected",
         "command_executed",
+        "key_rotation",
     }
 )
 
@@ -124,6 +125,8 @@ class JournalRecord:
             raise MessageError("body must be an object")
         if self.kind in MEDIA_KINDS:
             MediaInfo.from_body(self.body)
+        if self.kind == "key_rotation":
+            from_hex(self.body.get("new_public_key"), field="body.new_public_key", length=32)
         canonical(dict(self.body))  # refuse bodies that cannot be signed, now not later
 
     def to_wire(self) -> dict[str, Any]:

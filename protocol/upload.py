@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 
 from protocol.encoding import canonical, decode, from_hex
-from protocol.errors import EncodingError, MessageError
+from protocol.errors import EncodingError, MessageError, ProtocolError
 from protocol.fields import check_fields as _fields
 from protocol.fields import check_version as _version
 from protocol.fields import int_field as _int
@@ -56,6 +56,24 @@ class JournalBatch:
     def peek_device(data: bytes) -> str:
         """The claimed device id, before the key to check it with is known."""
         return check_device_id(decode(data, what="journal batch").get("device_id"))
+
+    @staticmethod
+    def announced_keys(data: bytes) -> list[VerifyKey]:
+        """Keys that ``key_rotation`` records in the batch hand over to (unverified: only
+        candidates for checking the envelope; each hand-over record must still verify
+        under the key before it)."""
+        obj = decode(data, what="journal batch")
+        keys = []
+        for rec in obj.get("records") or []:
+            if isinstance(rec, dict) and rec.get("kind") == "key_rotation":
+                body = rec.get("body")
+                new = body.get("new_public_key") if isinstance(body, dict) else None
+                if isinstance(new, str):
+                    try:
+                        keys.append(VerifyKey.from_hex(new))
+                    except ProtocolError:
+                        continue
+        return keys
 
     @classmethod
     def decode(cls, data: bytes, key: VerifyKey) -> JournalBatch:

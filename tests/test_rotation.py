@@ -1,0 +1,122 @@
+"""Journal key rotation: a hand-over record signed by the old key names the new one, and
+the chain continues across keys — also when a crash interrupts the rotation."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.keys import FileKeyStore
+from protocol.signing import SigningKey
+from tests.conftest import make_files, wait_for
+
+
+def test_rotation_by_command_keeps_the_chain(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-rot", gateway)
+    old_public = SigningKey.from_seed((agent.dir / "device.key").read_bytes()).verify_key.hex
+    agent.add(*make_files(tmp_path / "a", [5000], seed=1).values())
+    agent.start()
+    wait_for(lambda: len(gateway.evidence("cam-rot")) == 1, 30, "evidence before rotation")
+    r = httpx.post(
+        f"{gateway.base}/api/v1/devices/cam-rot/commands",
+        json={"name": "rotate_key"},
+        headers={"Authorization": f"Bearer {gateway.token}"},
+    )
+    assert r.status_code == 202, r.text
+
+    def handover() -> list[dict]:
+        return [
+            x
+            for x in gateway.get("/api/v1/journal", device_id="cam-rot")
+            if x["kind"] == "key_rotation"
+        ]
+
+    rotation = wait_for(handover, 30, "key_rotation record at the gateway")[0]["record"]
+    new_public = SigningKey.from_seed((agent.dir / "device.key").read_bytes()).verify_key.hex
+    assert new_public != old_public
+    assert rotation["body"]["new_public_key"] == new_public
+    # Evidence added afterwards by another process is signed with the new key and accepted.
+    agent.add(*make_files(tmp_path / "b", [7000], seed=2).values())
+    wait_for(lambda: len(gateway.evidence("cam-rot")) == 2, 30, "evidence after rotation")
+    journal = gateway.get("/api/v1/journal", device_id="cam-rot")
+    assert [x["seq"] for x in journal] == list(range(1, len(journal) + 1))
+    assert not any(x["gap_before"] for x in journal)
+    assert gateway.alarms(device_id="cam-rot") == []
+    db = sqlite3.connect(gateway.data / "custody.db")
+    keys = db.execute(
+        "SELECT from_seq, public_key FROM device_keys WHERE device_id = 'cam-rot' ORDER BY from_seq"
+    ).fetchall()
+    db.close()
+    assert [k[1] for k in keys] == [old_public, new_public]
+    assert keys[1][0] == rotation["seq"] + 1
+    assert not (agent.dir / "device.key.next").exists()
+
+
+def test_a_record_signed_with_the_old_key_after_rotation_is_refused(tmp_path, gateway, make_agent):
+    """After the hand-over, the old key no longer speaks for the device."""
+    from protocol.journal import JournalRecord
+    from protocol.topics import DeviceTopic, device_topic
+    from protocol.upload import JournalBatch
+    from tests.conftest import Identity, publish
+
+    agent = make_agent("cam-old", gateway)
+    old = SigningKey.from_seed((agent.dir / "device.key").read_bytes())
+    new = SigningKey.generate()
+    rot = JournalRecord(
+        "cam-old", 1, bytes(32), "key_rotation", 1, 1, {"new_public_key": new.verify_key.hex}
+    ).sign(old)
+    after = JournalRecord("cam-old", 2, rot.hash(), "mark", 2, 2, {}).sign(old)
+    publish(
+        gateway.broker,
+        Identity.device(agent.dir),
+        device_topic("cam-old", DeviceTopic.JOURNAL),
+        JournalBatch("cam-old", 1, (rot, after)).encode(new),
+    )
+    found = wait_for(
+        lambda: gateway.alarms(kind="bad_signature", device_id="cam-old"),
+        20,
+        "bad_signature for the old key",
+    )
+    assert "seq 2" in found[0]["detail"]
+    assert [x["seq"] for x in gateway.get("/api/v1/journal", device_id="cam-old")] == [1]
+
+
+@pytest.mark.parametrize("handed_over", [False, True])
+def test_interrupted_rotation_is_completed_or_dropped(
+    tmp_path: Path, handed_over: bool, monkeypatch: pytest.MonkeyPatch
+):
+    path = tmp_path / "device.key"
+    old = FileKeyStore.create(path)
+    store = FileKeyStore(path)
+
+    class Crash(Exception):
+        pass
+
+    seen: list[str] = []
+
+    def hand_over(new: SigningKey) -> None:
+        seen.append(new.verify_key.hex)
+        if not handed_over:
+            raise Crash  # died before the hand-over record was committed
+
+    if handed_over:
+        # Die after the journal commit but before the key file was replaced.
+        def crash_replace(*args: object) -> None:
+            raise Crash
+
+        with monkeypatch.context() as m:
+            m.setattr("agent.keys.os.replace", crash_replace)
+            with pytest.raises(Crash):
+                store.rotate(hand_over)
+    else:
+        with pytest.raises(Crash):
+            store.rotate(hand_over)
+    assert store.next_path.exists()
+    store.finish_rotation(seen[0] if handed_over else None)
+    assert not store.next_path.exists()
+    current = store.signing_key().verify_key.hex
+    assert current == (seen[0] if handed_over else old.verify_key.hex)
+    assert path.stat().st_mode & 0o777 == 0o600
