@@ -106,6 +106,8 @@ bodies = st.dictionaries(texts, json_values, max_size=4)
 def journal_records(draw: st.DrawFn, device_id: str | None = None) -> JournalRecord:
     kind = draw(st.sampled_from(sorted(RECORD_KINDS)))
     body = draw(bodies)
+    if kind == "key_rotation":
+        body["new_public_key"] = draw(hashes32).hex()
     if kind in MEDIA_KINDS:
         body["sha256"] = draw(hashes32).hex()
         body["size"] = draw(u64s)
@@ -199,7 +201,9 @@ def mutate(wire: dict[str, Any], name: str, data: st.DataObject) -> dict[str, An
     elif name == "kind":
         kind = wire["kind"]
         choices = sorted(
-            k for k in RECORD_KINDS - {kind} if k not in MEDIA_KINDS or kind in MEDIA_KINDS
+            k
+            for k in RECORD_KINDS - {kind, "key_rotation"}
+            if k not in MEDIA_KINDS or kind in MEDIA_KINDS
         )
         out[name] = data.draw(st.sampled_from(choices))
     elif name == "device_id":
@@ -219,6 +223,8 @@ def mutate(wire: dict[str, Any], name: str, data: st.DataObject) -> dict[str, An
                 body[key] = value + "x"
             elif wire["kind"] in MEDIA_KINDS and key == "marked":
                 body[key] = not value
+            elif wire["kind"] == "key_rotation" and key == "new_public_key":
+                body[key] = flip_bit(bytes.fromhex(value), 3).hex()
             else:
                 body[key] = [value]  # always different, always valid JSON
         out["body"] = body
