@@ -225,3 +225,33 @@ def test_reserved_identities_cannot_be_enrolled(tmp_path, gateway):
         gateway.broker.url,
     )
     assert result.returncode == 2 and "reserved" in result.stderr
+
+
+def test_secrets_never_appear_in_logs_or_api_responses(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-quiet", gateway)
+    agent.add(*make_files(tmp_path / "a", [3000], seed=9).values())
+    agent.start()
+    wait_for(lambda: len(gateway.evidence("cam-quiet")) == 1, 30, "evidence")
+    secrets = {
+        "device key": (agent.dir / "device.key").read_bytes().hex(),
+        "data key": (agent.dir / "data.key").read_bytes().hex(),
+        "device TLS key": (agent.dir / "tls.key").read_text().splitlines()[1],
+        "gateway key": (gateway.data / "gateway.key").read_bytes().hex(),
+        "CA key": (gateway.data / "ca" / "ca.key").read_text().splitlines()[1],
+        "admin token": gateway.token,
+    }
+    responses = "".join(
+        str(gateway.get(path))
+        for path in (
+            "/api/v1/devices",
+            "/api/v1/evidence",
+            "/api/v1/alarms",
+            "/api/v1/log/tree-head",
+            "/api/v1/uploads",
+            "/openapi.json",
+        )
+    )
+    logs = agent.log.read_text() + gateway.log.read_text()
+    for name, value in secrets.items():
+        assert value not in logs, f"{name} in a log"
+        assert value not in responses, f"{name} in an API response"
