@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,28 +22,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.files import write_public, write_secret
+
 GATEWAY_IDENTITY = "custody-gateway"
 BROKER_IDENTITY = "custody-broker"
 CA_YEARS = 10
 DEFAULT_DEVICE_DAYS = 365
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -78,12 +61,12 @@ class CertificateAuthority:
             ca._create()
         if not (root / "broker.crt").exists():
             issued = ca.issue(BROKER_IDENTITY, server=True, days=CA_YEARS * 365)
-            _write_private(root / "broker.key", issued.key_pem)
-            _write_public(root / "broker.crt", issued.cert_pem)
+            write_secret(root / "broker.key", issued.key_pem, replace=True)
+            write_public(root / "broker.crt", issued.cert_pem)
         if not (root / "gateway.crt").exists():
             issued = ca.issue(GATEWAY_IDENTITY, days=CA_YEARS * 365)
-            _write_private(root / "gateway.key", issued.key_pem)
-            _write_public(root / "gateway.crt", issued.cert_pem)
+            write_secret(root / "gateway.key", issued.key_pem, replace=True)
+            write_public(root / "gateway.crt", issued.cert_pem)
         if not ca.crl_path.exists():
             ca.write_crl([])
         return ca
@@ -118,8 +101,8 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(self.key_path, _key_pem(key))
-        _write_public(self.cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_secret(self.key_path, _key_pem(key), replace=True)
+        write_public(self.cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
     def _load(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
@@ -190,4 +173,4 @@ class CertificateAuthority:
                 .build()
             )
         crl = builder.sign(ca_key, hashes.SHA256())
-        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))

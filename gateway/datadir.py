@@ -16,23 +16,14 @@ Secrets are written with O_EXCL and mode 0600 and never printed.
 
 from __future__ import annotations
 
-import os
 import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import DataDirError
+from gateway.files import write_secret
 from protocol.signing import SigningKey
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_secret(path: Path) -> bytes:
@@ -83,10 +74,10 @@ class DataDir:
                 raise DataDirError(f"{root} is not a gateway data directory (no gateway.key)")
             data.root.mkdir(parents=True, exist_ok=True)
             key = SigningKey.generate()
-            _write_secret(data.key_path, key.seed())
+            write_secret(data.key_path, key.seed())
             data.pub_path.write_text(key.verify_key.hex + "\n")
         if not data.token_path.exists():
-            _write_secret(data.token_path, (secrets.token_urlsafe(32) + "\n").encode())
+            write_secret(data.token_path, (secrets.token_urlsafe(32) + "\n").encode())
         data.blobs.mkdir(exist_ok=True)
         data.partial.mkdir(exist_ok=True)
         if not (data.ca_dir / "acl").exists():

@@ -10,11 +10,10 @@ refuses its next connection. Nothing else may connect: there is no anonymous acc
 
 from __future__ import annotations
 
-import os
-
 import sqlite_utils
 
 from gateway.ca import GATEWAY_IDENTITY, CertificateAuthority
+from gateway.files import write_public
 from protocol.topics import ROOT
 
 ACL_HEADER = f"""\
@@ -45,7 +44,4 @@ def write_broker_policy(db: sqlite_utils.Database, ca: CertificateAuthority) -> 
     ]
     ca.write_crl(serials)
     text = ACL_HEADER + "".join(f"\nuser {d}\ntopic deny {ROOT}/#\n" for d in revoked)
-    acl = ca.root / "acl"
-    tmp = acl.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, acl)
+    write_public(ca.root / "acl", text.encode())

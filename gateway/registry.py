@@ -14,7 +14,6 @@ connection from publishing (ACL), and ingest refuses anything that still arrives
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from gateway.ca import BROKER_IDENTITY, DEFAULT_DEVICE_DAYS, GATEWAY_IDENTITY, C
 from gateway.datadir import DataDir
 from gateway.db import open_db, transaction
 from gateway.errors import EnrollmentError
+from gateway.files import write_secret
 from gateway.policy import write_broker_policy
 from protocol.errors import MessageError
 from protocol.journal import check_device_id
@@ -49,19 +49,6 @@ telemetry_interval_s = {telemetry}
 """
 
 
-def _write_secret(path: Path, data: bytes, *, replace: bool = False) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
-    tmp = path.with_suffix(path.suffix + ".tmp") if replace else path
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.replace(tmp, path)
-
-
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
@@ -79,7 +66,7 @@ def _issue_certificate(
     db: sqlite_utils.Database, ca: CertificateAuthority, device_id: str, out_dir: Path, days: int
 ) -> None:
     issued = ca.issue(device_id, days=days)
-    _write_secret(out_dir / "tls.key", issued.key_pem, replace=True)
+    write_secret(out_dir / "tls.key", issued.key_pem, replace=True)
     (out_dir / "device.crt").write_bytes(issued.cert_pem)
     (out_dir / "ca.crt").write_bytes(ca.cert_path.read_bytes())
     with transaction(db) as conn:
@@ -116,8 +103,8 @@ def enroll(
                 )
         out_dir.mkdir(parents=True, exist_ok=True)
         key = SigningKey.generate()
-        _write_secret(out_dir / "device.key", key.seed())
-        _write_secret(out_dir / "data.key", secrets.token_bytes(32))
+        write_secret(out_dir / "device.key", key.seed())
+        write_secret(out_dir / "data.key", secrets.token_bytes(32))
         with transaction(db) as conn:
             conn.execute(
                 "INSERT INTO devices(device_id, public_key, status, enrolled_at) "
