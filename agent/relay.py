@@ -22,20 +22,19 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.commands import CommandGate
 from agent.config import AgentConfig
-from agent.db import add_to_counter, bump_counter, get_counter
+from agent.db import add_to_counter, bump_counter
 from agent.journal import Journal, now_ms
 from agent.outbox import MediaItem, Outbox
-from agent.sealed import CorruptMedia, MediaReader
+from agent.sealed import CorruptMedia
 from agent.transport import Connected, Disconnected, Event, Message, Transport
-from protocol.command import Command
+from agent.uploading import TokenBucket, Upload
 from protocol.encoding import decode
 from protocol.errors import ProtocolError
 from protocol.journal import SignedRecord
@@ -49,7 +48,7 @@ from protocol.topics import (
     device_topic,
     parse_gateway_topic,
 )
-from protocol.upload import Chunk, JournalBatch, Ranges, UploadAck, UploadFin, UploadInit, missing
+from protocol.upload import Chunk, JournalBatch, UploadAck, UploadFin, UploadInit, missing
 
 log = logging.getLogger("custody.agent.relay")
 events = logging.getLogger("custody.events")
@@ -57,49 +56,9 @@ events = logging.getLogger("custody.events")
 JOURNAL_REJECT_BACKOFF_S = 30.0
 POLL_S = 0.02  # how soon evidence added by another process starts moving
 PURGE_DELAY_S = 0.2
-REFUSAL_EVERY_S = 60.0
 PURGE_BATCH = 32
 PREFETCH = 16
 MAX_TRACKED = 8
-
-
-@dataclass
-class Upload:
-    item: MediaItem
-    phase: str = "init"  # init → sending → fin
-    acked: Ranges = ()
-    inflight: dict[int, tuple[int, float]] = field(default_factory=dict)  # offset → (len, t)
-    last_tx: float = 0.0
-    file: MediaReader | None = None
-    resumed_from: int | None = None
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-class TokenBucket:
-    """Upload bandwidth cap; ``rate`` 0 means unlimited."""
-
-    def __init__(self, rate: int, burst: int) -> None:
-        self.rate = rate
-        # A fifth of a second's worth: enough to fill a pump cycle, small enough that
-        # the cap holds over short intervals too.
-        self.burst = max(burst, rate // 5)
-        self.tokens = float(self.burst)
-        self.at = time.monotonic()
-
-    def take(self, n: int) -> bool:
-        if self.rate <= 0:
-            return True
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < n:
-            return False
-        self.tokens -= n
-        return True
 
 
 class Relay:
@@ -134,7 +93,7 @@ class Relay:
         self.bucket = TokenBucket(config.bandwidth_limit_bps, config.chunk_size * 2)
         self.bd_seq = bump_counter(journal.db, "bd_seq")
         self.receipts: list[tuple[Receipt, bytes]] = []
-        self.refusals: dict[tuple[str, str], float] = {}
+        self.commands = CommandGate(journal, config.device_id, self.gateway_key)
         self.to_purge: list[Path] = []
         self.purge_at = 0.0
         self.counters = {"chunks_sent": 0, "bytes_sent": 0, "receipts": 0, "resumes": 0}
@@ -197,7 +156,7 @@ class Relay:
             try:
                 self._on_message(event)
             except ProtocolError as exc:
-                self._refuse(event.topic.rsplit("/", 1)[-1], exc)
+                self.commands.refuse(event.topic.rsplit("/", 1)[-1], exc)
 
     def _reset_session(self) -> None:
         for up in self.uploads.values():
@@ -223,25 +182,9 @@ class Relay:
             self._on_command(msg.payload)
 
     def _on_command(self, payload: bytes) -> None:
-        """Carry out a signed, fresh, never-seen command; journal it either way."""
-        try:
-            cmd = Command.decode(payload, self.gateway_key)
-            cmd.accept(self.device_id, get_counter(self.journal.db, "last_cmd_id"), now_ms())
-        except ProtocolError as exc:
-            self._refuse("command", exc)
+        cmd = self.commands.accept(payload)
+        if cmd is None:
             return
-
-        def remember(conn: sqlite3.Connection, seq: int) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO kv(key, value) VALUES ('last_cmd_id', ?)", [cmd.cmd_id]
-            )
-
-        self.journal.append(
-            "command_executed",
-            {"cmd_id": cmd.cmd_id, "name": cmd.name, "args": cmd.args},
-            also=remember,
-        )
-        log.info("carried out gateway command %d: %s %s", cmd.cmd_id, cmd.name, cmd.args)
         if cmd.name == "mark":
             self.journal.append("mark", {"source": "remote", "note": str(cmd.args.get("note", ""))})
         elif cmd.name == "telemetry":
@@ -255,19 +198,6 @@ class Relay:
         elif cmd.name == "rotate_key" and self.rotate_key is not None:
             self.key = self.rotate_key()
             log.info("journal signing key rotated; now %s", self.key.verify_key.hex[:16])
-
-    def _refuse(self, what: str, exc: ProtocolError) -> None:
-        """Journal a refused gateway message (at most once a minute per kind of refusal,
-        so a flood of forgeries cannot flood the journal)."""
-        log.warning("refused %s from the gateway: %s", what, exc)
-        key = (what, exc.reason)
-        now = time.monotonic()
-        if now - self.refusals.get(key, -REFUSAL_EVERY_S) < REFUSAL_EVERY_S:
-            return
-        self.refusals[key] = now
-        self.journal.append(
-            "command_rejected", {"what": what, "reason": exc.reason, "detail": str(exc)[:300]}
-        )
 
     def _on_gateway_state(self, payload: bytes) -> None:
         state = decode(payload, what="gateway state") if payload else {}
