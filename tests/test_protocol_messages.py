@@ -109,6 +109,7 @@ def journal_records(draw: st.DrawFn, device_id: str | None = None) -> JournalRec
     if kind == "key_rotation":
         body["new_public_key"] = draw(hashes32).hex()
     if kind in MEDIA_KINDS:
+        body.pop("marked", None)  # a random value there would be invalid; maybe set below
         body["sha256"] = draw(hashes32).hex()
         body["size"] = draw(u64s)
         body["media_type"] = draw(st.text(min_size=1, max_size=20))
