@@ -75,7 +75,6 @@ require_certificate true
 use_identity_as_username true
 crlfile {ca}/crl.pem
 acl_file {ca}/acl
-tls_version tlsv1.2
 """
 
 
