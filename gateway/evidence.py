@@ -66,9 +66,6 @@ class EvidenceIntake:
         self._pending_acks: dict[tuple[str, int], ActiveUpload] = {}
         self._finalizing: set[tuple[str, int]] = set()
 
-    def _active_device(self, device_id: str) -> bool | None:
-        return True if self._is_active(device_id) else None
-
     def _upload_ack(
         self, device_id: str, seq: int, state: str, ranges: Any = (), reason: str = ""
     ) -> Outgoing:
@@ -168,7 +165,7 @@ class EvidenceIntake:
         return None
 
     def on_init(self, device_id: str, init: UploadInit) -> list[Outgoing]:
-        if init.device_id != device_id or self._active_device(device_id) is None:
+        if init.device_id != device_id or not self._is_active(device_id):
             return []
         if (device_id, init.seq) in self._finalizing:
             return []
@@ -255,7 +252,7 @@ class EvidenceIntake:
         return out
 
     def on_fin(self, device_id: str, fin: UploadFin) -> list[Outgoing]:
-        if fin.device_id != device_id or self._active_device(device_id) is None:
+        if fin.device_id != device_id or not self._is_active(device_id):
             return []
         if (device_id, fin.seq) in self._finalizing:
             return []
