@@ -4,6 +4,7 @@ the port vanishes."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -183,7 +184,6 @@ def test_link_over_loop_url_counts_frames_it_cannot_use():
 def test_parsing_any_frame_either_works_or_says_why(frame):
     from firmware_bridge.messages import BadPayload
 
-    try:
+    # Anything else than BadPayload escaping would fail the test.
+    with contextlib.suppress(BadPayload):
         parse_event(frame)
-    except BadPayload:
-        pass
