@@ -43,6 +43,9 @@ class AgentConfig(BaseModel):
     tls_ca: Path | None = Field(None, description="CA certificate the broker must present.")
     tls_cert: Path | None = Field(None, description="This device's X.509 client certificate.")
     tls_key: Path | None = Field(None, description="Private key of tls_cert (0600).")
+    mcu_port: str | None = Field(
+        None, description="pyserial URL of the device MCU (e.g. /dev/ttyS1); none: no MCU."
+    )
     chunk_size: int = Field(256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes/chunk.")
     window: int = Field(32, ge=1, le=256, description="Chunks in flight without an ack.")
     max_active_uploads: int = Field(2, ge=1, le=16, description="Files sending at once.")

@@ -30,6 +30,7 @@ from pathlib import Path
 from agent.commands import CommandGate
 from agent.config import AgentConfig
 from agent.db import add_to_counter, bump_counter
+from agent.hardware import DeviceHardware, HardwareState
 from agent.journal import Journal, now_ms
 from agent.outbox import MediaItem, Outbox
 from agent.sealed import CorruptMedia
@@ -70,6 +71,7 @@ class Relay:
         transport: Transport,
         key: SigningKey,
         rotate_key: Callable[[], SigningKey] | None = None,
+        hardware: DeviceHardware | None = None,
     ) -> None:
         self.config = config
         self.journal = journal
@@ -77,6 +79,7 @@ class Relay:
         self.transport = transport
         self.key = key
         self.rotate_key = rotate_key
+        self.hardware = hardware
         self.gateway_key = VerifyKey.from_hex(config.gateway_public_key)
         self.device_id = config.device_id
         self.inbox: queue.Queue[Event] = queue.Queue()
@@ -457,6 +460,7 @@ class Relay:
     def telemetry(self) -> Telemetry:
         status = self.outbox.status()
         usage = os.statvfs(self.outbox.media_dir)
+        hw = self.hardware.state if self.hardware is not None else HardwareState()
         return Telemetry(
             device_id=self.device_id,
             ts_ms=now_ms(),
@@ -466,6 +470,13 @@ class Relay:
             last_receipt_seq=status["last_receipt_seq"],
             journal_seq=status["journal_seq"],
             storage_free_bytes=usage.f_bavail * usage.f_frsize,
+            battery_pct=hw.battery_pct,
+            charging=hw.charging,
+            docked=hw.docked,
+            tamper_open=hw.tamper_open,
+            gps_lat_e6=hw.gps_lat_e6,
+            gps_lon_e6=hw.gps_lon_e6,
+            temperature_centi=hw.temperature_centi,
         )
 
 

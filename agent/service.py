@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, load_config
 from agent.db import open_db
+from agent.hardware import DeviceHardware
 from agent.journal import Journal, last_handover
 from agent.keys import FileKeyStore
 from agent.outbox import Outbox
@@ -84,6 +85,12 @@ class Agent:
                 else None
             ),
         )
+        self.hardware: DeviceHardware | None = None
+        self._hardware_device: Device | None = None
+        if config.mcu_port:
+            # Its own journal connection: events arrive on the serial reader thread.
+            self._hardware_device = Device(config)
+            self.hardware = DeviceHardware(config.mcu_port, self._hardware_device.journal)
         self.relay = Relay(
             config,
             self.device.journal,
@@ -91,6 +98,7 @@ class Agent:
             self.transport,
             self.device.key,
             rotate_key=self.device.rotate_signing_key,
+            hardware=self.hardware,
         )
         relay_box.append(self.relay)
         self.stop_event = threading.Event()
@@ -101,9 +109,15 @@ class Agent:
             log.warning("recovered after a crash: %s", report)
         self.device.journal.append("boot", {"recovery": asdict(report)})
         assert self.relay is not None
+        if self.hardware is not None:
+            self.hardware.start()
         try:
             self.relay.run(self.stop_event)
         finally:
+            if self.hardware is not None:
+                self.hardware.stop()
+            if self._hardware_device is not None:
+                self._hardware_device.close()
             self.device.close()
 
     def stop(self) -> None:

@@ -7,6 +7,7 @@ dashboard and outside tools filter on:
 ``unknown_device`` ``revoked_device`` ``bad_signature`` ``bad_message`` ``replay``
 ``sequence_gap`` ``fork`` ``hash_mismatch`` ``manifest_mismatch`` ``topic_mismatch``
 ``media_corrupt`` (the device reports a buffered file it cannot vouch for)
+``tamper`` (the device's tamper switch opened)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ALARM_KINDS = frozenset(
         "manifest_mismatch",
         "topic_mismatch",
         "media_corrupt",
+        "tamper",
     }
 )
 

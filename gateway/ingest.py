@@ -314,6 +314,16 @@ class Ingest:
                             [dev.device_id, rec.seq + 1, key.hex, received],
                         )
                         events.info("%s journal key rotated at seq %d", dev.device_id, rec.seq)
+                    if rec.kind == "tamper" and rec.body.get("opened") is True:
+                        raise_alarm(
+                            conn,
+                            "tamper",
+                            dev.device_id,
+                            f"the device's tamper switch opened (seq {rec.seq}); inspect it "
+                            "before trusting what it records next",
+                            received,
+                            key=f"tamper {rec.seq}",
+                        )
                     if rec.kind == "media_corrupt":
                         raise_alarm(
                             conn,

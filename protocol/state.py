@@ -9,7 +9,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from protocol.encoding import canonical, decode
@@ -53,6 +53,9 @@ class DeviceState:
         )
 
 
+BOOL_FIELDS = frozenset({"recording", "charging", "docked", "tamper_open"})
+
+
 @dataclass(frozen=True)
 class Telemetry:
     device_id: str
@@ -63,13 +66,22 @@ class Telemetry:
     last_receipt_seq: int
     journal_seq: int
     storage_free_bytes: int
-    battery_pct: int = -1  # -1: unknown (no firmware bridge yet)
+    battery_pct: int = -1  # -1: unknown (no MCU link)
     recording: bool = False
+    # What the MCU reports, when a device has one; omitted from the message when unknown.
+    charging: bool | None = None
+    docked: bool | None = None
+    tamper_open: bool | None = None
+    gps_lat_e6: int | None = None
+    gps_lon_e6: int | None = None
+    temperature_centi: int | None = None
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"v": VERSION}
         for f in fields(self):
-            obj[f.name] = getattr(self, f.name)
+            value = getattr(self, f.name)
+            if value is not None:
+                obj[f.name] = value
         return canonical(obj)
 
     @classmethod
@@ -77,16 +89,20 @@ class Telemetry:
         obj = decode(data, what="telemetry")
         _version(obj, "telemetry")
         names = {f.name for f in fields(cls)}
-        optional = {"battery_pct", "recording"}  # the fields with defaults
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
         _fields(obj, "telemetry", {"v"} | (names - optional), optional)
         kwargs: dict[str, Any] = {"device_id": check_device_id(obj["device_id"])}
         for name in names - {"device_id"}:
             if name not in obj:
                 continue
-            if name == "recording":
+            if name in BOOL_FIELDS:
                 if not isinstance(obj[name], bool):
-                    raise MessageError("recording must be a boolean")
+                    raise MessageError(f"{name} must be a boolean")
                 kwargs[name] = obj[name]
+            elif name in ("gps_lat_e6", "gps_lon_e6"):
+                kwargs[name] = _int(obj, name, -180_000_000, 180_000_000)
+            elif name == "temperature_centi":
+                kwargs[name] = _int(obj, name, -27_315, 100_000)
             else:
                 kwargs[name] = _int(obj, name, -1)
         return cls(**kwargs)
