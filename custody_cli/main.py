@@ -11,6 +11,7 @@ Sub-commands (a contract with outside tools; extend, do not rename)::
     custody agent add    --config DEVDIR/agent.toml [--marked] FILE...
     custody agent status --config DEVDIR/agent.toml [--json]
     custody demo    [--devices N] [--duration SECONDS] [--data DIR] [--http HOST:PORT]
+    custody sim mcu --port PATH --scenario FILE [--speedup X]
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
 """
@@ -102,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = asub.add_parser("status", help="print backlog and custody watermark")
     st.add_argument("--config", type=Path, required=True, help="DEVDIR/agent.toml")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sim = sub.add_parser("sim", help="device simulators for testers")
+    simsub = sim.add_subparsers(dest="sim_command", required=True, metavar="{mcu}")
+    mcu = simsub.add_parser("mcu", help="the device MCU on a pseudo-terminal, playing a scenario")
+    mcu.add_argument("--port", type=Path, required=True, help="path of the pty to create")
+    mcu.add_argument("--scenario", type=Path, required=True, help="scenario TOML file")
+    mcu.add_argument("--speedup", type=float, help="override the scenario's speedup")
 
     d = sub.add_parser("demo", help="broker + gateway + simulated fleet, live event log")
     d.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
@@ -253,6 +261,33 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    from simulators.mcu import McuSimulator
+    from simulators.scenario import Scenario, ScenarioError, ScenarioRunner
+
+    try:
+        scenario = Scenario.load(args.scenario)
+    except ScenarioError as exc:
+        print(f"custody sim mcu: {exc}", file=sys.stderr)
+        return 2
+    if args.speedup:
+        scenario = scenario.model_copy(update={"speedup": args.speedup})
+    mcu = McuSimulator(args.port)
+    runner = ScenarioRunner(scenario, mcu)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    print(f"custody sim mcu: {scenario.name!r} on {args.port}", flush=True)
+    runner.start()
+    try:
+        while not stop.is_set() and runner.running:
+            stop.wait(0.2)
+    finally:
+        runner.stop()
+        mcu.close()
+    print(f"sent {len(runner.sent)} events; {len(mcu.commands)} commands received")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from custody_cli.demo import run_demo
 
@@ -275,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "revoke": cmd_revoke,
         "agent": cmd_agent,
         "demo": cmd_demo,
+        "sim": cmd_sim,
     }
     try:
         return commands[args.command](args)
