@@ -24,6 +24,12 @@ log = logging.getLogger("custody.agent.commands")
 REFUSAL_EVERY_S = 60.0
 
 
+class CommandFailed(ProtocolError):
+    """A valid command that could not be carried out (journalled like a refusal)."""
+
+    reason = "failed"
+
+
 class CommandGate:
     def __init__(self, journal: Journal, device_id: str, gateway_key: VerifyKey) -> None:
         self.journal = journal

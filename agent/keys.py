@@ -76,18 +76,39 @@ class FileKeyStore:
         new public key; only then does the new key replace the old. ``finish_rotation``
         completes or abandons a rotation that a crash interrupted.
         """
+        old = self.signing_key()
         new = SigningKey.generate()
         self.next_path.unlink(missing_ok=True)
         _write_new(self.next_path, new.seed())
+        # The old key stays until the gateway has acknowledged the hand-over: the records
+        # before it are signed with it, and so must be the envelopes that carry them.
+        self.prev_path.unlink(missing_ok=True)
+        _write_new(self.prev_path, old.seed())
         hand_over(new)
         os.replace(self.next_path, self.path)
         return new
 
+    @property
+    def prev_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".prev")
+
+    def previous(self) -> SigningKey | None:
+        """The key before the last rotation, while the gateway has not acknowledged it."""
+        if not self.prev_path.exists():
+            return None
+        return SigningKey.from_seed(_read_private(self.prev_path, "previous device key"))
+
+    def forget_previous(self) -> None:
+        self.prev_path.unlink(missing_ok=True)
+
     def key_for(self, public_hex: str) -> SigningKey:
         """The signing key (current or about to become current) with this public key."""
-        for path in (self.path, self.next_path):
-            if path.exists():
-                key = SigningKey.from_seed(_read_private(path, "device key"))
+        for _attempt in range(3):  # a rotation may move .next over the key between reads
+            for path in (self.next_path, self.path):
+                try:
+                    key = SigningKey.from_seed(_read_private(path, "device key"))
+                except KeyStoreError:
+                    continue
                 if key.verify_key.hex == public_hex:
                     return key
         raise KeyStoreError(f"no device key matches the journal's signer {public_hex[:16]}…")

@@ -27,9 +27,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.commands import CommandGate
+from agent.commands import CommandFailed, CommandGate
 from agent.config import AgentConfig
 from agent.db import add_to_counter, bump_counter
+from agent.errors import AgentError
 from agent.hardware import DeviceHardware, HardwareState
 from agent.journal import Journal, now_ms
 from agent.outbox import MediaItem, Outbox
@@ -72,6 +73,8 @@ class Relay:
         key: SigningKey,
         rotate_key: Callable[[], SigningKey] | None = None,
         hardware: DeviceHardware | None = None,
+        previous_key: Callable[[], SigningKey | None] | None = None,
+        forget_previous_key: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.journal = journal
@@ -80,6 +83,8 @@ class Relay:
         self.key = key
         self.rotate_key = rotate_key
         self.hardware = hardware
+        self.previous_key = previous_key or (lambda: None)
+        self.forget_previous_key = forget_previous_key or (lambda: None)
         self.gateway_key = VerifyKey.from_hex(config.gateway_public_key)
         self.device_id = config.device_id
         self.inbox: queue.Queue[Event] = queue.Queue()
@@ -160,6 +165,8 @@ class Relay:
                 self._on_message(event)
             except ProtocolError as exc:
                 self.commands.refuse(event.topic.rsplit("/", 1)[-1], exc)
+            except Exception:  # a bug or a full disk must not stop the relay
+                log.exception("handling %s failed", event.topic)
 
     def _reset_session(self) -> None:
         for up in self.uploads.values():
@@ -199,7 +206,11 @@ class Relay:
         elif cmd.name == "resync":
             self._reset_session()
         elif cmd.name == "rotate_key" and self.rotate_key is not None:
-            self.key = self.rotate_key()
+            try:
+                self.key = self.rotate_key()
+            except (AgentError, OSError) as exc:
+                self.commands.refuse("command", CommandFailed(f"rotate_key failed: {exc}"))
+                return
             log.info("journal signing key rotated; now %s", self.key.verify_key.hex[:16])
 
     def _on_gateway_state(self, payload: bytes) -> None:
@@ -234,6 +245,10 @@ class Relay:
                 return
             self.journal.mark_acked(ack.acked_through)
             self.next_outbox_poll = self.next_journal_poll = 0.0
+            if not self.journal.db.execute(
+                "SELECT 1 FROM journal WHERE kind = 'key_rotation' AND acked = 0 LIMIT 1"
+            ).fetchone():
+                self.forget_previous_key()
         if ack.rejected_seq:
             log.error(
                 "gateway rejected journal record %d: %s (%s)",
@@ -347,11 +362,21 @@ class Relay:
             if rows[i][0] != rows[i - 1][0] + 1:
                 rows = rows[:i]
                 break
-        counter = bump_counter(self.journal.db, "batch_counter")
+        envelope_key = self.key
+        pending = self.journal.db.execute(
+            "SELECT min(seq) FROM journal WHERE kind = 'key_rotation' AND acked = 0"
+        ).fetchone()[0]
+        if pending is not None and rows[0][0] <= pending:
+            # Up to and including an unacknowledged hand-over, records carry the previous
+            # key's signature: send them in envelopes the gateway can check with the key
+            # it knows; the new key takes over with the batch after the hand-over.
+            rows = [r for r in rows if r[0] <= pending]
+            envelope_key = self.previous_key() or self.key
         records = tuple(SignedRecord.from_wire(_load(r)) for _, r in rows)
+        counter = bump_counter(self.journal.db, "batch_counter")
         batch = JournalBatch(self.device_id, counter, records)
-        if self._publish(DeviceTopic.JOURNAL, batch.encode(self.key)):
-            self.journal_inflight = (rows[-1][0], now)
+        if self._publish(DeviceTopic.JOURNAL, batch.encode(envelope_key)):
+            self.journal_inflight = (records[-1].record.seq, now)
 
     def _admit_uploads(self, now: float, busy: int) -> None:
         """Start uploads while fewer than ``max_active_uploads`` have bytes left to send.

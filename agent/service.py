@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, load_config
 from agent.db import open_db
+from agent.errors import KeyStoreError
 from agent.hardware import DeviceHardware
 from agent.journal import Journal, last_handover
 from agent.keys import FileKeyStore
@@ -50,7 +51,15 @@ class Device:
         return cls(load_config(config_path))
 
     def rotate_signing_key(self) -> SigningKey:
-        """Hand the journal over to a fresh key (see ``FileKeyStore.rotate``)."""
+        """Hand the journal over to a fresh key (see ``FileKeyStore.rotate``). One at a
+        time: the previous hand-over must be acknowledged by the gateway first."""
+        pending = self.db.execute(
+            "SELECT seq FROM journal WHERE kind = 'key_rotation' AND acked = 0 LIMIT 1"
+        ).fetchone()
+        if pending is not None:
+            raise KeyStoreError(
+                f"the key rotation at seq {pending[0]} is not acknowledged yet; try later"
+            )
         self.key = self.keys.rotate(self.journal.rotate_to)
         return self.key
 
@@ -98,6 +107,8 @@ class Agent:
             self.transport,
             self.device.key,
             rotate_key=self.device.rotate_signing_key,
+            previous_key=self.device.keys.previous,
+            forget_previous_key=self.device.keys.forget_previous,
             hardware=self.hardware,
         )
         relay_box.append(self.relay)

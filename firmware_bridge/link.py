@@ -96,7 +96,11 @@ class SerialLink:
 
     def _open(self) -> serial.SerialBase | None:
         try:
-            port = serial.serial_for_url(self.url, baudrate=self.baudrate, timeout=0.1)
+            # A write timeout, or a peer that stops reading would block ``send`` forever
+            # while it holds the lock the reconnect path needs.
+            port = serial.serial_for_url(
+                self.url, baudrate=self.baudrate, timeout=0.1, write_timeout=1.0
+            )
         except (serial.SerialException, OSError, ValueError) as exc:
             log.debug("cannot open %s yet: %s", self.url, exc)
             return None

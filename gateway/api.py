@@ -24,6 +24,8 @@ from gateway.datadir import DataDir
 from gateway.db import connect, transaction
 from gateway.translog import TransparencyLog
 from protocol.command import COMMANDS
+from protocol.encoding import canonical
+from protocol.errors import EncodingError
 from protocol.merkle import MerkleError, verify_consistency
 
 bearer = HTTPBearer(auto_error=False, description="The admin token from DIR/admin.token")
@@ -252,6 +254,10 @@ def create_app(data: DataDir) -> FastAPI:
         """Queue a signed command for one device (sent within a second, acted on once)."""
         if body.name not in COMMANDS:
             raise HTTPException(422, f"unknown command {body.name!r}; known: {sorted(COMMANDS)}")
+        try:
+            canonical(body.args)  # what the signature will cover: integers, no floats
+        except EncodingError as exc:
+            raise HTTPException(422, f"command args cannot be signed: {exc}") from exc
         row = conn.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
         if row is None:
             raise HTTPException(404, f"device {device_id} is not enrolled")

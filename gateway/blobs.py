@@ -30,13 +30,21 @@ class BlobStore:
     def exists(self, sha256_hex: str) -> bool:
         return self.path(sha256_hex).exists()
 
+    def _make_dirs(self, leaf: Path) -> None:
+        """Create ``ab/cd`` so that the directories themselves survive a power cut: each
+        new one is recorded durably in its parent before anything is put in it."""
+        for directory in (leaf.parent, leaf):
+            if not directory.exists():
+                directory.mkdir(exist_ok=True)
+                fsync_dir(directory.parent)
+
     def adopt(self, verified_file: Path, sha256_hex: str) -> Path:
         """Move an fsync'd, verified file into the store (or drop it if already stored)."""
         target = self.path(sha256_hex)
         if target.exists():
             verified_file.unlink()
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(target.parent)
         os.chmod(verified_file, 0o440)
         os.rename(verified_file, target)
         fsync_dir(target.parent)

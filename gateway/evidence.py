@@ -214,10 +214,16 @@ class EvidenceIntake:
             return []
         if (device_id, chunk.seq) in self._finalizing:
             return []  # a re-sent chunk while the file is being verified: the receipt follows
-        up = self._upload(device_id, chunk.seq)
+        up = self.active.get(device_id, chunk.seq)
         if up is None:
+            # Not in progress here: a late duplicate of a finished upload must be answered
+            # from what is stored, never written into a fresh part file.
             settled = self._settled(device_id, chunk.seq)
-            return settled or [self._upload_ack(device_id, chunk.seq, "unknown")]
+            if settled is not None:
+                return settled
+            up = self._upload(device_id, chunk.seq)
+        if up is None:
+            return [self._upload_ack(device_id, chunk.seq, "unknown")]
         if chunk.offset + len(chunk.data) > up.size:
             self._alarm(
                 "bad_message",

@@ -210,12 +210,13 @@ class Ingest:
 
     @staticmethod
     def _decode_batch(payload: bytes, key: VerifyKey) -> JournalBatch:
-        """Verify the envelope with the device's key, or with a key the batch itself hands
-        over to (a rotation: the agent already signs with its new key)."""
+        """Verify the envelope with the device's key, or with a key the batch hands over
+        to — only when the hand-over record itself verifies under the current key (an
+        unverified announcement must not make a forged envelope acceptable)."""
         try:
             return JournalBatch.decode(payload, key)
         except SignatureError as first:
-            for candidate in JournalBatch.announced_keys(payload):
+            for candidate in JournalBatch.announced_keys(payload, key):
                 try:
                     return JournalBatch.decode(payload, candidate)
                 except SignatureError:
@@ -334,11 +335,14 @@ class Ingest:
                             received,
                             key=f"media {rec.body.get('media_seq')}",
                         )
-                conn.execute(
-                    "UPDATE devices SET head_seq = ?, head_hash = ?, batch_counter = ?, "
-                    "last_batch_hash = ? WHERE device_id = ?",
-                    [head_seq, head_hash.hex(), batch.counter, batch_hash, dev.device_id],
-                )
+                if accepted:
+                    # Only a batch that carried at least one genuine record moves the replay
+                    # counter: a forged envelope must not be able to lock the device out.
+                    conn.execute(
+                        "UPDATE devices SET head_seq = ?, head_hash = ?, batch_counter = ?, "
+                        "last_batch_hash = ? WHERE device_id = ?",
+                        [head_seq, head_hash.hex(), batch.counter, batch_hash, dev.device_id],
+                    )
         except BaseException:
             self.log.reload()
             raise
@@ -402,22 +406,35 @@ class Ingest:
 
     def pending_commands(self) -> list[Outgoing]:
         """Commands queued through the API, signed and ready to publish (marked sent)."""
+        # Only to devices that are online (a device has no persistent session, so a
+        # command published while it is away would be lost); the rest wait for its birth.
         rows = self.db.execute(
-            "SELECT device_id, cmd_id, name, args, issued_ms, expires_ms FROM commands "
-            "WHERE state = 'pending' ORDER BY device_id, cmd_id"
+            "SELECT c.device_id, c.cmd_id, c.name, c.args, c.issued_ms, c.expires_ms "
+            "FROM commands c JOIN devices d ON d.device_id = c.device_id "
+            "WHERE c.state = 'pending' AND d.online = 1 ORDER BY c.device_id, c.cmd_id"
         ).fetchall()
-        if not rows:
-            return []
+        now = now_ms()
         out = []
         with transaction(self.db, durable=False) as conn:
+            conn.execute(
+                "UPDATE commands SET state = 'expired' WHERE state = 'pending' AND expires_ms < ?",
+                [now],
+            )
             for device_id, cmd_id, name, args, issued, expires in rows:
-                cmd = Command(device_id, cmd_id, name, issued, expires, json.loads(args))
-                out.append(
-                    Outgoing(gateway_topic(device_id, GatewayTopic.COMMAND), cmd.encode(self.key))
-                )
+                state = "sent"
+                if expires < now:
+                    continue
+                try:
+                    cmd = Command(device_id, cmd_id, name, issued, expires, json.loads(args))
+                    payload = cmd.encode(self.key)
+                except (ProtocolError, ValueError) as exc:
+                    log.error("command %s/%d cannot be sent: %s", device_id, cmd_id, exc)
+                    state = "failed"
+                else:
+                    out.append(Outgoing(gateway_topic(device_id, GatewayTopic.COMMAND), payload))
                 conn.execute(
-                    "UPDATE commands SET state = 'sent' WHERE device_id = ? AND cmd_id = ?",
-                    [device_id, cmd_id],
+                    "UPDATE commands SET state = ? WHERE device_id = ? AND cmd_id = ?",
+                    [state, device_id, cmd_id],
                 )
         return out
 

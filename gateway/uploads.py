@@ -57,6 +57,7 @@ class ActiveUpload:
     fd: int = -1
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed_to: int = 0
+    rehash: bool = False
 
     @property
     def complete(self) -> bool:
@@ -77,7 +78,11 @@ class ActiveUpload:
         pos = 0
         while pos < len(view):
             pos += os.pwrite(fd, view[pos:], offset + pos)
-        if offset == self.hashed_to:
+        if offset < self.hashed_to:
+            # Bytes already hashed are being overwritten: the running hash no longer
+            # describes the file, so ``digest`` must read the whole file back.
+            self.rehash = True
+        elif offset == self.hashed_to and not self.rehash:
             self.hasher.update(data)
             self.hashed_to += len(data)
         self.ranges = add_range(self.ranges, offset, offset + len(data))
@@ -99,7 +104,7 @@ class ActiveUpload:
 
     def digest(self) -> bytes:
         """sha256 of the whole part file, re-reading only what the running hash missed."""
-        if self.hashed_to == self.size:
+        if self.hashed_to == self.size and not self.rehash:
             return bytes(self.hasher.digest())
         fd = self.open()
         digest = hashlib.sha256()

@@ -58,21 +58,20 @@ class JournalBatch:
         return check_device_id(decode(data, what="journal batch").get("device_id"))
 
     @staticmethod
-    def announced_keys(data: bytes) -> list[VerifyKey]:
-        """Keys that ``key_rotation`` records in the batch hand over to (unverified: only
-        candidates for checking the envelope; each hand-over record must still verify
-        under the key before it)."""
+    def announced_keys(data: bytes, current: VerifyKey) -> list[VerifyKey]:
+        """Keys that ``key_rotation`` records in the batch hand over to, counting only
+        hand-over records that verify under ``current`` (the key the receiver trusts)."""
         obj = decode(data, what="journal batch")
         keys = []
-        for rec in obj.get("records") or []:
-            if isinstance(rec, dict) and rec.get("kind") == "key_rotation":
-                body = rec.get("body")
-                new = body.get("new_public_key") if isinstance(body, dict) else None
-                if isinstance(new, str):
-                    try:
-                        keys.append(VerifyKey.from_hex(new))
-                    except ProtocolError:
-                        continue
+        for wire in obj.get("records") or []:
+            if not isinstance(wire, dict) or wire.get("kind") != "key_rotation":
+                continue
+            try:
+                signed = SignedRecord.from_wire(wire)
+                signed.verify(current)
+                keys.append(VerifyKey.from_hex(str(signed.record.body["new_public_key"])))
+            except ProtocolError:
+                continue
         return keys
 
     @classmethod

@@ -98,3 +98,19 @@ def test_command_api_validates(gateway, make_agent):
     assert r.status_code == 401
     listed = gateway.get("/api/v1/devices/cam-api/commands")
     assert listed == []
+
+
+def test_float_args_are_refused_and_cannot_block_other_commands(gateway, make_agent):
+    make_agent("cam-f", gateway)
+    r = post_command(gateway, "cam-f", {"name": "set_bandwidth", "args": {"bytes_per_s": 1.5}})
+    assert r.status_code == 422 and "float" in r.text
+
+
+def test_a_command_waits_for_an_offline_device(tmp_path, gateway, make_agent):
+    agent = make_agent("cam-later", gateway)
+    r = post_command(gateway, "cam-later", {"name": "mark", "args": {"note": "queued"}})
+    assert r.status_code == 202
+    time.sleep(1)  # several command polls pass while the device is away
+    assert gateway.get("/api/v1/devices/cam-later/commands")[0]["state"] == "pending"
+    agent.start()
+    wait_for(lambda: journal_kinds(gateway, "cam-later", "mark"), 30, "carried out on arrival")

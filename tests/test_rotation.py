@@ -120,3 +120,53 @@ def test_interrupted_rotation_is_completed_or_dropped(
     current = store.signing_key().verify_key.hex
     assert current == (seen[0] if handed_over else old.verify_key.hex)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_rotation_with_a_backlog_longer_than_a_batch(tmp_path, gateway, make_agent):
+    """Records before the hand-over travel in envelopes signed with the previous key."""
+    from agent.config import load_config
+    from agent.service import Device
+
+    agent = make_agent("cam-backlog", gateway, journal_batch="2")
+    files = make_files(tmp_path / "a", [1000] * 5, seed=5)
+    agent.add(*files.values())
+    device = Device(load_config(agent.config))
+    try:
+        device.rotate_signing_key()  # offline: the hand-over sits behind 5 unsent records
+    finally:
+        device.close()
+    agent.add(*make_files(tmp_path / "b", [2000], seed=6).values())
+    agent.start()
+    wait_for(lambda: len(gateway.evidence("cam-backlog")) == 6, 60, "all six, across the rotation")
+    assert gateway.alarms(device_id="cam-backlog") == []
+    wait_for(
+        lambda: not (agent.dir / "device.key.prev").exists(),
+        20,
+        "the previous key forgotten once the hand-over is acknowledged",
+    )
+
+
+def test_a_forged_hand_over_cannot_lock_a_device_out(tmp_path, gateway, make_agent):
+    from protocol.journal import GENESIS, JournalRecord
+    from protocol.topics import DeviceTopic, device_topic
+    from protocol.upload import JournalBatch
+    from tests.conftest import Identity, publish
+
+    agent = make_agent("cam-lock", gateway)
+    attacker = SigningKey.generate()
+    forged = JournalRecord(
+        "cam-lock", 1, GENESIS, "key_rotation", 1, 1, {"new_public_key": attacker.verify_key.hex}
+    ).sign(attacker)
+    # With a stolen TLS identity but not the device's key: a huge counter in an envelope
+    # signed by the key the forged record announces.
+    publish(
+        gateway.broker,
+        Identity.device(agent.dir),
+        device_topic("cam-lock", DeviceTopic.JOURNAL),
+        JournalBatch("cam-lock", 2**60, (forged,)).encode(attacker),
+    )
+    wait_for(lambda: gateway.alarms(kind="bad_signature", device_id="cam-lock"), 20, "refused")
+    agent.add(*make_files(tmp_path, [1000], seed=7).values())
+    agent.start()
+    wait_for(lambda: len(gateway.evidence("cam-lock")) == 1, 30, "the real device still uploads")
+    assert gateway.alarms(kind="replay", device_id="cam-lock") == []
