@@ -129,7 +129,38 @@ def root_from_leaf_hashes(leaf_hashes: Sequence[bytes]) -> bytes:
     return _range_root(leaf_hashes, 0, len(leaf_hashes))
 
 
-def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
+class SubtreeCache:
+    """Roots of complete, aligned subtrees of an append-only log.
+
+    Such a subtree never changes once its leaves exist, so a log that keeps one of these
+    answers inclusion and consistency proofs in O(log² n) hashes once warm, instead of
+    rehashing every leaf for every receipt. Only for leaf sequences that are only ever
+    appended to (the caller's promise).
+    """
+
+    SMALL = 16  # below this, hashing directly is cheaper than bookkeeping
+
+    def __init__(self) -> None:
+        self._roots: dict[tuple[int, int], bytes] = {}
+
+    def root(self, leaf_hashes: Sequence[bytes], lo: int, hi: int) -> bytes:
+        n = hi - lo
+        if n <= self.SMALL:
+            return _range_root(leaf_hashes, lo, hi)
+        if n & (n - 1) == 0 and lo % n == 0:
+            cached = self._roots.get((lo, hi))
+            if cached is None:
+                mid = lo + n // 2
+                cached = node_hash(self.root(leaf_hashes, lo, mid), self.root(leaf_hashes, mid, hi))
+                self._roots[(lo, hi)] = cached
+            return cached
+        k = _split(n)
+        return node_hash(self.root(leaf_hashes, lo, lo + k), self.root(leaf_hashes, lo + k, hi))
+
+
+def inclusion_proof(
+    index: int, leaf_hashes: Sequence[bytes], cache: SubtreeCache | None = None
+) -> list[bytes]:
     """``PATH(index, D[n])`` (RFC 9162 2.1.3.1) for the tree of size ``n = len(leaf_hashes)``.
 
     Ordered from the leaf's sibling up to the sibling of the root's child, as the RFC
@@ -142,7 +173,9 @@ def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
         raise MerkleError(f"index {index} out of range: the tree is empty (tree_size 0)")
     if not 0 <= index < n:
         raise MerkleError(f"index {index} out of range for tree_size {n} (need 0 <= index < {n})")
-    _check_leaf_hashes(leaf_hashes)
+    if cache is None:
+        _check_leaf_hashes(leaf_hashes)
+    range_root = _range_root if cache is None else cache.root
 
     # Walk down from the root; record the sibling subtree at each level, top first.
     top_down: list[bytes] = []
@@ -150,16 +183,18 @@ def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
     while hi - lo > 1:
         mid = lo + _split(hi - lo)
         if index < mid:
-            top_down.append(_range_root(leaf_hashes, mid, hi))
+            top_down.append(range_root(leaf_hashes, mid, hi))
             hi = mid
         else:
-            top_down.append(_range_root(leaf_hashes, lo, mid))
+            top_down.append(range_root(leaf_hashes, lo, mid))
             lo = mid
     top_down.reverse()
     return top_down
 
 
-def consistency_proof(old_size: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
+def consistency_proof(
+    old_size: int, leaf_hashes: Sequence[bytes], cache: SubtreeCache | None = None
+) -> list[bytes]:
     """``PROOF(old_size, D[n])`` (RFC 9162 2.1.4.1), ``n = len(leaf_hashes)``.
 
     Proves that the tree of the first ``old_size`` leaves is a prefix of the tree of all ``n``.
@@ -172,9 +207,11 @@ def consistency_proof(old_size: int, leaf_hashes: Sequence[bytes]) -> list[bytes
         raise MerkleError(f"old_size {old_size} is negative")
     if old_size > n:
         raise MerkleError(f"old_size {old_size} is larger than the new tree_size {n}")
-    _check_leaf_hashes(leaf_hashes)
+    if cache is None:
+        _check_leaf_hashes(leaf_hashes)
     if old_size in (0, n):
         return []
+    range_root = _range_root if cache is None else cache.root
 
     # SUBPROOF(m, D[lo:hi], b), unrolled. ``complete`` is the RFC's ``b``: True while the old
     # tree's root is still a node of the subtree being descended (so the verifier has it).
@@ -184,14 +221,14 @@ def consistency_proof(old_size: int, leaf_hashes: Sequence[bytes]) -> list[bytes
     while old_size != hi:
         mid = lo + _split(hi - lo)
         if old_size <= mid:
-            top_down.append(_range_root(leaf_hashes, mid, hi))
+            top_down.append(range_root(leaf_hashes, mid, hi))
             hi = mid
         else:
-            top_down.append(_range_root(leaf_hashes, lo, mid))
+            top_down.append(range_root(leaf_hashes, lo, mid))
             lo = mid
             complete = False
     if not complete:
-        top_down.append(_range_root(leaf_hashes, lo, hi))
+        top_down.append(range_root(leaf_hashes, lo, hi))
     top_down.reverse()
     return top_down
 
