@@ -101,7 +101,29 @@ def own_broker(broker: Broker) -> Broker:
     return broker
 
 
-class Gateway:
+class CustodyProcess:
+    """A real `custody` process a test can SIGKILL (no clean-up runs) or stop politely."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+class Gateway(CustodyProcess):
     def __init__(self, data: Path, broker: Broker, log: Path) -> None:
         self.data = data
         self.broker = broker
@@ -144,22 +166,6 @@ class Gateway:
         except httpx.HTTPError:
             return False
 
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
     def get(self, path: str, **params: Any) -> Any:
         r = httpx.get(
             self.base + path,
@@ -196,7 +202,7 @@ FAST_AGENT_ENV = {
 }
 
 
-class AgentProc:
+class AgentProc(CustodyProcess):
     def __init__(self, device_id: str, config: Path, log: Path, env: dict[str, str]) -> None:
         self.device_id = device_id
         self.config = config
@@ -217,22 +223,6 @@ class AgentProc:
                 cwd=ROOT,
                 env=self.env,
             )
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
 
     def add(self, *files: Path, marked: bool = False) -> None:
         args = ["agent", "add", "--config", str(self.config)]
