@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", type=Path, required=True, help="gateway data directory")
     g.add_argument("--broker", type=_broker_url, required=True, help="mqtts://HOST:PORT")
     g.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), help="HOST:PORT")
+    g.add_argument("--check-config", action="store_true", help="check the data directory and exit")
 
     e = sub.add_parser("enroll", help="create a device identity and register it")
     e.add_argument("device_id", metavar="DEVICE_ID")
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also capture a synthetic segment every SECONDS (no camera yet)",
     )
     a.add_argument("--segment-size", type=int, default=256 * 1024, help="bytes per segment")
+    a.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check agent.toml, the keys and the database, then exit (for ExecStartPre=)",
+    )
     asub = a.add_subparsers(dest="agent_command", metavar="{add,status}")
     add = asub.add_parser("add", help="add files as evidence (agent running or not)")
     add.add_argument("--config", type=Path, required=True, help="DEVDIR/agent.toml")
@@ -160,6 +166,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.datadir import DataDir
     from gateway.service import GatewayService
 
+    if args.check_config:
+        data = DataDir.open(args.data, create=False)
+        data.signing_key()
+        data.admin_token()
+        print(f"custody gateway: {args.data} is ready")
+        return 0
     data = DataDir.open(args.data)
     service = GatewayService(data, args.broker)
     host, port = args.http
@@ -217,6 +229,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print("custody agent: --config DEVDIR/agent.toml is required", file=sys.stderr)
         return 2
     config = load_config(args.config)
+    if args.check_config:
+        Device(config).close()  # opens keys (0600 checked) and the database
+        print(f"custody agent: {args.config} is valid for {config.device_id}")
+        return 0
     if args.agent_command == "add":
         device = Device(config)
         try:
