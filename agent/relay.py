@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from agent.commands import CommandFailed, CommandGate
@@ -495,13 +496,7 @@ class Relay:
             last_receipt_seq=status["last_receipt_seq"],
             journal_seq=status["journal_seq"],
             storage_free_bytes=usage.f_bavail * usage.f_frsize,
-            battery_pct=hw.battery_pct,
-            charging=hw.charging,
-            docked=hw.docked,
-            tamper_open=hw.tamper_open,
-            gps_lat_e6=hw.gps_lat_e6,
-            gps_lon_e6=hw.gps_lon_e6,
-            temperature_centi=hw.temperature_centi,
+            **asdict(hw),  # HardwareState's fields are Telemetry's MCU fields, by name
         )
 
 

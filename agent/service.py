@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import asdict
-from pathlib import Path
 
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig
 from agent.db import open_db
 from agent.errors import KeyStoreError
 from agent.hardware import DeviceHardware
@@ -45,10 +44,6 @@ class Device:
             self.db, config.device_id, self.key, cipher, key_loader=self.keys.key_for
         )
         self.outbox = Outbox(self.db, self.journal, config.data_dir, data_key)
-
-    @classmethod
-    def from_path(cls, config_path: Path) -> Device:
-        return cls(load_config(config_path))
 
     def rotate_signing_key(self) -> SigningKey:
         """Hand the journal over to a fresh key (see ``FileKeyStore.rotate``). One at a

@@ -27,7 +27,6 @@ VERSION = 1
 MAX_PAYLOAD = 512
 _HEAD = struct.Struct(">BBBH")  # ver, type, seq, len
 HEADER_LEN = len(SOF) + _HEAD.size
-OVERHEAD = HEADER_LEN + 2
 
 
 def crc16(data: bytes, crc: int = 0xFFFF) -> int:

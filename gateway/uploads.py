@@ -148,11 +148,6 @@ class ActiveUploads:
             evicted.append(old)
         return evicted
 
-    def drop(self, device_id: str, seq: int) -> None:
-        item = self._items.pop((device_id, seq), None)
-        if item is not None:
-            item.close()
-
     def forget(self, device_id: str, seq: int) -> None:
         """Stop tracking without closing: whoever finalizes the upload owns its file now."""
         self._items.pop((device_id, seq), None)

@@ -170,19 +170,7 @@ def timeline(scenario: Scenario, until: float) -> list[tuple[float, Event]]:
         points = [(float(t), float(p)) for t, p in b.points]
         t = 0.0
         while t <= until:
-            docked = any(
-                e.kind == "dock" and e.at <= t and bool(e.docked) for e in scenario.event
-            ) and not any(
-                e.kind == "dock"
-                and e.at <= t
-                and not e.docked
-                and e.at
-                > max(
-                    (d.at for d in scenario.event if d.kind == "dock" and d.docked and d.at <= t),
-                    default=-1.0,
-                )
-                for e in scenario.event
-            )
+            docked = _docked_at(scenario, t)
             (pct,) = _interpolate(points, t)
             percent = max(0, min(100, round(pct)))
             mv = 3300 + percent * 9
