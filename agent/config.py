@@ -46,6 +46,40 @@ class AgentConfig(BaseModel):
     mcu_port: str | None = Field(
         None, description="pyserial URL of the device MCU (e.g. /dev/ttyS1); none: no MCU."
     )
+    camera: str | None = Field(
+        None,
+        description="What records: a V4L2 index ('0'), a video file, an rtsp:// or http:// "
+        "URL, or 'synthetic' (the simulators' camera). None: no capture.",
+    )
+    camera_width: int = Field(1280, ge=16, le=7680, description="Capture width in pixels.")
+    camera_height: int = Field(720, ge=16, le=4320, description="Capture height in pixels.")
+    camera_fps: float = Field(30.0, gt=0, le=240, description="Capture frame rate.")
+    audio: str | None = Field(
+        None, description="ALSA capture device ('hw:0', 'default') or 'synthetic'; None: silent."
+    )
+    segment_s: float = Field(10.0, ge=1, le=600, description="Seconds of video per segment.")
+    pre_event_s: float = Field(
+        30.0, ge=0, le=120, description="Seconds before a record press that the recording keeps."
+    )
+    video_crf: int = Field(26, ge=0, le=51, description="x264 quality (lower: better, larger).")
+    video_preset: str = Field("veryfast", description="x264 speed preset.")
+    video_max_bitrate: int = Field(6_000_000, ge=100_000, description="Bits/s cap per segment.")
+    officer_id: str | None = Field(
+        None, description="Enforcement certificate number of the officer wearing the device."
+    )
+    storage_reserve_mib: int = Field(
+        256, ge=0, description="Free space recording never eats into (MiB)."
+    )
+    storage_quota_mib: int = Field(
+        0, ge=0, description="Most the buffer may hold (MiB); 0: the whole file system."
+    )
+    battery_stop_pct: int = Field(
+        3, ge=0, le=50, description="Stop recording (battery_low) at or below this charge."
+    )
+    resume_after_reboot: bool = Field(
+        True, description="Start recording again after a restart cut a recording short."
+    )
+    record_on_start: bool = Field(False, description="Start recording as soon as the agent runs.")
     chunk_size: int = Field(256 * 1024, ge=1024, le=8 * 1024 * 1024, description="Bytes/chunk.")
     window: int = Field(32, ge=1, le=256, description="Chunks in flight without an ack.")
     max_active_uploads: int = Field(2, ge=1, le=16, description="Files sending at once.")
@@ -56,6 +90,14 @@ class AgentConfig(BaseModel):
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect backoff.")
     reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect backoff.")
     keepalive_s: int = Field(15, ge=5, le=600, description="MQTT keepalive.")
+
+    @field_validator("video_preset")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        presets = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
+        if value not in presets:
+            raise ValueError(f"video_preset must be one of {', '.join(presets)}")
+        return value
 
     @field_validator("broker")
     @classmethod

@@ -3,7 +3,8 @@
     AgentError
     ├── ConfigError      agent.toml is missing, malformed, or has unknown keys
     ├── KeyStoreError    the device key cannot be read or has unsafe permissions
-    └── StoreError       the journal/outbox database or media directory refused an operation
+    ├── StoreError       the journal/outbox database or media directory refused an operation
+    └── CaptureError     the camera or microphone cannot be opened or stopped delivering
 
 Protocol rejections from the gateway are ``protocol.errors.ProtocolError`` and are handled
 inside the relay (journalled, logged), never raised out of it.
@@ -25,4 +26,8 @@ class KeyStoreError(AgentError):
 
 
 class StoreError(AgentError):
+    pass
+
+
+class CaptureError(AgentError):
     pass

@@ -2,9 +2,10 @@
 
 ``DeviceHardware`` keeps the latest battery, dock, GPS, temperature and tamper state for
 telemetry, and journals what a supervisor must be able to see later as signed records:
-the tamper switch (``tamper``) and the officer's mark button (``mark``). Recording
-start/stop by button, battery-low stops and clock sync from GPS come with capture
-(issue #4); the events already arrive here.
+the tamper switch (``tamper``), the officer's mark button (``mark``) and the offset
+between the device clock and GNSS time (``clock_sync``, when it first becomes known, when
+it moves by more than ``CLOCK_DRIFT_MS``, and every ``CLOCK_EVERY_S``). Every event is
+also passed to ``listeners`` (the recorder: record/photo buttons, battery-low stops).
 
 It runs on the serial link's reader thread with its own journal connection, so the relay
 is never blocked by a slow UART.
@@ -12,11 +13,16 @@ is never blocked by a slow UART.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from agent.journal import Journal
+import pynmea2
+
+from agent.journal import Journal, now_ms
 from firmware_bridge.link import SerialLink
 from firmware_bridge.messages import (
     BatteryEvent,
@@ -30,6 +36,28 @@ from firmware_bridge.messages import (
 )
 
 log = logging.getLogger("custody.agent.hardware")
+
+CLOCK_DRIFT_MS = 1000
+CLOCK_EVERY_S = 600.0
+
+
+def gnss_time_ms(sentence: str, now_ms: int) -> int | None:
+    """UTC time of an NMEA fix in ms. GGA carries no date: take the date that puts the
+    fix nearest to ``now_ms`` (a fix just before midnight read just after it)."""
+    try:
+        msg = pynmea2.parse(sentence)
+    except pynmea2.ParseError:
+        return None
+    stamp = getattr(msg, "timestamp", None)
+    if not isinstance(stamp, dt.time):
+        return None
+    date = getattr(msg, "datestamp", None)
+    today = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC).date()
+    days = [date] if isinstance(date, dt.date) else [today + dt.timedelta(d) for d in (-1, 0, 1)]
+    candidates = [
+        round(dt.datetime.combine(d, stamp.replace(tzinfo=dt.UTC)).timestamp() * 1000) for d in days
+    ]
+    return min(candidates, key=lambda c: abs(c - now_ms))
 
 
 @dataclass(frozen=True)
@@ -47,6 +75,9 @@ class DeviceHardware:
     def __init__(self, url: str, journal: Journal) -> None:
         self.journal = journal
         self.state = HardwareState()
+        self.listeners: list[Callable[[Event], None]] = []
+        self.clock_offset_ms: int | None = None
+        self._clock_logged: tuple[int, float] | None = None
         self._lock = threading.Lock()
         self.link = SerialLink(url, self.on_event)
 
@@ -68,6 +99,7 @@ class DeviceHardware:
         elif isinstance(event, GpsFix):
             if event.fix:
                 self._update(gps_lat_e6=event.lat_e6, gps_lon_e6=event.lon_e6)
+                self._clock_sync(event.sentence)
         elif isinstance(event, TemperatureEvent):
             self._update(temperature_centi=event.centi_celsius)
         elif isinstance(event, TamperEvent):
@@ -81,3 +113,23 @@ class DeviceHardware:
             if state.gps_lat_e6 is not None:
                 body["gps"] = {"lat_e6": state.gps_lat_e6, "lon_e6": state.gps_lon_e6}
             self.journal.append("mark", body)
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not stop the serial reader
+                log.exception("hardware listener failed on %s", event)
+
+    def _clock_sync(self, sentence: str) -> None:
+        local = now_ms()
+        gnss = gnss_time_ms(sentence, local)
+        if gnss is None:
+            return
+        offset = gnss - local  # positive: the device clock is behind GNSS time
+        self.clock_offset_ms = offset
+        last = self._clock_logged
+        now = time.monotonic()
+        if last is None or abs(offset - last[0]) > CLOCK_DRIFT_MS or now - last[1] > CLOCK_EVERY_S:
+            self._clock_logged = (offset, now)
+            self.journal.append(
+                "clock_sync", {"source": "gnss", "offset_ms": offset, "reference_ms": gnss}
+            )

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.commands import CommandFailed, CommandGate
 from agent.config import AgentConfig
@@ -53,6 +54,9 @@ from protocol.topics import (
 )
 from protocol.upload import Chunk, JournalBatch, UploadAck, UploadFin, UploadInit, missing
 
+if TYPE_CHECKING:
+    from agent.recorder import Recorder
+
 log = logging.getLogger("custody.agent.relay")
 events = logging.getLogger("custody.events")
 
@@ -62,6 +66,9 @@ PURGE_DELAY_S = 0.2
 PURGE_BATCH = 32
 PREFETCH = 16
 MAX_TRACKED = 8
+CLOCK_MAX_RTT_MS = 2000
+CLOCK_DRIFT_MS = 1000
+CLOCK_EVERY_S = 600.0
 
 
 class Relay:
@@ -74,6 +81,7 @@ class Relay:
         key: SigningKey,
         rotate_key: Callable[[], SigningKey] | None = None,
         hardware: DeviceHardware | None = None,
+        recorder: Recorder | None = None,
         previous_key: Callable[[], SigningKey | None] | None = None,
         forget_previous_key: Callable[[], None] | None = None,
     ) -> None:
@@ -84,6 +92,9 @@ class Relay:
         self.key = key
         self.rotate_key = rotate_key
         self.hardware = hardware
+        self.recorder = recorder
+        self.clock_logged: tuple[int, float] | None = None
+        self.journal_sent_ms = 0
         self.previous_key = previous_key or (lambda: None)
         self.forget_previous_key = forget_previous_key or (lambda: None)
         self.gateway_key = VerifyKey.from_hex(config.gateway_public_key)
@@ -204,6 +215,16 @@ class Relay:
             rate = cmd.args.get("bytes_per_s")
             if isinstance(rate, int) and rate >= 0:
                 self.bucket = TokenBucket(rate, self.config.chunk_size * 2)
+        elif cmd.name in ("record_start", "record_stop", "photo"):
+            if self.recorder is None:
+                failed = CommandFailed(f"{cmd.name}: this device has no camera")
+                self.commands.refuse("command", failed)
+            elif cmd.name == "record_start":
+                self.recorder.start_recording("remote", str(cmd.args.get("note", "")))
+            elif cmd.name == "record_stop":
+                self.recorder.stop_recording("remote", str(cmd.args.get("note", "")))
+            else:
+                self.recorder.take_photo("remote")
         elif cmd.name == "resync":
             self._reset_session()
         elif cmd.name == "rotate_key" and self.rotate_key is not None:
@@ -234,6 +255,8 @@ class Relay:
     def _on_journal_ack(self, ack: JournalAck) -> None:
         if ack.device_id != self.device_id:
             return
+        if self.journal_inflight is not None:
+            self._clock_sync(ack.ts_ms)
         self.journal_inflight = None
         if ack.acked_through:
             ours = self.journal.hash_at(ack.acked_through)
@@ -258,6 +281,28 @@ class Relay:
                 ack.detail,
             )
             self.journal_retry_at = time.monotonic() + JOURNAL_REJECT_BACKOFF_S
+
+    def _clock_sync(self, gateway_ms: int) -> None:
+        """NTP's idea on the signed journal ack: the gateway's clock at the midpoint of
+        the round trip. Journalled (``clock_sync``) when first known and when it moves."""
+        received = now_ms()
+        rtt = received - self.journal_sent_ms
+        if not 0 <= rtt <= CLOCK_MAX_RTT_MS:
+            return  # too slow a round trip to say anything useful
+        offset = gateway_ms - (self.journal_sent_ms + received) // 2
+        last = self.clock_logged
+        now = time.monotonic()
+        if last is None or abs(offset - last[0]) > CLOCK_DRIFT_MS or now - last[1] > CLOCK_EVERY_S:
+            self.clock_logged = (offset, now)
+            self.journal.append(
+                "clock_sync",
+                {
+                    "source": "gateway",
+                    "offset_ms": offset,
+                    "reference_ms": gateway_ms,
+                    "rtt_ms": rtt,
+                },
+            )
 
     def _on_upload_ack(self, ack: UploadAck) -> None:
         up = self.uploads.get(ack.seq)
@@ -376,6 +421,7 @@ class Relay:
         records = tuple(SignedRecord.from_wire(_load(r)) for _, r in rows)
         counter = bump_counter(self.journal.db, "batch_counter")
         batch = JournalBatch(self.device_id, counter, records)
+        self.journal_sent_ms = now_ms()
         if self._publish(DeviceTopic.JOURNAL, batch.encode(envelope_key)):
             self.journal_inflight = (records[-1].record.seq, now)
 
@@ -487,6 +533,7 @@ class Relay:
         status = self.outbox.status()
         usage = os.statvfs(self.outbox.media_dir)
         hw = self.hardware.state if self.hardware is not None else HardwareState()
+        rec = self.recorder
         return Telemetry(
             device_id=self.device_id,
             ts_ms=now_ms(),
@@ -496,8 +543,18 @@ class Relay:
             last_receipt_seq=status["last_receipt_seq"],
             journal_seq=status["journal_seq"],
             storage_free_bytes=usage.f_bavail * usage.f_frsize,
+            recording=rec.recording if rec is not None else False,
+            storage_headroom_min=rec.headroom_s() // 60 if rec is not None else None,
+            dropped_frames=rec.dropped_frames if rec is not None else None,
+            clock_offset_ms=self._clock_offset(),
             **asdict(hw),  # HardwareState's fields are Telemetry's MCU fields, by name
         )
+
+    def _clock_offset(self) -> int | None:
+        """GNSS time minus ours when the MCU has a fix, else the gateway's."""
+        if self.hardware is not None and self.hardware.clock_offset_ms is not None:
+            return self.hardware.clock_offset_ms
+        return self.clock_logged[0] if self.clock_logged is not None else None
 
 
 def _load(raw: bytes) -> object:

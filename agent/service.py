@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from agent.config import AgentConfig
 from agent.db import open_db
@@ -23,6 +25,10 @@ from agent.sealed import RecordCipher
 from agent.transport import MqttTransport, TlsFiles, Will
 from protocol.signing import SigningKey
 from protocol.topics import agent_subscriptions
+
+if TYPE_CHECKING:
+    from agent.camera import AudioSource, FrameSource
+    from agent.recorder import Recorder
 
 log = logging.getLogger("custody.agent")
 
@@ -63,7 +69,17 @@ class Device:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    """``camera``/``audio`` make the frame and sound sources when ``config.camera`` /
+    ``config.audio`` are set; by default what ``agent.camera`` opens (the ``custody``
+    command passes the simulators' synthetic camera when asked for ``synthetic``)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        camera: Callable[[], FrameSource] | None = None,
+        audio: Callable[[], AudioSource] | None = None,
+    ) -> None:
         self.config = config
         self.device = Device(config)
         host, port = config.broker_address
@@ -95,6 +111,10 @@ class Agent:
             # Its own journal connection: events arrive on the serial reader thread.
             self._hardware_device = Device(config)
             self.hardware = DeviceHardware(config.mcu_port, self._hardware_device.journal)
+        self.recorder: Recorder | None = None
+        self._recorder_device: Device | None = None
+        if config.camera:
+            self.recorder = self._make_recorder(config, camera, audio)
         self.relay = Relay(
             config,
             self.device.journal,
@@ -105,9 +125,60 @@ class Agent:
             previous_key=self.device.keys.previous,
             forget_previous_key=self.device.keys.forget_previous,
             hardware=self.hardware,
+            recorder=self.recorder,
         )
         relay_box.append(self.relay)
         self.stop_event = threading.Event()
+
+    def _make_recorder(
+        self,
+        config: AgentConfig,
+        camera: Callable[[], FrameSource] | None,
+        audio: Callable[[], AudioSource] | None,
+    ) -> Recorder:
+        from agent.camera import AlsaSource, open_source
+        from agent.recorder import Recorder, RecorderSettings
+
+        spec = config.camera or ""
+
+        def open_camera() -> FrameSource:
+            return open_source(
+                spec, width=config.camera_width, height=config.camera_height, fps=config.camera_fps
+            )
+
+        audio_spec = config.audio
+        if audio is None and audio_spec and audio_spec != "synthetic":
+
+            def audio_factory() -> AudioSource:
+                return AlsaSource(audio_spec)
+
+            audio = audio_factory
+        # Its own database connection: segments are stored on the recorder's write thread.
+        self._recorder_device = Device(config)
+        hardware = self.hardware
+        recorder = Recorder(
+            RecorderSettings(
+                device_id=config.device_id,
+                officer_id=config.officer_id,
+                segment_s=config.segment_s,
+                pre_event_s=config.pre_event_s,
+                crf=config.video_crf,
+                preset=config.video_preset,
+                max_bitrate=config.video_max_bitrate,
+                storage_reserve_bytes=config.storage_reserve_mib * 1024 * 1024,
+                storage_quota_bytes=config.storage_quota_mib * 1024 * 1024,
+                battery_stop_pct=config.battery_stop_pct,
+                resume_after_reboot=config.resume_after_reboot,
+            ),
+            self._recorder_device.journal,
+            self._recorder_device.outbox,
+            camera or open_camera,
+            audio_factory=audio if audio_spec else None,
+            hardware=(lambda: hardware.state) if hardware is not None else None,
+        )
+        if hardware is not None:
+            hardware.listeners.append(recorder.on_hardware_event)
+        return recorder
 
     def run(self) -> None:
         report = self.device.outbox.recover()
@@ -115,11 +186,19 @@ class Agent:
             log.warning("recovered after a crash: %s", report)
         self.device.journal.append("boot", {"recovery": asdict(report)})
         assert self.relay is not None
+        if self.recorder is not None:
+            self.recorder.start()
+            if self.config.record_on_start:
+                self.recorder.start_recording("auto")
         if self.hardware is not None:
             self.hardware.start()
         try:
             self.relay.run(self.stop_event)
         finally:
+            if self.recorder is not None:
+                self.recorder.stop()
+            if self._recorder_device is not None:
+                self._recorder_device.close()
             if self.hardware is not None:
                 self.hardware.stop()
             if self._hardware_device is not None:

@@ -26,8 +26,12 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -254,7 +258,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             for k, v in status.items():
                 print(f"{k:22} {v}")
         return 0
-    agent = Agent(config)
+    agent = Agent(config, **_capture_sources(config))
     stop = agent.stop_event
     _stop_on_signals(stop)
     source_thread = None
@@ -275,6 +279,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if source_thread is not None:
         source_thread.join(timeout=5)
     return 0
+
+
+def _capture_sources(config: AgentConfig) -> dict[str, Any]:
+    """The simulators' camera and tone when agent.toml asks for ``synthetic``; otherwise
+    the agent opens what its config names itself."""
+    sources: dict[str, Any] = {}
+    if config.camera == "synthetic":
+        from simulators.camera import SyntheticCamera
+
+        w, h, fps = config.camera_width, config.camera_height, config.camera_fps
+        sources["camera"] = lambda: SyntheticCamera(w, h, fps)
+    if config.audio == "synthetic":
+        from simulators.camera import SyntheticTone
+
+        sources["audio"] = SyntheticTone
+    return sources
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ dashboard and outside tools filter on:
 ``sequence_gap`` ``fork`` ``hash_mismatch`` ``manifest_mismatch`` ``topic_mismatch``
 ``media_corrupt`` (the device reports a buffered file it cannot vouch for)
 ``tamper`` (the device's tamper switch opened)
+``storage_full`` ``battery_low`` ``recording_error`` (a recording stopped for that signed
+reason) ``clock_offset`` (the device clock is off its GNSS or gateway reference by more
+than ``CLOCK_ALARM_MS``)
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ ALARM_KINDS = frozenset(
         "topic_mismatch",
         "media_corrupt",
         "tamper",
+        "storage_full",
+        "battery_low",
+        "recording_error",
+        "clock_offset",
     }
 )
+
+CLOCK_ALARM_MS = 2000
 
 
 def raise_alarm(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
-from gateway.alarms import raise_alarm
+from gateway.alarms import CLOCK_ALARM_MS, raise_alarm
 from gateway.blobs import BlobStore
 from gateway.datadir import DataDir
 from gateway.db import transaction
@@ -51,6 +51,14 @@ log = logging.getLogger("custody.gateway.ingest")
 
 STATUS_TTL_S = 1.0
 events = logging.getLogger("custody.events")
+
+#: Recording stops whose signed reason an operator must act on (Guarantee 5: a full
+#: buffer stops recording with a reason, and someone has to empty it).
+STOP_ALARMS = {
+    "storage_full": "storage_full",
+    "battery_low": "battery_low",
+    "error": "recording_error",
+}
 
 
 @dataclass(frozen=True)
@@ -325,6 +333,31 @@ class Ingest:
                             received,
                             key=f"tamper {rec.seq}",
                         )
+                    if rec.kind == "recording_stopped":
+                        stop_reason = str(rec.body.get("reason"))
+                        stop_alarm = STOP_ALARMS.get(stop_reason)
+                        if stop_alarm is not None:
+                            raise_alarm(
+                                conn,
+                                stop_alarm,
+                                dev.device_id,
+                                f"recording {rec.body.get('recording_id')} stopped: {stop_reason}"
+                                + (f" ({rec.body['detail']})" if rec.body.get("detail") else ""),
+                                received,
+                                key=f"stop {rec.seq}",
+                            )
+                    if rec.kind == "clock_sync":
+                        offset = rec.body.get("offset_ms")
+                        if isinstance(offset, int) and abs(offset) > CLOCK_ALARM_MS:
+                            raise_alarm(
+                                conn,
+                                "clock_offset",
+                                dev.device_id,
+                                f"the device clock is {offset / 1000:+.1f} s off its "
+                                f"{rec.body.get('source')} reference",
+                                received,
+                                key=str(rec.body.get("source")),
+                            )
                     if rec.kind == "media_corrupt":
                         raise_alarm(
                             conn,

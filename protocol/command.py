@@ -24,7 +24,18 @@ from protocol.journal import VERSION, check_device_id
 from protocol.signing import SigningKey, VerifyKey, sign_object, verify_object
 
 #: What a v1 device understands. Unknown names are refused (and journalled), not ignored.
-COMMANDS = frozenset({"mark", "telemetry", "set_bandwidth", "resync", "rotate_key"})
+COMMANDS = frozenset(
+    {
+        "mark",
+        "telemetry",
+        "set_bandwidth",
+        "resync",
+        "rotate_key",
+        "record_start",
+        "record_stop",
+        "photo",
+    }
+)
 CLOCK_SKEW_MS = 120_000
 
 

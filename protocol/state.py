@@ -75,6 +75,10 @@ class Telemetry:
     gps_lat_e6: int | None = None
     gps_lon_e6: int | None = None
     temperature_centi: int | None = None
+    # What a device with a camera reports.
+    storage_headroom_min: int | None = None  # minutes of recording that still fit
+    dropped_frames: int | None = None  # since the agent started
+    clock_offset_ms: int | None = None  # reference (GNSS, else gateway) minus device clock
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"v": VERSION}
@@ -103,6 +107,8 @@ class Telemetry:
                 kwargs[name] = _int(obj, name, -180_000_000, 180_000_000)
             elif name == "temperature_centi":
                 kwargs[name] = _int(obj, name, -27_315, 100_000)
+            elif name == "clock_offset_ms":
+                kwargs[name] = _int(obj, name, -(2**53), 2**53)
             else:
                 kwargs[name] = _int(obj, name, -1)
         return cls(**kwargs)

@@ -13,6 +13,7 @@ A scenario is a TOML file::
     [gps]                              # a route: positions (micro-degrees) at times
     route = [[0, 39125000, 117200000], [300, 39130000, 117210000]]
     every_s = 1
+    clock_skew_s = 0                   # GNSS minus device clock (a skewed device)
 
     [[event]]                          # one-off events
     at = 5
@@ -66,6 +67,7 @@ class Gps(BaseModel):
     model_config = ConfigDict(extra="forbid")
     route: list[tuple[float, int, int]] = Field(min_length=1)
     every_s: float = Field(1.0, gt=0)
+    clock_skew_s: float = 0.0  # GNSS time minus the device clock: a skewed device clock
 
 
 class OneOff(BaseModel):
@@ -121,7 +123,7 @@ def nmea_gga(lat_e6: int, lon_e6: int, when: float) -> str:
         minutes = (abs(value_e6) % 1_000_000) * 60 / 1_000_000
         return f"{deg:0{width}d}{minutes:07.4f}"
 
-    hms = time.strftime("%H%M%S", time.gmtime(when)) + ".000"
+    hms = time.strftime("%H%M%S", time.gmtime(when)) + f".{int(when * 100) % 100:02d}"
     body = (
         f"GPGGA,{hms},{dm(lat_e6, 2)},{'N' if lat_e6 >= 0 else 'S'},"
         f"{dm(lon_e6, 3)},{'E' if lon_e6 >= 0 else 'W'},1,8,1.0,50.0,M,0.0,M,,"
@@ -210,6 +212,12 @@ class ScenarioRunner:
         for at, event in timeline(self.scenario, until):
             if self._stop.wait(max(0.0, start + at / self.scenario.speedup - time.monotonic())):
                 return
+            if isinstance(event, GpsFix):
+                # NMEA carries the time it is sent (a sped-up scenario does not speed up
+                # the satellites); the skew makes the device clock disagree with it.
+                skew = self.scenario.gps.clock_skew_s if self.scenario.gps else 0.0
+                sentence = nmea_gga(event.lat_e6, event.lon_e6, time.time() + skew)
+                event = GpsFix(event.lat_e6, event.lon_e6, event.fix, sentence)
             self.mcu.send(event)
             self.sent.append(event)
 
