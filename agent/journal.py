@@ -115,6 +115,18 @@ class Journal:
         ).fetchall()
         return [(int(s), self._open(int(s), bytes(r))) for s, r in rows]
 
+    def records(self, kind: str) -> list[JournalRecord]:
+        """Every stored record of ``kind``, opened (for status and summaries)."""
+        rows = self.db.execute(
+            "SELECT seq, record FROM journal WHERE kind = ? ORDER BY seq", [kind]
+        ).fetchall()
+        return [
+            SignedRecord.from_wire(
+                decode(self._open(int(s), bytes(r)), what="stored record")
+            ).record
+            for s, r in rows
+        ]
+
     def hash_at(self, seq: int) -> bytes | None:
         row = self.db.execute("SELECT hash FROM journal WHERE seq = ?", [seq]).fetchone()
         return bytes(row[0]) if row else None

@@ -12,6 +12,7 @@ Sub-commands (a contract with outside tools; extend, do not rename)::
     custody agent status --config DEVDIR/agent.toml [--json]
     custody demo    [--devices N] [--duration SECONDS] [--data DIR] [--http HOST:PORT]
     custody sim mcu --port PATH --scenario FILE [--speedup X]
+    custody sim device --config DEVDIR/agent.toml --scenario FILE [--drain SECONDS]
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
 """
@@ -32,6 +33,7 @@ from agent.errors import AgentError
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
+    from simulators.scenario import Scenario
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -115,11 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
     sim = sub.add_parser("sim", help="device simulators for testers")
-    simsub = sim.add_subparsers(dest="sim_command", required=True, metavar="{mcu}")
+    simsub = sim.add_subparsers(dest="sim_command", required=True, metavar="{mcu,device,fleet}")
     mcu = simsub.add_parser("mcu", help="the device MCU on a pseudo-terminal, playing a scenario")
     mcu.add_argument("--port", type=Path, required=True, help="path of the pty to create")
     mcu.add_argument("--scenario", type=Path, required=True, help="scenario TOML file")
     mcu.add_argument("--speedup", type=float, help="override the scenario's speedup")
+
+    sd = simsub.add_parser(
+        "device", help="one whole device: MCU simulator + real agent + synthetic camera"
+    )
+    sd.add_argument("--config", type=Path, required=True, help="DEVDIR/agent.toml (enrolled)")
+    sd.add_argument("--scenario", type=Path, required=True, help="scenario TOML file")
+    sd.add_argument("--speedup", type=float, help="override the scenario's speedup")
+    sd.add_argument("--duration", type=float, help="seconds to run (default: the scenario's)")
+    sd.add_argument("--drain", type=float, default=120.0, help="seconds to wait for receipts")
+    sd.add_argument("--size", default="640x360@15", help="camera WIDTHxHEIGHT@FPS")
+    sd.add_argument("--no-audio", action="store_true", help="no synthetic tone track")
+    sd.add_argument("--work", type=Path, help="directory for the pty and logs (default: temp)")
 
     d = sub.add_parser("demo", help="broker + gateway + simulated fleet, live event log")
     d.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
@@ -297,17 +311,88 @@ def _capture_sources(config: AgentConfig) -> dict[str, Any]:
     return sources
 
 
+def _camera_size(value: str) -> tuple[int, int, float]:
+    try:
+        size, _, fps = value.partition("@")
+        w, h = size.split("x")
+        return int(w), int(h), float(fps or 30)
+    except ValueError as exc:
+        raise AgentError(f"--size {value!r} is not WIDTHxHEIGHT@FPS (e.g. 1280x720@30)") from exc
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
-    from simulators.mcu import McuSimulator
-    from simulators.scenario import Scenario, ScenarioError, ScenarioRunner
+    from simulators.scenario import Scenario, ScenarioError
 
     try:
         scenario = Scenario.load(args.scenario)
     except ScenarioError as exc:
-        print(f"custody sim mcu: {exc}", file=sys.stderr)
+        print(f"custody sim {args.sim_command}: {exc}", file=sys.stderr)
         return 2
     if args.speedup:
         scenario = scenario.model_copy(update={"speedup": args.speedup})
+    if args.sim_command == "device":
+        return _sim_device(args, scenario)
+    return _sim_mcu(args, scenario)
+
+
+def _sim_device(args: argparse.Namespace, scenario: Scenario) -> int:
+    import tempfile
+    import time
+
+    from simulators.device import SimDevice, progress_line, render_table, wait_drained
+
+    if not args.config.exists():
+        print(f"custody sim device: {args.config} does not exist (custody enroll)", file=sys.stderr)
+        return 2
+    camera = _camera_size(args.size)
+    duration = args.duration or (scenario.duration_s or 60.0) / scenario.speedup
+    tmp = tempfile.TemporaryDirectory(prefix="custody-sim-") if args.work is None else None
+    work = args.work or Path(tmp.name if tmp else ".")
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    device = SimDevice(args.config, scenario, work, camera=camera, audio=not args.no_audio)
+    tty = sys.stdout.isatty()
+    print(
+        f"custody sim device {device.device_id}: {scenario.name!r} for {duration:g} s", flush=True
+    )
+    start = time.monotonic()
+    device.start()
+    try:
+        next_line = 0.0
+        while not stop.is_set() and (elapsed := time.monotonic() - start) < duration:
+            device.poll()
+            if tty or elapsed >= next_line:
+                line = progress_line(device.counts(), elapsed, duration)
+                print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+                next_line = elapsed + 5.0
+            stop.wait(0.5)
+        if device.runner is not None:
+            device.runner.stop()
+        if tty:
+            print()
+        if not device.powered:
+            device.boot()  # back on the charger to hand over what it holds
+        print(f"draining: waiting up to {args.drain:g} s for receipts", flush=True)
+        drained = stop.is_set() or wait_drained([device], args.drain)
+    finally:
+        device.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    counts = device.final_counts()
+    print(render_table([counts]))
+    if counts.lost:
+        print(f"LOST: {counts.lost} item(s) vanished before their receipt", file=sys.stderr)
+        return 1
+    if not drained:
+        print("not everything was receipted before --drain ran out", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _sim_mcu(args: argparse.Namespace, scenario: Scenario) -> int:
+    from simulators.mcu import McuSimulator
+    from simulators.scenario import ScenarioRunner
+
     mcu = McuSimulator(args.port)
     runner = ScenarioRunner(scenario, mcu)
     stop = threading.Event()
