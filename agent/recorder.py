@@ -149,7 +149,8 @@ class Recorder:
         self._marked = False
         self._latest: Frame | None = None
         self._queued_bytes = 0
-        self._bytes_per_s = settings.max_bitrate / 8
+        # Until a segment says otherwise: half the cap (x264 at this CRF rarely reaches it).
+        self._bytes_per_s = settings.max_bitrate / 16
         self._headroom = 0
         self._last_recording_id = 0
         self._stop = threading.Event()
@@ -354,7 +355,8 @@ class Recorder:
             self.audio.read()
 
     def _segment_bytes_estimate(self) -> int:
-        return int(self._bytes_per_s * self.settings.segment_s * 1.5)
+        """Room for one more segment at the recent bitrate (plus a tenth for safety)."""
+        return int(self._bytes_per_s * self.settings.segment_s * 1.1)
 
     def _apply_controls(self) -> None:
         while True:
@@ -379,12 +381,17 @@ class Recorder:
     def _start_now(self, reason: str, detail: str) -> None:
         if self.recording:
             return
+        refusal = ""
         if self.battery_low:
-            log.warning("not starting: battery below %d%%", self.settings.battery_stop_pct)
-            return
-        if self.headroom_bytes() < self._segment_bytes_estimate():
+            refusal = "battery_low"
+        elif self.headroom_bytes() < self._segment_bytes_estimate():
             self.storage_full = True
-            log.warning("not starting: storage is full")
+            refusal = "storage_full"
+        if refusal:
+            # The officer pressed record and nothing records: that must be on the record.
+            log.warning("not starting a recording (%s): %s", reason, refusal)
+            body = {"reason": refusal, "recording_id": 0, "segments": 0, "refused": reason}
+            self._writes.put(("stopped", {**body, "detail": f"a {reason} start was refused"}))
             return
         self.storage_full = False
         self._recording_id = self._last_recording_id = self._last_recording_id + 1

@@ -33,14 +33,13 @@ picture, while here the synthetic camera's drawing runs inside the agent process
 
 Prints ``capture_vs_encode_cpu_ratio: X`` (custody CPU (a) / baseline CPU) as its last
 line. Nothing is asserted; targets: 0 frames dropped, peak RSS <= 250 MiB, ratio <= 1.25.
-Usage: python bench/capture.py [--seconds 15] [--warmup 3] [--backlog-mib 400]
+Usage: python bench/capture.py [--seconds 15] [--warmup 3] [--backlog-mib 3072]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import signal
@@ -50,11 +49,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +73,7 @@ from simulators.camera import SyntheticCamera  # noqa: E402
 WIDTH, HEIGHT, FPS = 1920, 1080, 30
 MIB = 1024 * 1024
 BACKLOG_FILE = 4 * MIB
+BACKLOG_BATCH = 128  # files per `custody agent add`
 RSS_EVERY_S = 0.2
 RENDER_BATCH = 30  # frames rendered ahead of each timed encode (6 MiB each)
 STARTED = re.compile(r"recording \d+ started")
@@ -156,8 +158,9 @@ class CaptureRun:
     segments: int = 0
     dropped: int = -1
     peak_rss: int = 0
-    uploaded_bytes: int = 0
-    stop_body: dict[str, Any] = field(default_factory=dict)
+    others_cpu_s: float = 0.0  # broker and gateway, in the window
+    uploaded_bytes: int = 0  # in the window
+    uploaded_by_end: int = 0  # since the agent started, at the window's end
 
 
 class AgentRun:
@@ -263,19 +266,23 @@ def capture(
     warmup: float,
     seconds: float,
     upload: tuple[str, str, str] | None = None,
+    others: Sequence[psutil.Process] = (),
 ) -> CaptureRun:
     """Run the agent, measure a window of ``seconds`` after ``warmup``, stop it, and read
     what it journalled. ``upload`` = (gateway URL, admin token, device id) to also
-    measure what reached the gateway in the window."""
+    measure what reached the gateway in the window, ``others`` (broker, gateway) to also
+    measure their CPU time in it."""
     run = CaptureRun()
     agent = AgentRun(config, log, segment_s)
     try:
         started = agent.wait_started()
         time.sleep(max(0.0, started + warmup - time.monotonic()))
         t0_ns, cpu0 = time.monotonic_ns(), cpu_s(agent.ps)
+        others0 = sum(cpu_s(p) for p in others)
         up0 = uploaded_bytes(*upload) if upload else 0
         time.sleep(seconds)
         t1_ns, cpu1 = time.monotonic_ns(), cpu_s(agent.ps)
+        others1 = sum(cpu_s(p) for p in others)
         up1 = uploaded_bytes(*upload) if upload else 0
         if agent.proc.poll() is not None:
             raise SystemExit(f"the agent exited with {agent.proc.returncode}; see {log}")
@@ -283,7 +290,9 @@ def capture(
         run.peak_rss = agent.stop()
     run.window_s = (t1_ns - t0_ns) / 1e9
     run.cpu_s = cpu1 - cpu0
+    run.others_cpu_s = others1 - others0
     run.uploaded_bytes = up1 - up0
+    run.uploaded_by_end = up1
     records = read_journal(config)
     segments = [body for kind, body in records if kind == "segment"]
     stops = [body for kind, body in records if kind == "recording_stopped"]
@@ -291,7 +300,6 @@ def capture(
     run.frames_total = sum(int(b["frames"]) for b in segments)
     run.segments = len(segments)
     if stops:
-        run.stop_body = stops[-1]
         run.dropped = int(stops[-1].get("dropped_frames", -1))
     return run
 
@@ -328,14 +336,49 @@ def baseline_encode(frames: int, segment_s: float) -> tuple[float, float]:
     return encode, render
 
 
+def add_backlog(config: Path, directory: Path, mib: int) -> int:
+    """Queue ``mib`` MiB of distinct random files with ``custody agent add``, in batches
+    (each batch's source files are deleted once the outbox holds its sealed copies)."""
+    directory.mkdir()
+    block = np.random.default_rng(0).bytes(BACKLOG_FILE)
+    count = max(1, mib * MIB // BACKLOG_FILE)
+    for first in range(0, count, BACKLOG_BATCH):
+        files = []
+        for i in range(first, min(count, first + BACKLOG_BATCH)):
+            path = directory / f"backlog-{i:04d}.bin"
+            # One random block, a distinct head per file: every file has its own sha256.
+            path.write_bytes(i.to_bytes(8, "big") + block[8:])
+            files.append(path)
+        run_custody("agent", "add", "--config", str(config), *map(str, files))
+        for path in files:
+            path.unlink()
+    return count * BACKLOG_FILE
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def healthy(http: str) -> bool:
+    try:
+        return httpx.get(f"{http}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=15, help="measured window per run")
     ap.add_argument("--warmup", type=float, default=3, help="seconds after recording starts")
-    ap.add_argument("--backlog-mib", type=int, default=400, help="upload backlog for run (b)")
+    ap.add_argument("--backlog-mib", type=int, default=3072, help="upload backlog for run (b)")
     ap.add_argument("--segment-s", type=float, default=5, help="agent segment length")
     args = ap.parse_args()
     procs: list[subprocess.Popen[Any]] = []
+    logs: list[IO[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="custody-bench-capture-") as tmp_name:
         tmp = Path(tmp_name)
         gw_dir = tmp / "gateway"
@@ -364,19 +407,9 @@ def main() -> None:
                 args.seconds,
             )
 
-            backlog_dir = tmp / "backlog"
-            backlog_dir.mkdir()
-            files = []
-            for i in range(max(1, args.backlog_mib * MIB // BACKLOG_FILE)):
-                path = backlog_dir / f"backlog-{i:03d}.bin"
-                path.write_bytes(os.urandom(BACKLOG_FILE))
-                files.append(str(path))
-            run_custody("agent", "add", "--config", str(configs["bench-upload"]), *files)
-            backlog_bytes = len(files) * BACKLOG_FILE
-            for path_name in files:
-                Path(path_name).unlink()
+            backlog_bytes = add_backlog(configs["bench-upload"], tmp / "backlog", args.backlog_mib)
 
-            broker_log = open(tmp / "broker.log", "wb")  # noqa: SIM115
+            logs.append(open(tmp / "broker.log", "wb"))  # noqa: SIM115
             procs.append(
                 subprocess.Popen(
                     custody_cmd(
@@ -388,13 +421,13 @@ def main() -> None:
                         "--tls",
                         str(gw_dir),
                     ),
-                    stdout=broker_log,
+                    stdout=logs[-1],
                     stderr=subprocess.STDOUT,
                     cwd=ROOT,
                 )
             )
             wait_until(lambda: port_open(port), 15, "the broker")
-            gw_log = open(tmp / "gateway.log", "wb")  # noqa: SIM115
+            logs.append(open(tmp / "gateway.log", "wb"))  # noqa: SIM115
             procs.append(
                 subprocess.Popen(
                     custody_cmd(
@@ -406,7 +439,7 @@ def main() -> None:
                         "--http",
                         f"127.0.0.1:{http_port}",
                     ),
-                    stdout=gw_log,
+                    stdout=logs[-1],
                     stderr=subprocess.STDOUT,
                     cwd=ROOT,
                 )
@@ -416,7 +449,6 @@ def main() -> None:
             token = (gw_dir / "admin.token").read_text().strip()
             gw_ps = [psutil.Process(p.pid) for p in procs]
             gw_ps += [c for p in gw_ps for c in p.children(recursive=True)]
-            others0 = sum(cpu_s(p) for p in gw_ps)
             # (b) the same capture while the backlog goes up at full speed.
             during = capture(
                 configs["bench-upload"],
@@ -425,31 +457,37 @@ def main() -> None:
                 args.warmup,
                 args.seconds,
                 upload=(http, token, "bench-upload"),
-            )
-            others = sum(cpu_s(p) for p in gw_ps) - others0
-            left = run_custody(
-                "agent", "status", "--config", str(configs["bench-upload"]), "--json"
+                others=gw_ps,
             )
         finally:
             for proc in reversed(procs):
                 stop_process(proc, timeout=15)
+            for log in logs:
+                log.close()
 
         frames = round(alone.frames_in_window)
         encode_cpu, render_cpu = baseline_encode(frames, args.segment_s)
 
-    backlog_left = json.loads(left)["backlog_bytes"]
-    print(f"capture: synthetic {WIDTH}x{HEIGHT} @ {FPS} fps, watermark, H.264 veryfast crf 26, ")
-    print(f"segments of {args.segment_s:g} s; window {args.seconds:g} s after {args.warmup:g} s")
+    left = max(0, backlog_bytes - during.uploaded_by_end)
     print(
-        f"run (a) alone: {alone.segments} segments, {alone.frames_total} frames stored, "
-        f"peak rss {alone.peak_rss / MIB:.0f} MiB, stop record {alone.stop_body}"
+        f"capture: synthetic {WIDTH}x{HEIGHT} @ {FPS} fps, watermark, H.264 veryfast crf 26, "
+        f"{args.segment_s:g} s segments hashed, sealed, fsync'd and signed"
+    )
+    print(f"window: {args.seconds:g} s, from {args.warmup:g} s after the recording started")
+    print(
+        f"(a) alone: {alone.segments} segments, {alone.frames_total} frames stored, "
+        f"agent peak rss {alone.peak_rss / MIB:.0f} MiB"
     )
     print(
-        f"run (b) uploading: {during.segments} segments, {during.frames_total} frames stored, "
-        f"agent cpu {during.cpu_s:.2f} s, broker+gateway cpu {others:.2f} s over the whole run, "
-        f"backlog {backlog_bytes / MIB:.0f} MiB, {backlog_left / MIB:.0f} MiB left after"
+        f"(b) with a {backlog_bytes / MIB:.0f} MiB backlog over mutual TLS: "
+        f"{during.segments} segments, {during.frames_total} frames stored, "
+        f"agent peak rss {during.peak_rss / MIB:.0f} MiB, cpu in the window: agent "
+        f"{during.cpu_s:.2f} s, broker+gateway {during.others_cpu_s:.2f} s; "
+        f"{left / MIB:.0f} MiB of the backlog left at the window's end"
     )
-    print(f"frames_captured_alone: {round(alone.frames_in_window)}")
+    if left == 0:
+        print("note: the backlog ran out inside the window (rate understated): raise --backlog-mib")
+    print(f"frames_captured_alone: {frames}")
     print(f"frames_dropped_alone: {alone.dropped}")
     print(f"frames_dropped_during_upload: {during.dropped}")
     print(f"upload_mib_s_during_capture: {during.uploaded_bytes / MIB / during.window_s:.1f}")
@@ -458,21 +496,6 @@ def main() -> None:
     print(f"baseline_encode_cpu_s: {encode_cpu:.2f}")
     print(f"custody_capture_cpu_s: {alone.cpu_s:.2f}")
     print(f"capture_vs_encode_cpu_ratio: {alone.cpu_s / encode_cpu:.2f}")
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def healthy(http: str) -> bool:
-    try:
-        return httpx.get(f"{http}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.config import load_config
 from firmware_bridge.messages import BatteryEvent
 from simulators.mcu import McuSimulator
 from simulators.scenario import Scenario, ScenarioRunner
@@ -117,8 +118,12 @@ class SimDevice:
         self.scenario = scenario
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.device_id = config.parent.name
-        self.data_dir = config.parent / "data"
+        given = {**os.environ, **(env or {})}
+        agent = load_config(
+            config, environ={k: v for k, v in given.items() if k.startswith("CUSTODY_AGENT_")}
+        )
+        self.device_id = agent.device_id
+        self.data_dir = agent.data_dir
         self.log_path = workdir / f"{self.device_id}.log"
         width, height, fps = camera
         self.env = {
@@ -216,18 +221,19 @@ class SimDevice:
         if self.mcu is not None:
             self.mcu.close()
 
+    def _agent_env(self) -> dict[str, str]:
+        return {k: v for k, v in self.env.items() if k.startswith("CUSTODY_AGENT_")}
+
     def counts(self) -> DeviceCounts:
         return read_counts(self.device_id, self.data_dir)
 
     def final_counts(self) -> DeviceCounts:
         """``counts`` plus what only the (sealed) journal bodies say: stop reasons and
         seconds recorded. Opens the device as its owner, so only once the agent stopped."""
-        from agent.config import load_config
         from agent.service import Device
 
         counts = self.counts()
-        env = {k: v for k, v in self.env.items() if k.startswith("CUSTODY_AGENT_")}
-        device = Device(load_config(self.config, environ=env))
+        device = Device(load_config(self.config, environ=self._agent_env()))
         try:
             for rec in device.journal.records("recording_stopped"):
                 reason = str(rec.body.get("reason"))

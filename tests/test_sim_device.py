@@ -9,8 +9,10 @@ journal the gateway accepted and the media it stores, decoded again with PyAV.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,18 @@ def enroll(gateway: Gateway, tmp_path: Path, device_id: str) -> Path:
 def sim_device(
     config: Path, scenario: str, tmp_path: Path, timeout: float = 240, **env: str
 ) -> subprocess.CompletedProcess[str]:
+    proc = sim_device_async(config, scenario, tmp_path, **env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def sim_device_async(
+    config: Path, scenario: str, tmp_path: Path, **env: str
+) -> subprocess.Popen[str]:
     path = tmp_path / "scenario.toml"
     path.write_text(scenario)
     full_env = {
@@ -53,7 +67,7 @@ def sim_device(
         "CUSTODY_AGENT_OFFICER_ID": "31010012",
         **{f"CUSTODY_AGENT_{k.upper()}": v for k, v in env.items()},
     }
-    result = subprocess.run(
+    return subprocess.Popen(
         custody_cmd(
             "sim",
             "device",
@@ -68,13 +82,12 @@ def sim_device(
             "--drain",
             "90",
         ),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
         env=full_env,
-        timeout=timeout,
     )
-    return result
 
 
 def gateway_journal(gateway: Gateway, device_id: str) -> list[dict[str, Any]]:
@@ -148,15 +161,13 @@ def test_sim_device_records_a_patrol_that_arrives_whole_at_the_gateway(
     assert mark["body"]["source"] == "button" and "gps" in mark["body"]
 
     rid = started[0]["body"]["recording_id"]
-    segments = [
-        r for r in journal if r["kind"] == "segment" and r["body"]["recording_id"] == rid
-    ]
+    segments = [r for r in journal if r["kind"] == "segment" and r["body"]["recording_id"] == rid]
     assert stopped[0]["body"]["segments"] == len(segments)
     bodies = [s["body"] for s in segments]
     pre = [b for b in bodies if b["pre_event"]]
     assert pre and not bodies[-1]["pre_event"]
     # The segments cover the whole recording, pre-event seconds included, without holes.
-    for a, b in zip(bodies, bodies[1:], strict=False):
+    for a, b in itertools.pairwise(bodies):
         assert abs(b["start_mono_us"] - a["end_mono_us"]) <= 1e6 / FPS + 2000
     covered_s = (bodies[-1]["end_mono_us"] - bodies[0]["start_mono_us"]) / 1e6
     pressed_s = 42 - 7
@@ -213,9 +224,7 @@ def test_battery_death_mid_recording_is_explained_and_nothing_is_lost(
     # The device lost power at 0 % and booted again on the charger.
     assert [r["kind"] for r in journal].count("boot") >= 2
     rid = stops[0]["recording_id"]
-    segments = [
-        r for r in journal if r["kind"] == "segment" and r["body"]["recording_id"] == rid
-    ]
+    segments = [r for r in journal if r["kind"] == "segment" and r["body"]["recording_id"] == rid]
     assert len(segments) == stops[0]["segments"] >= 2
     stored = media_by_seq(gateway, "cam-sim2")
     assert all(stored[s["seq"]]["verified"] for s in segments)
@@ -228,28 +237,34 @@ def test_storage_exhaustion_stops_with_a_signed_reason_and_an_alarm(
 ) -> None:
     config = enroll(gateway, tmp_path, "cam-sim3")
     scenario = """
-name = "storage runs out"
-duration_s = 25
+name = "storage runs out in a dead zone"
+duration_s = 30
 
 [[event]]
 at = 2
 kind = "button"
 button = "record"
 """
-    # Uploads are capped far below the recording's bitrate, so receipts cannot free space
-    # as fast as it fills: the 1 MiB buffer runs out mid-recording.
-    result = sim_device(
+    # A dead zone (the broker is down): no receipts free any space, and the buffer is
+    # capped at 1 MiB of near-lossless video, so it fills within seconds.
+    gateway.broker.stop()
+    proc = sim_device_async(
         config,
         scenario,
         tmp_path,
         pre_event_s="0",
         segment_s="2",
         storage_quota_mib="1",
-        video_max_bitrate="2000000",
-        video_crf="12",
-        bandwidth_limit_bps="30000",
+        video_crf="4",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        time.sleep(22)
+        gateway.broker.start()
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
     journal = gateway_journal(gateway, "cam-sim3")
     stops = [r["body"] for r in journal if r["kind"] == "recording_stopped"]
     assert stops and stops[0]["reason"] == "storage_full"
