@@ -152,6 +152,7 @@ class Recorder:
         # Until a segment says otherwise: half the cap (x264 at this CRF rarely reaches it).
         self._bytes_per_s = settings.max_bitrate / 16
         self._headroom = 0
+        self._measured = False
         self._last_recording_id = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -381,17 +382,18 @@ class Recorder:
     def _start_now(self, reason: str, detail: str) -> None:
         if self.recording:
             return
-        refusal = ""
+        refusal = why = ""
+        headroom, needed = self.headroom_bytes(), self._segment_bytes_estimate()
         if self.battery_low:
-            refusal = "battery_low"
-        elif self.headroom_bytes() < self._segment_bytes_estimate():
+            refusal, why = "battery_low", f"battery at or below {self.settings.battery_stop_pct}%"
+        elif headroom < needed:
             self.storage_full = True
-            refusal = "storage_full"
+            refusal, why = "storage_full", f"{headroom} bytes free, a segment needs {needed}"
         if refusal:
             # The officer pressed record and nothing records: that must be on the record.
-            log.warning("not starting a recording (%s): %s", reason, refusal)
+            events.warning("%s: recording refused: %s", self.settings.device_id, why)
             body = {"reason": refusal, "recording_id": 0, "segments": 0, "refused": reason}
-            self._writes.put(("stopped", {**body, "detail": f"a {reason} start was refused"}))
+            self._writes.put(("stopped", {**body, "detail": f"{reason} start refused: {why}"}))
             return
         self.storage_full = False
         self._recording_id = self._last_recording_id = self._last_recording_id + 1
@@ -455,7 +457,9 @@ class Recorder:
         dropped = self.dropped_frames - self._segment_dropped_at
         if segment.duration_ms > 0:
             rate = len(segment.data) / (segment.duration_ms / 1000)
-            self._bytes_per_s = 0.7 * self._bytes_per_s + 0.3 * rate
+            # The first measurement replaces the guess; later ones move it gently.
+            self._bytes_per_s = rate if not self._measured else 0.7 * self._bytes_per_s + 0.3 * rate
+            self._measured = True
         if self.recording:
             self._emit(segment, dropped, pre_event=False)
             return

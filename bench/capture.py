@@ -178,7 +178,7 @@ class AgentRun:
             "CUSTODY_AGENT_STORAGE_RESERVE_MIB": "0",
             "CUSTODY_AGENT_SEGMENT_S": str(segment_s),
         }
-        self.config = config
+        self.log = log
         self.started = threading.Event()
         self.started_mono = 0.0
         self._log = open(log, "w", encoding="utf-8")  # noqa: SIM115
@@ -210,8 +210,15 @@ class AgentRun:
             "the agent to start recording",
         )
         if not self.started.is_set():
-            raise SystemExit(f"the agent exited with {self.proc.returncode} before recording")
+            raise self.failed(f"the agent exited with {self.proc.returncode} before recording")
         return self.started_mono
+
+    def failed(self, what: str) -> SystemExit:
+        """Stop the agent; the error to raise, with the end of what the agent printed (its
+        log is in a temporary directory that is about to go)."""
+        self.stop()
+        tail = self.log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        return SystemExit(f"{what}; the agent printed:\n{tail}")
 
     def stop(self) -> int:
         stop_process(self.proc)
@@ -285,7 +292,7 @@ def capture(
         others1 = sum(cpu_s(p) for p in others)
         up1 = uploaded_bytes(*upload) if upload else 0
         if agent.proc.poll() is not None:
-            raise SystemExit(f"the agent exited with {agent.proc.returncode}; see {log}")
+            raise agent.failed(f"the agent exited with {agent.proc.returncode} while recording")
     finally:
         run.peak_rss = agent.stop()
     run.window_s = (t1_ns - t0_ns) / 1e9

@@ -13,6 +13,7 @@ Sub-commands (a contract with outside tools; extend, do not rename)::
     custody demo    [--devices N] [--duration SECONDS] [--data DIR] [--http HOST:PORT]
     custody sim mcu --port PATH --scenario FILE [--speedup X]
     custody sim device --config DEVDIR/agent.toml --scenario FILE [--drain SECONDS]
+    custody sim fleet --devices N [--duration SECONDS] [--faults all|none|LIST]
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
 """
@@ -134,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--size", default="640x360@15", help="camera WIDTHxHEIGHT@FPS")
     sd.add_argument("--no-audio", action="store_true", help="no synthetic tone track")
     sd.add_argument("--work", type=Path, help="directory for the pty and logs (default: temp)")
+
+    sf = simsub.add_parser("fleet", help="N simulated devices, a gateway, and faults")
+    sf.add_argument("--devices", type=int, default=3, help="how many devices (default 3)")
+    sf.add_argument("--duration", type=float, default=60.0, help="seconds of patrol")
+    sf.add_argument(
+        "--faults",
+        default="all",
+        help="all, none, or a comma list of: network, broker, kill, battery, storage, skew, "
+        "tamper (default all)",
+    )
+    sf.add_argument("--drain", type=float, default=120.0, help="seconds to wait for receipts")
+    sf.add_argument("--size", default="320x180@15", help="camera WIDTHxHEIGHT@FPS")
+    sf.add_argument("--data", type=Path, help="keep state here (default: temp)")
+    sf.add_argument("--http", type=_host_port, help="also serve the gateway API on HOST:PORT")
 
     d = sub.add_parser("demo", help="broker + gateway + simulated fleet, live event log")
     d.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
@@ -323,6 +338,8 @@ def _camera_size(value: str) -> tuple[int, int, float]:
 def cmd_sim(args: argparse.Namespace) -> int:
     from simulators.scenario import Scenario, ScenarioError
 
+    if args.sim_command == "fleet":
+        return _sim_fleet(args)
     try:
         scenario = Scenario.load(args.scenario)
     except ScenarioError as exc:
@@ -387,6 +404,32 @@ def _sim_device(args: argparse.Namespace, scenario: Scenario) -> int:
         print("not everything was receipted before --drain ran out", file=sys.stderr)
         return 1
     return 0
+
+
+def _sim_fleet(args: argparse.Namespace) -> int:
+    from custody_cli.fleet import run_fleet
+    from simulators.fleet import parse_faults
+
+    try:
+        faults = parse_faults(args.faults)
+    except ValueError as exc:
+        print(f"custody sim fleet: --faults: {exc}", file=sys.stderr)
+        return 2
+    if args.devices < 1:
+        print("custody sim fleet: --devices must be at least 1", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    return run_fleet(
+        args.devices,
+        args.duration,
+        faults,
+        args.data,
+        args.http,
+        args.drain,
+        _camera_size(args.size),
+        stop,
+    )
 
 
 def _sim_mcu(args: argparse.Namespace, scenario: Scenario) -> int:

@@ -193,13 +193,15 @@ def test_battery_low_stops_recording_and_blocks_a_new_start(rig: Rig) -> None:
     rec.on_hardware_event(BatteryEvent(3, 3327, False))
     wait_for(lambda: rig.of_kind("recording_stopped"), 20, "the stop record")
     rec.on_hardware_event(ButtonEvent(Button.RECORD, False))
-    time.sleep(1.0)
+    wait_for(lambda: len(rig.of_kind("recording_stopped")) == 2, 20, "the refusal")
     rec.stop()
     stops = rig.of_kind("recording_stopped")
-    assert [s["body"]["reason"] for s in stops] == ["battery_low"]
+    assert [s["body"]["reason"] for s in stops] == ["battery_low", "battery_low"]
     assert len(rig.of_kind("recording_started")) == 1
     segments = rig.of_kind("segment")
     assert stops[0]["body"]["segments"] == len(segments) >= 1
+    # The refused press is on the record too.
+    assert stops[1]["body"]["refused"] == "button" and stops[1]["body"]["segments"] == 0
 
 
 def test_storage_quota_stops_with_storage_full_and_deletes_nothing(tmp_path: Path) -> None:

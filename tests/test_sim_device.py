@@ -273,3 +273,39 @@ button = "record"
     stored = media_by_seq(gateway, "cam-sim3")
     assert all(stored[s["seq"]]["verified"] for s in segments)
     assert any(a["kind"] == "storage_full" for a in gateway.alarms(device_id="cam-sim3"))
+
+
+def test_sim_fleet_with_every_fault_loses_nothing(tmp_path: Path) -> None:
+    """Three devices, every fault of ``simulators.fleet.FAULTS``, and the verdict."""
+    result = subprocess.run(
+        custody_cmd(
+            "sim",
+            "fleet",
+            "--devices",
+            "3",
+            "--duration",
+            "40",
+            "--faults",
+            "all",
+            "--data",
+            str(tmp_path / "fleet"),
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **FAST_AGENT_ENV},
+        timeout=400,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr[-2000:]
+    assert "lost: 0" in out
+    table = out[out.index("device       recs") :]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:5]}
+    assert set(rows) == {"sim-01", "sim-02", "sim-03"}
+    for fault in ("network down", "agent killed", "broker restarted", "flipped a byte"):
+        assert fault in out, fault
+    alarms = next(line for line in out.splitlines() if line.startswith("alarms: "))
+    for kind in ("battery_low", "storage_full", "media_corrupt", "clock_offset"):
+        assert kind in alarms, alarms
+    # The flipped file was caught on the device and journalled, not uploaded as valid.
+    assert rows["sim-01"][10] == "1"  # the corrupt column
