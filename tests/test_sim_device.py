@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import av
+import httpx
 import numpy as np
 import pytest
 
 from simulators.camera import gradient
-from tests.conftest import FAST_AGENT_ENV, ROOT, Gateway, custody_cmd, run_custody
+from tests.conftest import FAST_AGENT_ENV, ROOT, Gateway, custody_cmd, run_custody, wait_for
 
 W, H, FPS = 320, 180, 15.0
 
@@ -309,3 +310,58 @@ def test_sim_fleet_with_every_fault_loses_nothing(tmp_path: Path) -> None:
         assert kind in alarms, alarms
     # The flipped file was caught on the device and journalled, not uploaded as valid.
     assert rows["sim-01"][10] == "1"  # the corrupt column
+
+
+def test_remote_start_photo_and_stop_through_the_gateway_api(
+    gateway: Gateway, make_agent: Any
+) -> None:
+    """The operator's remote control: signed commands start and stop a recording (reason
+    ``remote``) and take a photo; telemetry reports recording state and headroom."""
+    agent = make_agent(
+        "cam-remote",
+        gateway,
+        camera="synthetic",
+        camera_width=str(W),
+        camera_height=str(H),
+        camera_fps=str(FPS),
+        pre_event_s="0",
+        segment_s="2",
+    )
+    agent.start()
+    headers = {"Authorization": f"Bearer {gateway.token}"}
+
+    def command(name: str) -> None:
+        r = httpx.post(
+            f"{gateway.base}/api/v1/devices/cam-remote/commands",
+            json={"name": name, "args": {"note": "operator"}},
+            headers=headers,
+        )
+        assert r.status_code == 202, r.text
+
+    def telemetry() -> dict[str, Any]:
+        devices = gateway.get("/api/v1/devices")
+        tele: dict[str, Any] = (
+            next(d for d in devices if d["device_id"] == "cam-remote")["telemetry"] or {}
+        )
+        return tele
+
+    wait_for(lambda: telemetry().get("storage_headroom_min"), 30, "headroom in telemetry")
+    command("record_start")
+    wait_for(lambda: telemetry().get("recording") is True, 30, "recording in telemetry")
+    command("photo")
+    time.sleep(3)
+    command("record_stop")
+
+    def kinds(kind: str) -> list[dict[str, Any]]:
+        return [r for r in gateway_journal(gateway, "cam-remote") if r["kind"] == kind]
+
+    wait_for(lambda: kinds("recording_stopped"), 30, "the stop at the gateway")
+    assert kinds("recording_started")[0]["body"]["reason"] == "remote"
+    assert kinds("recording_started")[0]["body"]["detail"] == "operator"
+    assert kinds("recording_stopped")[0]["body"]["reason"] == "remote"
+    photo = wait_for(lambda: kinds("photo"), 30, "the photo")[0]
+    stored = wait_for(lambda: media_by_seq(gateway, "cam-remote").get(photo["seq"]), 30, "photo")
+    assert stored["media_type"] == "image/jpeg"
+    jpeg = gateway.get(f"/api/v1/evidence/{stored['id']}/media")
+    assert jpeg[:3] == b"\xff\xd8\xff"
+    assert photo["body"]["source"] == "remote" and photo["body"]["width"] == W
