@@ -37,11 +37,13 @@ Image = npt.NDArray[np.uint8]
 
 @dataclass
 class Frame:
-    """One picture (BGR, height x width x 3) and when it was taken."""
+    """One picture and when it was taken: BGR (height x width x 3) from a source, then
+    planar YUV 4:2:0 (``pixel_format`` ``yuv420p``) once capture has stamped it."""
 
     image: Image
     mono_ns: int
     wall_ms: int
+    pixel_format: str = "bgr24"
 
 
 class FrameSource(Protocol):
@@ -90,8 +92,9 @@ class OpenCvSource:
         if fps:
             cap.set(cv2.CAP_PROP_FPS, fps)
         self._cap = cap
-        self.width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
-        self.height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        # H.264 in 4:2:0 needs even sizes: an odd source is scaled by a pixel.
+        self.width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) // 2 * 2
+        self.height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) // 2 * 2
         reported = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         self.fps = reported if 1.0 <= reported <= 240.0 else (fps or 30.0)
         self.dropped = 0

@@ -51,8 +51,12 @@ class AgentConfig(BaseModel):
         description="What records: a V4L2 index ('0'), a video file, an rtsp:// or http:// "
         "URL, or 'synthetic' (the simulators' camera). None: no capture.",
     )
-    camera_width: int = Field(1280, ge=16, le=7680, description="Capture width in pixels.")
-    camera_height: int = Field(720, ge=16, le=4320, description="Capture height in pixels.")
+    camera_width: int = Field(
+        1280, ge=16, le=7680, multiple_of=2, description="Capture width in pixels (even)."
+    )
+    camera_height: int = Field(
+        720, ge=16, le=4320, multiple_of=2, description="Capture height in pixels (even)."
+    )
     camera_fps: float = Field(30.0, gt=0, le=240, description="Capture frame rate.")
     audio: str | None = Field(
         None, description="ALSA capture device ('hw:0', 'default') or 'synthetic'; None: silent."

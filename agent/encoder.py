@@ -103,7 +103,7 @@ class SegmentEncoder:
             self._first = frame
         pts = (frame.mono_ns - self._first.mono_ns) * 90 // 1_000_000
         pts = max(pts, self._last_pts + 1)  # strictly increasing even if the clock stalls
-        vf = av.VideoFrame.from_ndarray(frame.image, format="bgr24")
+        vf = av.VideoFrame.from_ndarray(frame.image, format=frame.pixel_format)
         vf.pts = pts
         vf.time_base = TIME_BASE
         vf.duration = self._frame_ns * 90 // 1_000_000

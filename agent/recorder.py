@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
+import numpy as np
 
 from agent.camera import AudioSource, Frame, FrameSource
 from agent.db import get_counter
@@ -147,7 +148,7 @@ class Recorder:
         self._recording_id = 0
         self._segment_index = 0
         self._marked = False
-        self._latest: Frame | None = None
+        self._photo_request: str | None = None
         self._queued_bytes = 0
         # Until a segment says otherwise: half the cap (x264 at this CRF rarely reaches it).
         self._bytes_per_s = settings.max_bitrate / 16
@@ -283,7 +284,15 @@ class Recorder:
                 return
             hw = self._hardware()
             mark.apply(frame.image, frame.wall_ms, hw.gps_lat_e6, hw.gps_lon_e6)
-            self._latest = frame
+            photo, self._photo_request = self._photo_request, None
+            if photo is not None:
+                self._photo(frame, photo)
+            # The encoder wants planar YUV 4:2:0; OpenCV converts ~8x faster than
+            # swscale would inside PyAV, and the queued frame is half the size.
+            frame.image = np.asarray(
+                cv2.cvtColor(frame.image, cv2.COLOR_BGR2YUV_I420), dtype=np.uint8
+            )
+            frame.pixel_format = "yuv420p"
             try:
                 self._frames.put_nowait(frame)
             except queue.Full:
@@ -307,7 +316,7 @@ class Recorder:
     def _encode_loop(self) -> None:
         assert self.source is not None
         segment_ns = int(self.settings.segment_s * 1e9)
-        frame_ns = int(1e9 / self.source.fps)
+        frame_ns = round(1e9 / self.source.fps)
         next_storage_check = 0.0
         try:
             while True:
@@ -341,7 +350,11 @@ class Recorder:
                 if self.audio is not None:
                     enc.add_audio(self.audio.read())
                 first = enc.first
-                if first is not None and item.mono_ns + frame_ns - first.mono_ns >= segment_ns:
+                # Half a frame of tolerance: frame times are rounded to whole nanoseconds.
+                if (
+                    first is not None
+                    and item.mono_ns + frame_ns - first.mono_ns >= segment_ns - frame_ns // 2
+                ):
                     self._close_segment()
         finally:
             self._apply_controls()
@@ -375,7 +388,7 @@ class Recorder:
             elif what == "stop":
                 self._stop_now(reason, detail)
             elif what == "photo":
-                self._photo(reason)
+                self._photo_request = reason  # taken by the capture thread, next frame
             elif what == "mark" and self.recording:
                 self._marked = True
 
@@ -440,6 +453,8 @@ class Recorder:
             "recording_id": self._recording_id,
             "segments": self._segment_index,
             "dropped_frames": self.dropped_frames,
+            "dropped_by_camera": self.source.dropped if self.source is not None else 0,
+            "dropped_by_queue": self.stats.dropped,
             **({"detail": detail} if detail else {}),
         }
         self._writes.put(("stopped", body))
@@ -502,11 +517,7 @@ class Recorder:
         self._queued_bytes += len(segment.data)
         self._writes.put(("segment", (segment, body, self._marked)))
 
-    def _photo(self, reason: str) -> None:
-        frame = self._latest
-        if frame is None:
-            log.warning("no frame yet; photo not taken")
-            return
+    def _photo(self, frame: Frame, reason: str) -> None:
         ok, jpeg = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             log.error("JPEG encoding failed; photo not taken")

@@ -26,7 +26,10 @@ Peak RSS is sampled every 0.2 s over each whole run.
 Baseline: the same number of frames as (a) captured in its window, rendered by
 ``SyntheticCamera.render`` and fed to ``agent.encoder.SegmentEncoder`` with the agent's
 encoder settings (veryfast, crf 26, 6 Mbit/s cap) and a fresh encoder every segment, as
-the agent cuts them; no watermark, hashing or storage. Only the encode is timed (x264's
+the agent cuts them; no watermark, hashing or storage. The baseline hands PyAV the BGR
+frames (PyAV's swscale converts them to YUV 4:2:0, as a plain PyAV encode does); the
+agent converts with OpenCV on its capture thread instead, which is part of what it is
+measured on. Only the encode is timed (x264's
 ``zerolatency`` tune slices frames, so its threads are done when ``add_frame`` returns);
 the time rendering took is printed separately, because on a device the camera draws the
 picture, while here the synthetic camera's drawing runs inside the agent process.

@@ -1,8 +1,9 @@
 """``custody demo``: the whole evidence path on one machine, with a live event log.
 
 Starts a private mosquitto on a free port, a gateway with its API, enrolls a small fleet,
-and runs each device's real agent with a synthetic segment source (one device also adds
-a document through the same path as ``custody agent add``). Every accepted journal batch,
+and runs each device's real agent recording the synthetic camera (H.264 + AAC segments of
+5 s, watermarked) from the moment it starts; one device also adds a document through the
+same path as ``custody agent add``. Every accepted journal batch,
 verified piece of evidence, receipt, alarm and online/offline change prints one line.
 Stops cleanly on Ctrl-C or after ``--duration``, and prints what each device captured and
 what the gateway holds.
@@ -14,6 +15,7 @@ import signal
 import socket
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -27,7 +29,19 @@ from gateway.datadir import DataDir
 from gateway.db import connect
 from gateway.registry import enroll
 from gateway.service import GatewayService
-from simulators.segments import SegmentSource
+from simulators.camera import SyntheticCamera, SyntheticTone
+
+#: What each demo camera records: small, so three of them run on any laptop.
+CAMERA_ENV = {
+    "CUSTODY_AGENT_CAMERA": "synthetic",
+    "CUSTODY_AGENT_AUDIO": "synthetic",
+    "CUSTODY_AGENT_CAMERA_WIDTH": "480",
+    "CUSTODY_AGENT_CAMERA_HEIGHT": "270",
+    "CUSTODY_AGENT_CAMERA_FPS": "15",
+    "CUSTODY_AGENT_SEGMENT_S": "5",
+    "CUSTODY_AGENT_PRE_EVENT_S": "0",
+    "CUSTODY_AGENT_RECORD_ON_START": "true",
+}
 
 
 def run_demo(devices: int, duration: float | None, data: Path | None, http: tuple[str, int]) -> int:
@@ -55,7 +69,7 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
             enroll(f"cam-{i:02d}", gw_data.root, dev_dir, url, telemetry_interval_s=5.0)
         configs.append(dev_dir / "agent.toml")
     # A restarted demo reuses its data dir; the broker port is new each time.
-    env = {"CUSTODY_AGENT_BROKER": url}
+    env = {"CUSTODY_AGENT_BROKER": url, **CAMERA_ENV}
     service = GatewayService(gw_data, url)
     service.start()
     host, http_port = http
@@ -76,26 +90,24 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
         f"  token      {gw_data.admin_token()}\n"
         f"  try        curl -H 'Authorization: Bearer {gw_data.admin_token()}' "
         f"http://{host}:{http_port}/api/v1/evidence\n"
-        f"  devices    {devices} simulated body cameras, one 256 KiB segment every 2 s each\n"
+        f"  devices    {devices} simulated body cameras recording H.264 + AAC, 5 s segments\n"
         f"  stop       Ctrl-C{f' (or after {duration:g} s)' if duration else ''}\n",
         flush=True,
     )
     agents: list[Agent] = []
     threads: list[threading.Thread] = []
-    sources: list[tuple[Device, SegmentSource]] = []
+    stores: list[Device] = []
     for i, path in enumerate(configs):
         config = load_config(path, environ=env)
-        agent = Agent(config)
+        agent = Agent(config, camera=partial(SyntheticCamera, 480, 270, 15.0), audio=SyntheticTone)
         agents.append(agent)
-        source_device = Device(config)
-        source = SegmentSource(source_device.outbox, config.device_id, interval_s=2.0)
-        sources.append((source_device, source))
+        store = Device(config)
+        stores.append(store)
         if i == 0:
             doc = data / "inspection-notice.txt"
             doc.write_text("Inspection notice: premises at 12 Example Road, 2026-11-26.\n")
-            source_device.outbox.add_file(doc, marked=True)
+            store.outbox.add_file(doc, marked=True)
         threads.append(threading.Thread(target=agent.run, name=config.device_id, daemon=True))
-        threads.append(threading.Thread(target=source.run, args=(stop,), daemon=True))
     for t in threads:
         t.start()
     try:
@@ -109,8 +121,8 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
         server.should_exit = True
         web.join(timeout=10)
         service.stop()
-        summary(gw_data, sources)
-        for dev, _ in sources:
+        summary(gw_data, stores)
+        for dev in stores:
             dev.close()
         mosquitto.terminate()
         mosquitto.wait(timeout=10)
@@ -128,10 +140,10 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def summary(gw_data: DataDir, sources: list[tuple[Device, SegmentSource]]) -> None:
+def summary(gw_data: DataDir, stores: list[Device]) -> None:
     db = connect(gw_data.db_path)
     print("\ndevice   captured  receipted  backlog  at gateway (verified)")
-    for dev, _source in sources:
+    for dev in stores:
         status = dev.outbox.status()
         row = db.execute(
             "SELECT count(*), coalesce(sum(verified), 0) FROM evidence WHERE device_id = ?",
