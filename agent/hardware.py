@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import pynmea2
 
 from agent.journal import Journal, now_ms
-from firmware_bridge.link import SerialLink
+from firmware_bridge.link import LinkError, SerialLink
 from firmware_bridge.messages import (
     BatteryEvent,
     Button,
@@ -31,12 +31,15 @@ from firmware_bridge.messages import (
     DockEvent,
     Event,
     GpsFix,
+    Led,
     TamperEvent,
     TemperatureEvent,
+    Vibrate,
 )
 
 log = logging.getLogger("custody.agent.hardware")
 
+LED_RED, LED_GREEN = 1, 2
 CLOCK_DRIFT_MS = 1000
 CLOCK_EVERY_S = 600.0
 
@@ -118,6 +121,15 @@ class DeviceHardware:
                 listener(event)
             except Exception:  # a listener's bug must not stop the serial reader
                 log.exception("hardware listener failed on %s", event)
+
+    def indicate_recording(self, recording: bool) -> None:
+        """Tell the wearer: red LED while recording, green when not, a short buzz on each
+        change (what a body camera does, so no one records or stops unknowingly)."""
+        try:
+            self.link.send(Led(LED_RED if recording else LED_GREEN, 0))
+            self.link.send(Vibrate(200 if recording else 100))
+        except LinkError as exc:
+            log.warning("cannot signal the recording state to the MCU: %s", exc)
 
     def _clock_sync(self, sentence: str) -> None:
         local = now_ms()

@@ -124,6 +124,7 @@ class Recorder:
         audio_factory: Callable[[], AudioSource] | None = None,
         hardware: Callable[[], HardwareState] | None = None,
         case_context: Callable[[], dict[str, Any] | None] | None = None,
+        indicator: Callable[[bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
@@ -133,6 +134,7 @@ class Recorder:
         self._audio_factory = audio_factory
         self._hardware = hardware or HardwareState
         self._case_context = case_context or (lambda: None)
+        self._indicate = indicator or (lambda recording: None)
         self.stats = RecorderStats()
         self.recording = False
         self.storage_full = False
@@ -434,6 +436,7 @@ class Recorder:
         for b in keep:
             self._emit(b.segment, b.dropped, pre_event=True)
         self.stats.recordings += 1
+        self._indicate(True)
         events.info(
             "%s: recording %d started (%s), %d ms pre-event",
             self.settings.device_id,
@@ -458,6 +461,7 @@ class Recorder:
             **({"detail": detail} if detail else {}),
         }
         self._writes.put(("stopped", body))
+        self._indicate(False)
         events.info(
             "%s: recording %d stopped (%s)", self.settings.device_id, self._recording_id, reason
         )

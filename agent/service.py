@@ -175,6 +175,7 @@ class Agent:
             camera or open_camera,
             audio_factory=audio if audio_spec else None,
             hardware=(lambda: hardware.state) if hardware is not None else None,
+            indicator=hardware.indicate_recording if hardware is not None else None,
         )
         if hardware is not None:
             hardware.listeners.append(recorder.on_hardware_event)

@@ -21,16 +21,18 @@ import pytest
 
 from agent.db import get_counter, open_db
 from agent.encoder import EncoderSettings, SegmentEncoder
+from agent.hardware import LED_GREEN, LED_RED, DeviceHardware
 from agent.journal import Journal
 from agent.outbox import Outbox
 from agent.recorder import Recorder, RecorderSettings
 from agent.sealed import open_media
 from agent.watermark import Overlay, Watermark, local_time_text
-from firmware_bridge.messages import BatteryEvent, Button, ButtonEvent
+from firmware_bridge.messages import BatteryEvent, Button, ButtonEvent, FrameType
 from protocol.encoding import decode
 from protocol.journal import SignedRecord
 from protocol.signing import SigningKey
 from simulators.camera import SyntheticCamera, SyntheticTone, gradient
+from simulators.mcu import McuSimulator
 from tests.conftest import wait_for
 
 DEVICE = "cam-t1"
@@ -245,3 +247,55 @@ def test_a_restart_while_recording_is_closed_with_reason_reboot_and_resumes(rig:
     resumed = rig.of_kind("recording_started")[1]["body"]
     assert resumed["reason"] == "reboot" and resumed["recording_id"] == 8
     assert get_counter(rig.db, "recording_open") == 0
+
+
+def test_record_button_over_a_real_pty_starts_and_stops_and_the_led_follows(
+    tmp_path: Path,
+) -> None:
+    """MCU simulator on a pseudo-terminal → firmware bridge → recorder, and back: the
+    agent lights the LED red while recording and green after, with a buzz each time."""
+    rig = Rig(tmp_path, pre_event_s=0.0)
+    mcu = McuSimulator(tmp_path / "tty")
+    hardware = DeviceHardware(str(tmp_path / "tty"), rig.journal)
+    rec = Recorder(
+        rig.recorder.settings,
+        rig.journal,
+        rig.outbox,
+        lambda: SyntheticCamera(W, H, FPS),
+        hardware=lambda: hardware.state,
+        indicator=hardware.indicate_recording,
+    )
+    hardware.listeners.append(rec.on_hardware_event)
+    try:
+        rec.start()
+        hardware.start()
+        wait_for(hardware.link.connected.is_set, 10, "the serial link")
+        mcu.send(ButtonEvent(Button.RECORD, False))
+        wait_for(lambda: rig.of_kind("recording_started"), 20, "a start from the button")
+        time.sleep(2.5)
+        mcu.send(ButtonEvent(Button.RECORD, False))
+        wait_for(lambda: rig.of_kind("recording_stopped"), 20, "a stop from the button")
+
+        def leds() -> list[int]:
+            return [f.payload[0] for f in mcu.commands if f.type == FrameType.LED]
+
+        wait_for(lambda: leds() == [LED_RED, LED_GREEN], 10, "LED red then green")
+        assert sum(f.type == FrameType.VIBRATE for f in mcu.commands) == 2
+    finally:
+        rec.stop()
+        hardware.stop()
+        mcu.close()
+        rig.close()
+    assert rig_reasons(tmp_path) == (["button"], ["button"])
+
+
+def rig_reasons(data_dir: Path) -> tuple[list[str], list[str]]:
+    db = open_db(data_dir / "agent.db")
+    try:
+        journal = Journal(db, DEVICE, KEY)
+        return (
+            [r.body["reason"] for r in journal.records("recording_started")],
+            [r.body["reason"] for r in journal.records("recording_stopped")],
+        )
+    finally:
+        db.conn.close()

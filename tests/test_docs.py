@@ -71,3 +71,10 @@ def test_every_gateway_topic_has_a_relay_handler():
     source = inspect.getsource(Relay._on_message)
     for kind in GatewayTopic:
         assert f"GatewayTopic.{kind.name}" in source, f"{kind} is ignored by the agent"
+
+
+def test_every_agent_config_key_is_documented():
+    from agent.config import AgentConfig
+
+    for name in AgentConfig.model_fields:
+        assert f"`{name}`" in README, f"agent.toml key {name} is not in the README"
