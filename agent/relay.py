@@ -93,6 +93,7 @@ class Relay:
         self.rotate_key = rotate_key
         self.hardware = hardware
         self.recorder = recorder
+        self.case_context: dict[str, object] | None = None
         self.clock_logged: tuple[int, float] | None = None
         self.journal_sent_ms = 0
         self.previous_key = previous_key or (lambda: None)
@@ -215,6 +216,15 @@ class Relay:
             rate = cmd.args.get("bytes_per_s")
             if isinstance(rate, int) and rate >= 0:
                 self.bucket = TokenBucket(rate, self.config.chunk_size * 2)
+        elif cmd.name == "case_context":
+            # The step the officer is working on, pushed by the gateway when a case step
+            # opens (empty when it closes): new segments and photos carry it.
+            step = cmd.args.get("step_id")
+            self.case_context = (
+                {"case_id": str(cmd.args.get("case_id")), "step_id": step}
+                if isinstance(step, int)
+                else None
+            )
         elif cmd.name in ("record_start", "record_stop", "photo"):
             if self.recorder is None:
                 failed = CommandFailed(f"{cmd.name}: this device has no camera")

@@ -175,6 +175,9 @@ class Agent:
             camera or open_camera,
             audio_factory=audio if audio_spec else None,
             hardware=(lambda: hardware.state) if hardware is not None else None,
+            case_context=lambda: dict(self.relay.case_context)
+            if self.relay is not None and self.relay.case_context
+            else None,
             indicator=hardware.indicate_recording if hardware is not None else None,
         )
         if hardware is not None:

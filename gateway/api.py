@@ -1,8 +1,10 @@
 """The HTTP API (FastAPI), under ``/api/v1/``, with its OpenAPI document at ``/openapi.json``.
 
-Every route except ``GET /healthz`` requires ``Authorization: Bearer <token>``; for now
-the only token is the admin token in ``DIR/admin.token`` (users, roles and scopes arrive
-with issue #5). Every download of evidence bytes is written to the audit table.
+Every route except ``GET /healthz`` and ``POST /api/v1/login`` requires
+``Authorization: Bearer <token>``: the admin token in ``DIR/admin.token``, a user's login
+token, or an API token (``gateway.access``). Every route filters by the caller's scope
+(Art. 22); what is out of scope answers 404, exactly like what does not exist. Every
+write, evidence view, download and export goes to the hash-chained audit log.
 
 Reads use their own SQLite connection per request, so the API never blocks ingest.
 """
@@ -19,7 +21,18 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway import audit
+from gateway.access import (
+    ADMIN,
+    OPERATORS,
+    Principal,
+    may_see_evidence,
+    principal_for_token,
+    visible_devices,
+)
+from gateway.api_cases import add_case_routes
 from gateway.blobs import BlobStore
+from gateway.catalogue import load_catalogue
 from gateway.datadir import DataDir
 from gateway.db import connect, transaction
 from gateway.translog import TransparencyLog
@@ -29,6 +42,10 @@ from protocol.errors import EncodingError
 from protocol.merkle import MerkleError, verify_consistency
 
 bearer = HTTPBearer(auto_error=False, description="The admin token from DIR/admin.token")
+
+
+def now_ms() -> int:
+    return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
 
 
 def iso(ms: int | None) -> str | None:
@@ -56,19 +73,27 @@ def create_app(data: DataDir) -> FastAPI:
 
     def caller(
         cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> str:
+        conn: Annotated[sqlite_utils.Database, Depends(db)],
+    ) -> Principal:
         if cred is None or cred.scheme.lower() != "bearer":
             raise HTTPException(
                 401,
                 "missing credentials: send Authorization: Bearer <token> (see DIR/admin.token)",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
+        if hmac.compare_digest(cred.credentials.encode(), token.encode()):
+            return ADMIN
+        who = principal_for_token(conn.conn, cred.credentials, now_ms())
+        if who is None:
             raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
-        return "admin"
+        return who
 
     Db = Annotated[sqlite_utils.Database, Depends(db)]
-    Caller = Annotated[str, Depends(caller)]
+    Caller = Annotated[Principal, Depends(caller)]
+
+    def device_visible(conn: sqlite_utils.Database, who: Principal, device_id: str) -> bool:
+        devices = visible_devices(conn.conn, who)
+        return devices is None or device_id in devices
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -85,10 +110,15 @@ def create_app(data: DataDir) -> FastAPI:
 
     @app.get("/api/v1/devices", tags=["devices"])
     def devices(conn: Db, who: Caller) -> list[dict[str, Any]]:
-        rows = conn.execute(
-            "SELECT device_id, status, enrolled_at, online, bd_seq, last_seen_ms, head_seq, "
-            "telemetry FROM devices ORDER BY device_id"
-        ).fetchall()
+        visible = visible_devices(conn.conn, who)
+        rows = [
+            r
+            for r in conn.execute(
+                "SELECT device_id, status, enrolled_at, online, bd_seq, last_seen_ms, head_seq, "
+                "telemetry FROM devices ORDER BY device_id"
+            ).fetchall()
+            if visible is None or r[0] in visible
+        ]
         return [
             {
                 "device_id": r[0],
@@ -138,26 +168,36 @@ def create_app(data: DataDir) -> FastAPI:
             f"SELECT {columns} FROM evidence {where} ORDER BY id LIMIT ? OFFSET ?",
             [*args, limit, offset],
         ).fetchall()
+        if not who.sees_everything:
+            rows = [r for r in rows if may_see_evidence(conn.conn, who, r[1], r[2])]
         return [evidence_item(r) for r in rows]
 
-    def one_evidence(conn: sqlite_utils.Database, evidence_id: int) -> dict[str, Any]:
+    def one_evidence(
+        conn: sqlite_utils.Database, who: Principal, evidence_id: int, action: str
+    ) -> dict[str, Any]:
+        """The item, audited as ``action`` whether it is shown or refused."""
         row = conn.execute(f"SELECT {columns} FROM evidence WHERE id = ?", [evidence_id]).fetchone()
-        if row is None:
+        allowed = row is not None and may_see_evidence(conn.conn, who, row[1], row[2])
+        with transaction(conn) as c:
+            audit.record(
+                c,
+                who.name,
+                action if allowed else f"{action}_refused",
+                f"evidence/{row[1]}/{row[2]}" if row else f"evidence/id/{evidence_id}",
+                now_ms(),
+                {"evidence_id": evidence_id},
+            )
+        if row is None or not allowed:
             raise HTTPException(404, f"no evidence with id {evidence_id}")
         return evidence_item(row)
 
     @app.get("/api/v1/evidence/{evidence_id}", tags=["evidence"])
     def evidence_one(evidence_id: int, conn: Db, who: Caller) -> dict[str, Any]:
-        return one_evidence(conn, evidence_id)
+        return one_evidence(conn, who, evidence_id, "view")
 
     @app.get("/api/v1/evidence/{evidence_id}/media", tags=["evidence"])
     def evidence_media(evidence_id: int, conn: Db, who: Caller) -> FileResponse:
-        item = one_evidence(conn, evidence_id)
-        with transaction(conn) as c:
-            c.execute(
-                "INSERT INTO audit(at_ms, actor, action, target) VALUES (?, ?, 'download', ?)",
-                [int(dt.datetime.now(dt.UTC).timestamp() * 1000), who, f"evidence/{evidence_id}"],
-            )
+        item = one_evidence(conn, who, evidence_id, "download")
         return FileResponse(
             blobs.path(item["sha256"]),
             media_type=item["media_type"],
@@ -172,6 +212,8 @@ def create_app(data: DataDir) -> FastAPI:
         after_seq: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     ) -> list[dict[str, Any]]:
+        if not device_visible(conn, who, device_id):
+            raise HTTPException(404, f"no device {device_id}")
         rows = conn.execute(
             "SELECT seq, kind, wall_ms, received_ms, log_index, gap_before, record FROM journal "
             "WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -198,6 +240,8 @@ def create_app(data: DataDir) -> FastAPI:
             f"FROM uploads {where} ORDER BY device_id, seq",
             args,
         ).fetchall()
+        visible = visible_devices(conn.conn, who)
+        rows = [r for r in rows if visible is None or r[0] in visible]
         return [
             {
                 "device_id": r[0],
@@ -229,6 +273,8 @@ def create_app(data: DataDir) -> FastAPI:
             f"FROM alarms {where} ORDER BY id",
             args,
         ).fetchall()
+        visible = visible_devices(conn.conn, who)
+        rows = [r for r in rows if visible is None or r[2] in visible]
         return [
             {
                 "id": r[0],
@@ -259,8 +305,10 @@ def create_app(data: DataDir) -> FastAPI:
         except EncodingError as exc:
             raise HTTPException(422, f"command args cannot be signed: {exc}") from exc
         row = conn.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
-        if row is None:
+        if row is None or not device_visible(conn, who, device_id):
             raise HTTPException(404, f"device {device_id} is not enrolled")
+        if who.role not in OPERATORS:
+            raise HTTPException(403, f"role {who.role} may not command devices")
         if row[0] != "active":
             raise HTTPException(409, f"device {device_id} is {row[0]}")
         now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
@@ -279,17 +327,18 @@ def create_app(data: DataDir) -> FastAPI:
                     json.dumps(body.args),
                     now,
                     now + body.ttl_s * 1000,
-                    who,
+                    who.name,
                 ],
             )
-            c.execute(
-                "INSERT INTO audit(at_ms, actor, action, target) VALUES (?, ?, 'command', ?)",
-                [now, who, f"device/{device_id}/command/{cmd_id}"],
+            audit.record(
+                c, who.name, "command", f"device/{device_id}/command/{cmd_id}", now, body.args
             )
         return {"device_id": device_id, "cmd_id": cmd_id, "name": body.name, "state": "pending"}
 
     @app.get("/api/v1/devices/{device_id}/commands", tags=["devices"])
     def list_commands(device_id: str, conn: Db, who: Caller) -> list[dict[str, Any]]:
+        if not device_visible(conn, who, device_id):
+            raise HTTPException(404, f"no device {device_id}")
         rows = conn.execute(
             "SELECT cmd_id, name, args, issued_ms, expires_ms, state FROM commands "
             "WHERE device_id = ? ORDER BY cmd_id",
@@ -364,4 +413,5 @@ def create_app(data: DataDir) -> FastAPI:
             "consistency_proof": [h.hex() for h in proof],
         }
 
+    add_case_routes(app, data, load_catalogue(data.root), db, caller)
     return app

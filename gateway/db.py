@@ -186,8 +186,167 @@ def create_schema(db: sqlite_utils.Database) -> None:
         pk=("device_id", "cmd_id"),
         if_not_exists=True,
     )
+    # Hash-chained (``gateway.audit``): every row commits to the one before; the chain head
+    # is checkpointed into the transparency log by the ingest thread.
     Table(db, "audit").create(
-        {"id": int, "at_ms": int, "actor": str, "action": str, "target": str},
+        {
+            "id": int,
+            "at_ms": int,
+            "actor": str,
+            "action": str,
+            "target": str,
+            "detail": str,
+            "prev_hash": str,
+            "hash": str,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    Table(db, "audit_checkpoints").create(
+        {"through_id": int, "head": str, "log_index": int, "at_ms": int},
+        pk="through_id",
+        if_not_exists=True,
+    )
+    _create_case_schema(db)
+
+
+def _create_case_schema(db: sqlite_utils.Database) -> None:
+    """Registry, cases and their evidence (``gateway.access``, ``gateway.cases``).
+
+    Facts are insert-only here too: step times change through ``step_history`` rows (the
+    ``steps`` row holds the current value, the history every value it ever had), a
+    binding is never edited — a newer ``bindings`` row supersedes it — and corrections go
+    through ``amendments``.
+    """
+    Table(db, "agencies").create(
+        {
+            "id": str,
+            "name": str,
+            "level": str,  # city | district
+            "district": str,  # district code for district-level agencies
+            "parent_id": str,  # the city-level agency of a vertically managed system
+            "created_ms": int,
+        },
+        pk="id",
+        not_null={"name", "level"},
+        if_not_exists=True,
+    )
+    Table(db, "officers").create(
+        {"id": str, "name": str, "agency_id": str, "created_ms": int},
+        pk="id",  # the enforcement certificate number
+        not_null={"agency_id"},
+        if_not_exists=True,
+    )
+    Table(db, "assignments").create(
+        {"id": int, "device_id": str, "officer_id": str, "from_ms": int, "by": str},
+        pk="id",
+        if_not_exists=True,
+    )
+    Table(db, "users").create(
+        {
+            "name": str,
+            "role": str,
+            "agency_id": str,
+            "district": str,
+            "password_hash": str,
+            "created_ms": int,
+            "disabled": int,
+        },
+        pk="name",
+        not_null={"role"},
+        defaults={"disabled": 0},
+        if_not_exists=True,
+    )
+    Table(db, "tokens").create(
+        {"token_hash": str, "user": str, "label": str, "created_ms": int, "expires_ms": int},
+        pk="token_hash",
+        if_not_exists=True,
+    )
+    Table(db, "cases").create(
+        {
+            "id": str,
+            "agency_id": str,
+            "case_type": str,
+            "title": str,
+            "catalogue_version": str,
+            "created_ms": int,
+            "created_by": str,
+        },
+        pk="id",
+        not_null={"agency_id", "case_type"},
+        if_not_exists=True,
+    )
+    Table(db, "steps").create(
+        {
+            "id": int,
+            "case_id": str,
+            "step_type": str,
+            "name": str,
+            "officers": str,  # JSON list of officer ids
+            "recording_required": int,
+            "start_ms": int,
+            "end_ms": int,
+            "created_ms": int,
+        },
+        pk="id",
+        not_null={"case_id", "step_type"},
+        if_not_exists=True,
+    )
+    Table(db, "step_history").create(
+        {
+            "id": int,
+            "step_id": int,
+            "at_ms": int,
+            "actor": str,
+            "field": str,
+            "old": str,
+            "new": str,
+            "reason": str,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    Table(db, "bindings").create(
+        {
+            "id": int,
+            "device_id": str,
+            "seq": int,  # the media journal record (manifest) the binding is about
+            "step_id": int,  # null: explicitly unbound
+            "method": str,  # explicit | officer_time | review | amendment
+            "at_ms": int,
+            "actor": str,
+            "note": str,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS bindings_item ON bindings(device_id, seq)")
+    Table(db, "review_queue").create(
+        {
+            "device_id": str,
+            "seq": int,
+            "reason": str,  # ambiguous | unmatched
+            "candidates": str,  # JSON list of step ids
+            "state": str,  # open | resolved
+            "opened_ms": int,
+        },
+        pk=("device_id", "seq"),
+        if_not_exists=True,
+    )
+    Table(db, "amendments").create(
+        {
+            "id": int,
+            "kind": str,  # rebind | step_times
+            "case_id": str,
+            "payload": str,  # JSON
+            "reason": str,
+            "state": str,  # pending | approved | rejected
+            "requested_by": str,
+            "requested_ms": int,
+            "decided_by": str,
+            "decided_ms": int,
+            "decision_note": str,
+        },
         pk="id",
         if_not_exists=True,
     )

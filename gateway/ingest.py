@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from gateway import audit, cases
 from gateway.alarms import CLOCK_ALARM_MS, raise_alarm
 from gateway.blobs import BlobStore
 from gateway.datadir import DataDir
@@ -358,6 +359,10 @@ class Ingest:
                                 received,
                                 key=str(rec.body.get("source")),
                             )
+                    if rec.kind == "case_context":
+                        cases.apply_terminal_context(
+                            conn, dev.device_id, rec.seq, dict(rec.body), received
+                        )
                     if rec.kind == "media_corrupt":
                         raise_alarm(
                             conn,
@@ -436,6 +441,19 @@ class Ingest:
                 [json.dumps(decode(payload, what="telemetry")), now_ms(), device_id],
             )
         return []
+
+    def housekeeping(self) -> None:
+        """Periodic work on the ingest thread: bind newly accepted manifests to case steps,
+        and put the audit chain's head into the transparency log (this thread is the
+        log's only writer)."""
+        now = now_ms()
+        try:
+            with transaction(self.db) as conn:
+                cases.bind_pending(conn, now)
+                audit.checkpoint(conn, self.log, now)
+        except Exception:
+            self.log.reload()  # the append may have been rolled back
+            raise
 
     def pending_commands(self) -> list[Outgoing]:
         """Commands queued through the API, signed and ready to publish (marked sent)."""

@@ -34,6 +34,7 @@ log = logging.getLogger("custody.gateway.service")
 
 QUEUE_DEPTH = 512
 COMMAND_POLL_S = 0.25
+HOUSEKEEPING_S = 1.0
 Item = mqtt.MQTTMessage | Callable[[], list[Outgoing]] | None
 BATCH = 64
 
@@ -151,7 +152,7 @@ class GatewayService:
         self.inbox.put(msg)  # blocks when ingest is behind: back-pressure, not growth
 
     def _ingest_loop(self) -> None:
-        next_commands = 0.0
+        next_commands = next_housekeeping = 0.0
         while True:
             now = time.monotonic()
             if now >= next_commands:
@@ -161,6 +162,12 @@ class GatewayService:
                     self._publish(self.ingest.pending_commands())
                 except Exception:
                     log.exception("sending queued commands failed")
+                if now >= next_housekeeping:
+                    next_housekeeping = now + HOUSEKEEPING_S
+                    try:
+                        self.ingest.housekeeping()
+                    except Exception:
+                        log.exception("binding / audit checkpoint failed")
             try:
                 msg = self.inbox.get(timeout=COMMAND_POLL_S)
             except queue.Empty:

@@ -34,6 +34,7 @@ COMMANDS = frozenset(
         "record_start",
         "record_stop",
         "photo",
+        "case_context",
     }
 )
 CLOCK_SKEW_MS = 120_000

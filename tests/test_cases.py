@@ -1,0 +1,272 @@
+"""Cases and full-process recording: a penalty case walked through its steps.
+
+Real parts throughout, in one process: three enrolled devices keep real (sealed, signed)
+journals; what they send goes through the real ingest (signature, chain, upload, blob
+store, transparency log), and the docking API, scopes, review and amendments are driven
+through the real FastAPI app. The only thing the test controls is the clock the devices
+stamp their records with, so steps can sit around the 2025 National Day holiday (Oct
+1–8, with Sunday Sep 28 and Saturday Oct 11 as make-up working days).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import agent.journal
+from agent.config import load_config
+from agent.service import Device
+from gateway.api import create_app
+from gateway.datadir import DataDir
+from gateway.db import open_db
+from gateway.ingest import Ingest
+from gateway.registry import enroll
+from protocol.encoding import decode
+from protocol.journal import SignedRecord
+from protocol.topics import DeviceTopic, device_topic
+from protocol.upload import Chunk, JournalBatch, UploadInit
+
+CST = dt.timezone(dt.timedelta(hours=8))
+O1, O2, O3 = "12010001", "12010002", "12020001"
+
+
+def at(text: str) -> int:
+    """Unix ms of a China Standard Time wall clock reading."""
+    return int(dt.datetime.fromisoformat(text).replace(tzinfo=CST).timestamp() * 1000)
+
+
+@dataclass
+class FieldDevice:
+    """A device's real store (journal + sealed outbox) and the path to the gateway."""
+
+    device_id: str
+    device: Device
+    ingest: Ingest
+    monkeypatch: pytest.MonkeyPatch
+    batches: int = 0
+
+    def clock(self, ms: int) -> None:
+        self.monkeypatch.setattr(agent.journal, "now_ms", lambda: ms)
+
+    def segment(self, start: int, end: int, **body: Any) -> int:
+        self.clock(end)
+        data = hashlib.sha256(f"{self.device_id}{start}".encode()).digest() * 64
+        return self.device.outbox.add_blocks(
+            [data],
+            kind="segment",
+            media_type="video/mp4",
+            body={"start_wall_ms": start, "end_wall_ms": end, "duration_ms": end - start, **body},
+        )
+
+    def photo(self, taken: int) -> int:
+        self.clock(taken)
+        return self.device.outbox.add_blocks(
+            [b"\xff\xd8\xff" + bytes(500)],
+            kind="photo",
+            media_type="image/jpeg",
+            body={"taken_wall_ms": taken},
+        )
+
+    def record(self, when: int, kind: str, **body: Any) -> None:
+        self.clock(when)
+        self.device.journal.append(kind, body)
+
+    def deliver(self) -> None:
+        """Send the journal, then every pending file, as the relay would."""
+        rows = self.device.journal.unacked(256)
+        if rows:
+            self.batches += 1
+            records = tuple(SignedRecord.from_wire(decode(r)) for _, r in rows)
+            self.ingest.handle(
+                device_topic(self.device_id, DeviceTopic.JOURNAL),
+                JournalBatch(self.device_id, self.batches, records).encode(self.device.key),
+            )
+            self.device.journal.mark_acked(rows[-1][0])
+        for item in self.device.outbox.next_uploads(set(), 100):
+            reader = self.device.outbox.open_media(item)
+            data = b"".join(reader.blocks())
+            reader.close()
+            self.ingest.handle(
+                device_topic(self.device_id, DeviceTopic.UPLOAD_INIT),
+                UploadInit(self.device_id, item.seq, len(data), item.sha256, 1 << 20).encode(),
+            )
+            self.ingest.handle(
+                device_topic(self.device_id, DeviceTopic.UPLOAD_CHUNK),
+                Chunk(self.device_id, item.seq, 0, data).encode(),
+            )
+            self.device.db.execute("UPDATE media SET state = 'receipted' WHERE seq = ?", [item.seq])
+        self.ingest.housekeeping()
+
+
+class World:
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gw = DataDir.open(tmp_path / "gw")
+        self.ingest = Ingest(self.gw, open_db(self.gw.db_path), self.gw.signing_key())
+        self.api = TestClient(create_app(self.gw))
+        self.admin = {"Authorization": f"Bearer {self.gw.admin_token()}"}
+        self.devices: dict[str, FieldDevice] = {}
+        for device_id in ("cam-a", "cam-b", "cam-c", "cam-x"):
+            config = load_config(
+                enroll(device_id, self.gw.root, tmp_path / device_id, "mqtt://127.0.0.1:1")
+            )
+            self.devices[device_id] = FieldDevice(
+                device_id, Device(config), self.ingest, monkeypatch
+            )
+        # Tianjin-style registry: a city urban-management bureau with two district
+        # branches, and a separate city-level system (market regulation).
+        for body in (
+            {"id": "tj-ue", "name": "City Urban Management", "level": "city"},
+            {"id": "hp-ue", "name": "Heping UM", "level": "district", "district": "heping",
+             "parent_id": "tj-ue"},
+            {"id": "hx-ue", "name": "Hexi UM", "level": "district", "district": "hexi",
+             "parent_id": "tj-ue"},
+            {"id": "tj-mkt", "name": "City Market Regulation", "level": "city"},
+        ):  # fmt: skip
+            self.post("/api/v1/agencies", body)
+        for officer, agency in ((O1, "hp-ue"), (O2, "hp-ue"), (O3, "hx-ue")):
+            self.post("/api/v1/officers", {"id": officer, "name": officer, "agency_id": agency})
+        for device_id, officer in (("cam-a", O1), ("cam-b", O2), ("cam-c", O1), ("cam-x", O3)):
+            self.post(
+                f"/api/v1/devices/{device_id}/assignment", {"officer_id": officer, "from_ms": 0}
+            )
+
+    def post(self, path: str, body: dict[str, Any], who: dict[str, str] | None = None) -> Any:
+        r = self.api.post(path, json=body, headers=who or self.admin)
+        assert r.status_code in (200, 201), (path, r.status_code, r.text)
+        return r.json()
+
+    def get(self, path: str, who: dict[str, str] | None = None, **params: Any) -> Any:
+        r = self.api.get(path, params=params, headers=who or self.admin)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+        return r.json() if "json" in r.headers["content-type"] else r.text
+
+    def user(self, name: str, role: str, **place: str) -> dict[str, str]:
+        self.post("/api/v1/users", {"name": name, "role": role, "password": "s3cret-pass", **place})
+        r = self.api.post("/api/v1/login", json={"name": name, "password": "s3cret-pass"})
+        assert r.status_code == 200, r.text
+        return {"Authorization": f"Bearer {r.json()['token']}"}
+
+    def close(self) -> None:
+        for d in self.devices.values():
+            d.device.close()
+        self.ingest.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    w = World(tmp_path, monkeypatch)
+    yield w
+    w.close()
+
+
+def step_of(case: dict[str, Any], step_type: str) -> dict[str, Any]:
+    return next(s for s in case["steps"] if s["step_type"] == step_type)
+
+
+def test_a_penalty_case_through_its_steps(world: World) -> None:
+    a, b, c = world.devices["cam-a"], world.devices["cam-b"], world.devices["cam-c"]
+    # Evidence that arrives BEFORE the case is docked: the investigation's recordings.
+    a.segment(at("2025-09-30T10:00"), at("2025-09-30T10:06"))
+    a.segment(at("2025-09-30T10:06"), at("2025-09-30T10:12"))
+    a.record(at("2025-09-30T10:12:01"), "recording_stopped", reason="battery_low", recording_id=1)
+    a.segment(at("2025-09-30T10:15"), at("2025-09-30T10:30"))
+    b.segment(at("2025-09-30T09:55"), at("2025-09-30T10:05"))  # starts before the step
+    a.deliver()
+    b.deliver()
+    queue = world.get("/api/v1/review-queue")
+    assert {q["reason"] for q in queue} == {"unmatched"} and len(queue) == 4
+
+    now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+    yesterday = dt.datetime.now(CST).date() - dt.timedelta(days=1)
+    case = world.post(
+        "/api/v1/cases",
+        {
+            "id": "HP-2025-0042",
+            "agency_id": "hp-ue",
+            "case_type": "penalty",
+            "title": "unlicensed street vending, 12 Example Road",
+            "steps": [
+                {"step_type": "filing", "officers": [O1],
+                 "start_ms": at("2025-09-30T09:00"), "end_ms": at("2025-09-30T09:30")},
+                {"step_type": "investigation", "officers": [O1, O2],
+                 "start_ms": at("2025-09-30T10:00"), "end_ms": at("2025-09-30T10:30")},
+                {"step_type": "notification", "officers": [O1],
+                 "start_ms": at("2025-09-30T14:00"), "end_ms": at("2025-09-30T14:20")},
+                {"step_type": "hearing", "officers": [O1],
+                 "start_ms": at(f"{yesterday}T10:00"), "end_ms": at(f"{yesterday}T10:20")},
+                {"step_type": "service", "officers": [O2],
+                 "start_ms": at("2025-10-09T09:00"), "end_ms": at("2025-10-09T09:10")},
+                {"step_type": "execution", "officers": [O2], "start_ms": now - 600_000},
+            ],
+        },
+    )  # fmt: skip
+    # Docking the steps bound what was waiting; nothing is left in the queue.
+    assert world.get("/api/v1/review-queue") == []
+    hearing_id = step_of(case, "hearing")["step_id"]
+
+    # Evidence arriving AFTER its step: the notification, with a gap nobody explained.
+    a.segment(at("2025-09-30T14:00"), at("2025-09-30T14:08"))
+    a.segment(at("2025-09-30T14:14"), at("2025-09-30T14:20"))
+    a.deliver()
+    # The hearing: recorded on the handheld (cam-c) carrying the step it was pushed.
+    context = {"case_id": "HP-2025-0042", "step_id": hearing_id}
+    c.segment(at(f"{yesterday}T09:59"), at(f"{yesterday}T10:10"), case=context)
+    c.segment(at(f"{yesterday}T10:10"), at(f"{yesterday}T10:21"), case=context)
+    c.deliver()
+    # DURING the open execution step.
+    b.segment(now - 300_000, now - 60_000)
+    b.deliver()
+
+    case = world.get("/api/v1/cases/HP-2025-0042")
+    filing = step_of(case, "filing")
+    assert not filing["recording_required"] and filing["due_day"] == "2025-10-11"
+
+    inv = step_of(case, "investigation")
+    assert inv["coverage_pct"] == 90.0  # 27 of 30 minutes
+    assert len(inv["evidence"]) == 4
+    assert {e["device_id"] for e in inv["evidence"]} == {"cam-a", "cam-b"}
+    (gap,) = inv["gaps"]
+    assert gap["duration_ms"] == 3 * 60_000 and gap["explained"]
+    assert "battery_low" in gap["reasons"][0]["reason"]
+    # Sep 30 ends: Oct 1–8 are holidays, Oct 9 and 10 work days, Sat Oct 11 a make-up day.
+    assert inv["due_day"] == "2025-10-11" and inv["late"] and not inv["overdue"]
+    assert {e["arrival"] for e in inv["evidence"]} == {"late"}
+
+    note = step_of(case, "notification")
+    (gap,) = note["gaps"]
+    assert gap["duration_ms"] == 6 * 60_000 and not gap["explained"]
+    assert gap["reasons"] == [{"reason": "unexplained"}]
+    assert note["coverage_pct"] == 70.0 and note["late"]
+
+    hearing = step_of(case, "hearing")
+    assert hearing["coverage_pct"] == 100.0 and hearing["gaps"] == []
+    assert not hearing["late"] and not hearing["overdue"]
+    assert {e["arrival"] for e in hearing["evidence"]} == {"on_time"}
+
+    # Ends Thu Oct 9: Fri Oct 10, the make-up Saturday Oct 11, Mon Oct 13. Nothing came.
+    service = step_of(case, "service")
+    assert service["due_day"] == "2025-10-13" and service["overdue"] and service["evidence"] == []
+
+    execution = step_of(case, "execution")
+    assert execution["due_day"] is None and not execution["late"] and not execution["overdue"]
+    assert len(execution["evidence"]) == 1
+
+    history = world.get("/api/v1/cases/HP-2025-0042/history")
+    methods = {(h["device_id"], h["method"]) for h in history["bindings"]}
+    assert ("cam-c", "explicit") in methods and ("cam-b", "officer_time") in methods
+
+    by_officer = {s["officer"]: s for s in world.get("/api/v1/stats", by="officer")}
+    assert by_officer[O1]["unexplained_gaps"] == 1  # the notification's
+    assert by_officer[O2]["overdue_steps"] == 1
+    text = world.get("/api/v1/stats", by="device", format="csv")
+    devices = {row["device"]: row for row in csv.DictReader(io.StringIO(text))}
+    assert devices["cam-a"]["evidence"] == "5" and devices["cam-c"]["evidence"] == "2"
