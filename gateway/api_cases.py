@@ -537,8 +537,10 @@ def add_case_routes(
             devices_ok = visible_devices(conn.conn, who) or set()
             rows = [r for r in rows if _in_scope(str(r[4]), cases_ok, devices_ok)]
         keys = ("id", "at_ms", "actor", "action", "target", "detail", "prev_hash", "hash")
+        problems = audit.verify_chain(conn.conn)
         return {
-            "chain_intact": not audit.verify_chain(conn.conn),
+            "chain_intact": not problems,
+            "problems": problems[:20],
             "entries": [
                 {**dict(zip(keys, r, strict=True)), "detail": json.loads(r[5] or "{}")}
                 for r in rows

@@ -270,3 +270,214 @@ def test_a_penalty_case_through_its_steps(world: World) -> None:
     text = world.get("/api/v1/stats", by="device", format="csv")
     devices = {row["device"]: row for row in csv.DictReader(io.StringIO(text))}
     assert devices["cam-a"]["evidence"] == "5" and devices["cam-c"]["evidence"] == "2"
+
+
+def small_case(world: World, case_id: str, agency: str, officer: str) -> dict[str, Any]:
+    return world.post(
+        "/api/v1/cases",
+        {
+            "id": case_id,
+            "agency_id": agency,
+            "case_type": "inspection",
+            "steps": [
+                {"step_type": "on_site_inspection", "officers": [officer],
+                 "start_ms": at("2025-09-30T10:00"), "end_ms": at("2025-09-30T10:30")},
+                {"step_type": "notification", "officers": [officer],
+                 "start_ms": at("2025-09-30T11:00"), "end_ms": at("2025-09-30T11:30")},
+            ],
+        },
+    )  # fmt: skip
+
+
+def test_a_binding_changes_only_by_an_approved_amendment_and_history_keeps_both(
+    world: World,
+) -> None:
+    a = world.devices["cam-a"]
+    case = small_case(world, "HP-7", "hp-ue", O1)
+    inspection, notification = (s["step_id"] for s in case["steps"])
+    seq = a.segment(at("2025-09-30T10:05"), at("2025-09-30T10:15"))
+    a.deliver()
+    clerk = world.user("hp-clerk", "district_agency", agency_id="hp-ue")
+    reviewer = world.user("hp-reviewer", "reviewer", agency_id="hp-ue")
+    other_reviewer = world.user("hx-reviewer", "reviewer", agency_id="hx-ue")
+
+    # There is no way to change a binding or a set time directly.
+    r = world.api.patch(
+        f"/api/v1/cases/HP-7/steps/{inspection}", json={"end_ms": at("2025-09-30T10:40")},
+        headers=clerk,
+    )  # fmt: skip
+    assert r.status_code == 409 and "amendment" in r.json()["detail"]
+    r = world.api.post(f"/api/v1/review-queue/cam-a/{seq}", json={"step_id": notification},
+                       headers=reviewer)  # fmt: skip
+    assert r.status_code == 404  # not in the queue: it is bound already
+
+    rebind = world.post(
+        "/api/v1/cases/HP-7/amendments",
+        {"kind": "rebind", "payload": {"device_id": "cam-a", "seq": seq, "step_id": notification},
+         "reason": "the clip shows the notification being read out"},
+        clerk,
+    )  # fmt: skip
+    times = world.post(
+        "/api/v1/cases/HP-7/amendments",
+        {"kind": "step_times", "payload": {"step_id": inspection,
+                                           "end_ms": at("2025-09-30T10:40")},
+         "reason": "the case system recorded the end too early"},
+        clerk,
+    )  # fmt: skip
+    report = world.get("/api/v1/cases/HP-7")
+    assert [e["seq"] for e in step_of(report, "on_site_inspection")["evidence"]] == [seq]
+
+    def decide(amendment: int, who: dict[str, str], approve: bool) -> Any:
+        return world.api.post(
+            f"/api/v1/amendments/{amendment}/decision",
+            json={"approve": approve, "note": "checked"},
+            headers=who,
+        )
+
+    assert decide(rebind["id"], clerk, True).status_code == 403  # not a reviewer
+    assert decide(rebind["id"], other_reviewer, True).status_code == 404  # out of scope
+    assert decide(rebind["id"], reviewer, True).json()["state"] == "approved"
+    assert decide(rebind["id"], reviewer, False).status_code == 409  # decided once
+    assert decide(times["id"], reviewer, True).json()["state"] == "approved"
+
+    report = world.get("/api/v1/cases/HP-7")
+    assert step_of(report, "on_site_inspection")["evidence"] == []
+    assert [e["seq"] for e in step_of(report, "notification")["evidence"]] == [seq]
+    assert step_of(report, "on_site_inspection")["end_ms"] == at("2025-09-30T10:40")
+    history = world.get("/api/v1/cases/HP-7/history")
+    mine = [h for h in history["bindings"] if h["seq"] == seq]
+    assert [(h["step_id"], h["method"]) for h in mine] == [
+        (inspection, "officer_time"),
+        (notification, "amendment"),
+    ]
+    ends = [h for h in history["steps"] if h["step_id"] == inspection and h["field"] == "end_ms"]
+    assert [(h["old"], h["new"]) for h in ends] == [
+        (None, at("2025-09-30T10:30")),
+        (at("2025-09-30T10:30"), at("2025-09-30T10:40")),
+    ]
+    assert "amendment" in ends[-1]["reason"]
+    amendments = world.get("/api/v1/cases/HP-7/amendments")
+    assert [a["state"] for a in amendments] == ["approved", "approved"]
+    assert amendments[0]["reason"].startswith("the clip") and amendments[0]["decided_by"]
+
+
+def test_ambiguous_evidence_waits_for_a_reviewer(world: World) -> None:
+    a = world.devices["cam-a"]
+    small_case(world, "HP-8", "hp-ue", O1)
+    small_case(world, "HP-9", "hp-ue", O1)  # the same officer, the same hours
+    seq = a.photo(at("2025-09-30T10:20"))
+    a.deliver()
+    (item,) = world.get("/api/v1/review-queue")
+    assert item["reason"] == "ambiguous" and len(item["candidates"]) == 2
+    reviewer = world.user("hp-reviewer", "reviewer", agency_id="hp-ue")
+    target = item["candidates"][1]
+    r = world.api.post(f"/api/v1/review-queue/cam-a/{seq}", json={"step_id": target},
+                       headers=reviewer)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert world.get("/api/v1/review-queue") == []
+    report = world.get("/api/v1/cases/HP-9")
+    assert [e["seq"] for e in step_of(report, "on_site_inspection")["evidence"]] == [seq]
+
+
+def test_the_terminal_opens_a_step_and_the_gateway_pushes_it_to_the_officers_devices(
+    world: World,
+) -> None:
+    case = world.post(
+        "/api/v1/cases",
+        {"id": "HP-10", "agency_id": "hp-ue", "case_type": "penalty",
+         "steps": [{"step_type": "investigation", "officers": [O1]}]},
+    )  # fmt: skip
+    step_id = case["steps"][0]["step_id"]
+    c = world.devices["cam-c"]  # the handheld terminal
+    opened = at("2026-11-20T09:00")
+    c.record(opened, "case_context", action="open", case_id="HP-10", step_id=step_id,
+             at_ms=opened)  # fmt: skip
+    c.deliver()
+    step = step_of(world.get("/api/v1/cases/HP-10"), "investigation")
+    assert step["start_ms"] == opened and step["end_ms"] is None
+    history = world.get("/api/v1/cases/HP-10/history")["steps"]
+    assert history[-1]["actor"] == "device:cam-c" and "terminal" in history[-1]["reason"]
+    # Both of O1's devices get the open step as a signed command.
+    for device_id in ("cam-a", "cam-c"):
+        commands = world.get(f"/api/v1/devices/{device_id}/commands")
+        assert commands[-1]["name"] == "case_context"
+        assert commands[-1]["args"] == {"case_id": "HP-10", "step_id": step_id}
+    # Closing from the terminal clears the context on the devices.
+    closed = at("2026-11-20T09:40")
+    c.record(closed, "case_context", action="close", case_id="HP-10", step_id=step_id,
+             at_ms=closed)  # fmt: skip
+    c.deliver()
+    assert step_of(world.get("/api/v1/cases/HP-10"), "investigation")["end_ms"] == closed
+    assert world.get("/api/v1/devices/cam-a/commands")[-1]["args"] == {}
+
+
+ROLES = {
+    # user: (role, place, sees Heping's case, sees Hexi's case)
+    "city-bureau": ("city_judicial", {}, True, True),
+    "heping-bureau": ("district_judicial", {"district": "heping"}, True, False),
+    "hexi-bureau": ("district_judicial", {"district": "hexi"}, False, True),
+    "city-um": ("city_agency", {"agency_id": "tj-ue"}, True, True),
+    "city-market": ("city_agency", {"agency_id": "tj-mkt"}, False, False),
+    "heping-um": ("district_agency", {"agency_id": "hp-ue"}, True, False),
+    "hexi-um": ("district_agency", {"agency_id": "hx-ue"}, False, True),
+}
+
+
+def test_every_scope_boundary_of_art_22(world: World) -> None:
+    a, x = world.devices["cam-a"], world.devices["cam-x"]
+    small_case(world, "HP-1", "hp-ue", O1)
+    small_case(world, "HX-1", "hx-ue", O3)
+    a.segment(at("2025-09-30T10:00"), at("2025-09-30T10:10"))
+    x.segment(at("2025-09-30T10:00"), at("2025-09-30T10:10"))
+    a.deliver()
+    x.deliver()
+    evidence = {e["device_id"]: e["id"] for e in world.get("/api/v1/evidence")}
+    users = {name: (world.user(name, role, **place), hp, hx)
+             for name, (role, place, hp, hx) in ROLES.items()}  # fmt: skip
+    for name, (who, sees_hp, sees_hx) in users.items():
+        listed = {c["id"] for c in world.get("/api/v1/cases", who)}
+        assert listed == {c for c, seen in (("HP-1", sees_hp), ("HX-1", sees_hx)) if seen}, name
+        devices = {d["device_id"] for d in world.get("/api/v1/devices", who)}
+        assert ("cam-a" in devices, "cam-x" in devices) == (sees_hp, sees_hx), name
+        for case_id, device_id, allowed in (("HP-1", "cam-a", sees_hp), ("HX-1", "cam-x", sees_hx)):
+            want = 200 if allowed else 404
+            for path in (
+                f"/api/v1/cases/{case_id}",
+                f"/api/v1/evidence/{evidence[device_id]}",
+                f"/api/v1/evidence/{evidence[device_id]}/media",
+                f"/api/v1/cases/{case_id}/export",
+            ):
+                r = world.api.get(path, headers=who)
+                assert r.status_code == want, (name, path, r.status_code, r.text[:200])
+    # Audited either way: every refusal is in the chain too, and the chain is intact.
+    log = world.get("/api/v1/audit")
+    assert log["chain_intact"], log["problems"]
+    actions = {(e["actor"], e["action"]) for e in log["entries"]}
+    assert ("hexi-um", "download_refused") in actions and ("hexi-um", "download") in actions
+    assert ("city-market", "export_refused") in actions and ("city-um", "export") in actions
+    assert ("heping-bureau", "case_view_refused") in actions
+    # Writes are scoped too: Hexi cannot dock a case for Heping.
+    r = world.api.post(
+        "/api/v1/cases",
+        json={"id": "HP-2", "agency_id": "hp-ue", "case_type": "inspection"},
+        headers=users["hexi-um"][0],
+    )
+    assert r.status_code == 403
+    # And an auditor reads only what their scope covers.
+    auditor = world.user("hx-auditor", "auditor", agency_id="hx-ue")
+    targets = {e["target"].split("/")[1] for e in world.get("/api/v1/audit", auditor)["entries"]}
+    assert "HP-1" not in targets and "cam-a" not in targets and "HX-1" in targets
+
+
+def test_random_review_sample_is_reproducible_within_scope(world: World) -> None:
+    for n in range(12):
+        agency = "hp-ue" if n % 2 else "hx-ue"
+        officer = O1 if n % 2 else O3
+        small_case(world, f"C-{n:02d}", agency, officer)
+    heping = world.user("heping-bureau", "district_judicial", district="heping")
+    first = world.get("/api/v1/sample", heping, size=3, seed="2026-Q4")
+    again = world.get("/api/v1/sample", heping, size=3, seed="2026-Q4")
+    assert first == again and len(first["cases"]) == 3
+    assert all(int(c[2:]) % 2 == 1 for c in first["cases"])  # Heping's only
+    other = world.get("/api/v1/sample", heping, size=3, seed="2027-Q1")
+    assert other["seed"] == "2027-Q1"
