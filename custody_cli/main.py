@@ -11,6 +11,8 @@ Sub-commands (a contract with outside tools; extend, do not rename)::
     custody agent add    --config DEVDIR/agent.toml [--marked] FILE...
     custody agent status --config DEVDIR/agent.toml [--json]
     custody demo    [--devices N] [--duration SECONDS] [--data DIR] [--http HOST:PORT]
+    custody export  CASE_ID --out case.zip --gateway-data DIR
+    custody verify  case.zip [--gateway-key HEX]
     custody sim mcu --port PATH --scenario FILE [--speedup X]
     custody sim device --config DEVDIR/agent.toml --scenario FILE [--drain SECONDS]
     custody sim fleet --devices N [--duration SECONDS] [--faults all|none|LIST]
@@ -31,6 +33,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError
+from custody_cli import bundle
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
     d.add_argument("--data", type=Path, default=None, help="keep state here (default: temp)")
     d.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), help="HOST:PORT")
+    bundle.add_parsers(sub)
     return p
 
 
@@ -475,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent": cmd_agent,
         "demo": cmd_demo,
         "sim": cmd_sim,
+        **bundle.commands(),
     }
     try:
         return commands[args.command](args)

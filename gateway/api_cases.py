@@ -571,6 +571,23 @@ def add_case_routes(
         )
 
 
+def resolve_case(
+    db: sqlite_utils.Database, case_id: str
+) -> tuple[dict[str, Any], list[tuple[str, int]], dict[str, Any], str]:
+    """What ``custody export CASE_ID`` bundles: the case, its received evidence, and its
+    coverage report (JSON and HTML)."""
+    from gateway.errors import GatewayError
+
+    try:
+        report = cases.case_report(db.conn, case_id, now_ms())
+    except cases.CaseError as exc:
+        raise GatewayError(str(exc)) from exc
+    items = export_items(report)
+    if not items:
+        raise GatewayError(f"case {case_id} has no received evidence to export yet")
+    return report_case(report), items, report, coverage_html(report)
+
+
 def _in_scope(target: str, case_ids: set[str], device_ids: set[str]) -> bool:
     parts = target.split("/")
     if parts[0] == "case" and len(parts) > 1:

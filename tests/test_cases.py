@@ -481,3 +481,51 @@ def test_random_review_sample_is_reproducible_within_scope(world: World) -> None
     assert all(int(c[2:]) % 2 == 1 for c in first["cases"])  # Heping's only
     other = world.get("/api/v1/sample", heping, size=3, seed="2027-Q1")
     assert other["seed"] == "2027-Q1"
+
+
+def test_a_case_exported_through_the_api_and_the_cli_verifies_offline(
+    world: World, tmp_path: Path
+) -> None:
+    import subprocess
+    import zipfile
+
+    from protocol.bundle import verify_bundle
+    from protocol.signing import VerifyKey
+    from tests.conftest import ROOT, custody_cmd
+
+    a = world.devices["cam-a"]
+    small_case(world, "HP-3", "hp-ue", O1)
+    a.segment(at("2025-09-30T10:00"), at("2025-09-30T10:20"))
+    a.record(at("2025-09-30T10:20:01"), "recording_stopped", reason="button", recording_id=1)
+    a.segment(at("2025-09-30T11:00"), at("2025-09-30T11:30"))
+    a.deliver()
+    r = world.api.get("/api/v1/cases/HP-3/export", headers=world.admin)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    key = VerifyKey.from_hex(world.gw.signing_key().verify_key.hex)
+    verdict = verify_bundle(files, key)
+    assert verdict.ok, verdict.problems
+    assert verdict.checked["media"] == 2
+    assert b"HP-3" in files["coverage.html"] and b"on_site_inspection" in files["coverage.json"]
+
+    out = tmp_path / "HP-3.zip"
+    export = subprocess.run(
+        custody_cmd("export", "HP-3", "--out", str(out), "--gateway-data", str(world.gw.root)),
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    verify = subprocess.run(
+        custody_cmd("verify", str(out), "--gateway-key", key.hex),
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert verify.returncode == 0 and verify.stdout.startswith("VERIFIED"), verify.stdout
+    # A changed coverage report is caught too: it is in the signed manifest.
+    with zipfile.ZipFile(out) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["coverage.json"] = members["coverage.json"].replace(b'"late": true', b'"late": false')
+    bad = verify_bundle(members, key)
+    assert not bad.ok and any("coverage.json" in str(p) for p in bad.problems)
+    log = world.get("/api/v1/audit")
+    assert log["chain_intact"], log["problems"]
+    assert {"export", "export_item"} <= {e["action"] for e in log["entries"]}
