@@ -200,7 +200,9 @@ def test_untouched_bundle_verifies_with_the_pinned_key_and_with_its_own(live: Li
 def test_export_is_audited_and_refuses_evidence_it_does_not_hold(live: Live, tmp_path: Path):
     db = sqlite3.connect(live.gateway.data / "custody.db")
     try:
-        audited = db.execute("SELECT count(*) FROM audit WHERE action = 'export'").fetchone()[0]
+        audited = db.execute("SELECT count(*) FROM audit WHERE action = 'export_item'").fetchone()[
+            0
+        ]
     finally:
         db.close()
     assert audited >= 4
