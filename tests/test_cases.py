@@ -529,3 +529,21 @@ def test_a_case_exported_through_the_api_and_the_cli_verifies_offline(
     log = world.get("/api/v1/audit")
     assert log["chain_intact"], log["problems"]
     assert {"export", "export_item"} <= {e["action"] for e in log["entries"]}
+
+
+def test_the_audit_chain_is_covered_by_the_transparency_log(world: World) -> None:
+    small_case(world, "HP-4", "hp-ue", O1)
+    world.get("/api/v1/cases/HP-4")
+    world.ingest.housekeeping()
+    db = world.ingest.db
+    last_id, head = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    through, logged_head, index = db.execute(
+        "SELECT through_id, head, log_index FROM audit_checkpoints ORDER BY through_id DESC"
+    ).fetchone()
+    assert (through, logged_head) == (last_id, head)
+    leaf = world.get(f"/api/v1/log/proof/{index}")["leaf"]
+    assert leaf == {"v": 1, "type": "audit", "through_id": last_id, "head": head}
+    # Rewriting an old audit row breaks the chain from there on.
+    db.execute("UPDATE audit SET actor = 'someone else' WHERE id = 1")
+    log = world.get("/api/v1/audit")
+    assert not log["chain_intact"] and "audit row 1" in log["problems"][0]

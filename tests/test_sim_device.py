@@ -365,3 +365,66 @@ def test_remote_start_photo_and_stop_through_the_gateway_api(
     jpeg = gateway.get(f"/api/v1/evidence/{stored['id']}/media")
     assert jpeg[:3] == b"\xff\xd8\xff"
     assert photo["body"]["source"] == "remote" and photo["body"]["width"] == W
+
+
+def test_an_open_step_is_pushed_to_the_device_and_its_segments_carry_it(
+    gateway: Gateway, make_agent: Any
+) -> None:
+    """Docking API → signed case_context command → the recording device's manifests →
+    explicit binding at the gateway."""
+    agent = make_agent(
+        "cam-case",
+        gateway,
+        camera="synthetic",
+        camera_width=str(W),
+        camera_height=str(H),
+        camera_fps=str(FPS),
+        pre_event_s="0",
+        segment_s="2",
+        record_on_start="true",
+    )
+    headers = {"Authorization": f"Bearer {gateway.token}"}
+
+    def post(path: str, body: dict[str, Any], method: str = "POST") -> Any:
+        r = httpx.request(method, gateway.base + path, json=body, headers=headers)
+        assert r.status_code in (200, 201), r.text
+        return r.json()
+
+    post("/api/v1/agencies", {"id": "hp-ue", "name": "Heping", "level": "district",
+                              "district": "heping"})  # fmt: skip
+    post("/api/v1/officers", {"id": "12010001", "name": "Li", "agency_id": "hp-ue"})
+    post("/api/v1/devices/cam-case/assignment", {"officer_id": "12010001", "from_ms": 0})
+    agent.start()
+    wait_for(
+        lambda: any(d["device_id"] == "cam-case" and d["online"]
+                    for d in gateway.get("/api/v1/devices")),
+        30, "the device online",
+    )  # fmt: skip
+    now = int(time.time() * 1000)
+    case = post(
+        "/api/v1/cases",
+        {"id": "HP-LIVE", "agency_id": "hp-ue", "case_type": "penalty",
+         "steps": [{"step_type": "investigation", "officers": ["12010001"], "start_ms": now}]},
+    )  # fmt: skip
+    step_id = case["steps"][0]["step_id"]
+
+    def carried() -> list[dict[str, Any]]:
+        return [
+            r for r in gateway_journal(gateway, "cam-case")
+            if r["kind"] == "segment" and r["body"].get("case", {}).get("step_id") == step_id
+        ]  # fmt: skip
+
+    segment = wait_for(carried, 60, "a segment carrying the pushed step")[0]
+    assert segment["body"]["case"] == {"case_id": "HP-LIVE", "step_id": step_id}
+
+    def bound_explicitly() -> bool:
+        history = gateway.get("/api/v1/cases/HP-LIVE/history")["bindings"]
+        return any(h["seq"] == segment["seq"] and h["method"] == "explicit" for h in history)
+
+    wait_for(bound_explicitly, 30, "the explicit binding")
+    # Closing the step clears the context on the device.
+    post(f"/api/v1/cases/HP-LIVE/steps/{step_id}", {"end_ms": int(time.time() * 1000)}, "PATCH")
+    wait_for(
+        lambda: gateway.get("/api/v1/devices/cam-case/commands")[-1]["state"] == "sent",
+        30, "the cleared context sent",
+    )  # fmt: skip
