@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck bench clean
+.PHONY: setup mosquitto chromium demo test lint typecheck bench clean
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP) mosquitto chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -20,6 +20,14 @@ mosquitto:
 		echo "installing mosquitto with apt"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update && $$SUDO apt-get install -y mosquitto; \
+	fi
+
+# Debian's Chromium for the dashboard's browser tests (Playwright drives the system browser).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing chromium with apt"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y chromium; \
 	fi
 
 demo: setup

@@ -107,11 +107,18 @@ class SegmentEncoder:
         vf.pts = pts
         vf.time_base = TIME_BASE
         vf.duration = self._frame_ns * 90 // 1_000_000
-        for packet in self._video.encode(vf):
-            self._container.mux(packet)
+        self._mux_video(self._video.encode(vf))
         self._last_pts = pts
         self._last = frame
         self.frames += 1
+
+    def _mux_video(self, packets: Any) -> None:
+        # x264 leaves packet durations unset; without them the fragment's last sample
+        # gets none, and players report the segment one frame short.
+        for packet in packets:
+            if not packet.duration:
+                packet.duration = self._frame_ns * 90 // 1_000_000
+            self._container.mux(packet)
 
     def add_audio(self, samples: npt.NDArray[np.int16]) -> None:
         if self._audio is None or samples.size == 0:
@@ -131,8 +138,7 @@ class SegmentEncoder:
 
     def close(self) -> EncodedSegment | None:
         """Flush and finish the file; None if no frame was ever added."""
-        for packet in self._video.encode():
-            self._container.mux(packet)
+        self._mux_video(self._video.encode())
         if self._audio is not None:
             for packet in self._audio.encode():
                 self._container.mux(packet)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import sqlite_utils
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import Cookie, Depends, FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,7 @@ from gateway.access import (
 from gateway.api_cases import add_case_routes
 from gateway.blobs import BlobStore
 from gateway.catalogue import load_catalogue
+from gateway.dashboard import add_dashboard
 from gateway.datadir import DataDir
 from gateway.db import connect, transaction
 from gateway.translog import TransparencyLog
@@ -74,7 +75,11 @@ def create_app(data: DataDir) -> FastAPI:
     def caller(
         cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
         conn: Annotated[sqlite_utils.Database, Depends(db)],
+        custody_session: Annotated[str | None, Cookie(include_in_schema=False)] = None,
     ) -> Principal:
+        if (cred is None or cred.scheme.lower() != "bearer") and custody_session:
+            # The dashboard's session cookie: its fetch calls act as the logged-in user.
+            cred = HTTPAuthorizationCredentials(scheme="Bearer", credentials=custody_session)
         if cred is None or cred.scheme.lower() != "bearer":
             raise HTTPException(
                 401,
@@ -103,8 +108,9 @@ def create_app(data: DataDir) -> FastAPI:
     def index() -> str:
         return (
             "<!doctype html><title>custody gateway</title><h1>custody gateway</h1>"
-            "<p>The API is under <code>/api/v1/</code>; its reference is at "
-            '<a href="/docs">/docs</a>. Authenticate with the admin token from '
+            '<p>The <a href="/dashboard/fleet">dashboard</a> is for operators. The API is '
+            'under <code>/api/v1/</code>; its reference is at <a href="/docs">/docs</a>. '
+            "Authenticate with a user's token or the admin token from "
             "<code>DIR/admin.token</code>.</p>"
         )
 
@@ -414,4 +420,5 @@ def create_app(data: DataDir) -> FastAPI:
         }
 
     add_case_routes(app, data, load_catalogue(data.root), db, caller)
+    add_dashboard(app, data, token, db)
     return app

@@ -512,10 +512,13 @@ def _explain(
     refused starts, restarts."""
     reasons = []
     for device_id in devices:
+        # A stop is written as the last segment closes (just before the gap); a restart
+        # explains a gap only if it happened inside it.
         rows = conn.execute(
-            "SELECT seq, kind, wall_ms, record FROM journal WHERE device_id = ? AND kind IN "
-            "('recording_stopped', 'boot') AND wall_ms BETWEEN ? AND ? ORDER BY seq",
-            [device_id, start - EXPLAIN_SLACK_MS, end],
+            "SELECT seq, kind, wall_ms, record FROM journal WHERE device_id = ? AND ("
+            "(kind = 'recording_stopped' AND wall_ms BETWEEN ? AND ?) OR "
+            "(kind = 'boot' AND wall_ms BETWEEN ? AND ?)) ORDER BY seq",
+            [device_id, start - EXPLAIN_SLACK_MS, end, start, end],
         ).fetchall()
         for seq, kind, wall, record in rows:
             body = json.loads(record).get("body", {})

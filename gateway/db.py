@@ -207,6 +207,21 @@ def create_schema(db: sqlite_utils.Database) -> None:
         pk="through_id",
         if_not_exists=True,
     )
+    Table(db, "telemetry_log").create(
+        {
+            "device_id": str,
+            "at_ms": int,
+            "battery_pct": int,
+            "backlog_items": int,
+            "backlog_bytes": int,
+            "headroom_min": int,
+            "lat_e6": int,
+            "lon_e6": int,
+            "recording": int,
+        },
+        if_not_exists=True,
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS telemetry_log_at ON telemetry_log(device_id, at_ms)")
     _create_case_schema(db)
 
 

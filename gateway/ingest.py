@@ -53,6 +53,8 @@ log = logging.getLogger("custody.gateway.ingest")
 STATUS_TTL_S = 1.0
 events = logging.getLogger("custody.events")
 
+TELEMETRY_KEEP_MS = 24 * 3600 * 1000
+
 #: Recording stops whose signed reason an operator must act on (Guarantee 5: a full
 #: buffer stops recording with a reason, and someone has to empty it).
 STOP_ALARMS = {
@@ -435,10 +437,33 @@ class Ingest:
         tele = Telemetry.decode(payload)
         if tele.device_id != device_id:
             raise MessageError(f"telemetry names {tele.device_id} on {device_id}'s topic")
+        now = now_ms()
         with transaction(self.db, durable=False) as conn:
             conn.execute(
                 "UPDATE devices SET telemetry = ?, last_seen_ms = ? WHERE device_id = ?",
-                [json.dumps(decode(payload, what="telemetry")), now_ms(), device_id],
+                [json.dumps(decode(payload, what="telemetry")), now, device_id],
+            )
+            # History for the dashboard's charts and GPS track; a day of it is enough
+            # (telemetry is not evidence: the journal is).
+            conn.execute(
+                "INSERT INTO telemetry_log(device_id, at_ms, battery_pct, backlog_items, "
+                "backlog_bytes, headroom_min, lat_e6, lon_e6, recording) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    device_id,
+                    now,
+                    tele.battery_pct,
+                    tele.backlog_items,
+                    tele.backlog_bytes,
+                    tele.storage_headroom_min,
+                    tele.gps_lat_e6,
+                    tele.gps_lon_e6,
+                    int(tele.recording),
+                ],
+            )
+            conn.execute(
+                "DELETE FROM telemetry_log WHERE device_id = ? AND at_ms < ?",
+                [device_id, now - TELEMETRY_KEEP_MS],
             )
         return []
 
