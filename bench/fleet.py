@@ -1,0 +1,481 @@
+"""Fleet capacity: how many telemetry-only devices one gateway keeps fresh, and the fleet page.
+
+A private broker (mutual TLS, per-device ACLs, as in production) and a gateway run as
+their own processes. Simulated devices (``bench/_fleetsim.py``: a few processes, each
+driving many paho clients from one selector loop) connect as real devices do, each with
+its own certificate, publish a retained birth and then a ``Telemetry`` every
+``--interval`` seconds from a random phase. The fleet grows in steps (``--steps``); each
+step is held for a warm-up of ``--warmup`` intervals after the last device connected,
+then measured over ``--window`` intervals.
+
+Freshness of a device's state is what the gateway stored when it stored it:
+``devices.last_seen_ms`` (the gateway's clock at ingest) minus the stored telemetry's
+``ts_ms`` (the device's clock when it published; same machine, same clock). The gateway
+database is read (read-only) every second and each new (device, ts_ms) counted once.
+A step holds when p99 < 2 intervals, no device's latest state is older than 2 intervals
+at the window's end, and every device is connected. The ramp stops at the first step
+that does not hold.
+
+Devices are registered the way ``gateway.registry.enroll`` does (a ``devices`` row with
+an Ed25519 public key, ``device_keys``, a CA-issued certificate and its ``certificates``
+row) but in one transaction per step and without the agent's files: ``enroll`` costs
+~6 ms a device (two fsync'd commits and three fsync'd key files) and a telemetry-only
+device needs only its TLS identity.
+
+Fleet page: ``GET /dashboard/fleet`` with the admin token, wall time on localhost, median
+of ``--page-requests`` after one untimed request, taken after each step's window while
+the fleet keeps publishing (an operator looks at the page while the fleet runs).
+
+Prints the largest N held and, last, ``fleet_page_ratio: X`` (page time at that N / at
+N=10). Nothing is asserted.
+Usage: python bench/fleet.py [--interval 10] [--steps 10,250,...] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import math
+import multiprocessing
+import os
+import resource
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._fleetsim import DeviceCreds, WorkerReport, worker  # noqa: E402
+from gateway.broker import free_port  # noqa: E402
+from gateway.ca import CertificateAuthority  # noqa: E402
+from gateway.datadir import DataDir  # noqa: E402
+from gateway.db import open_db, transaction  # noqa: E402
+from protocol.journal import check_device_id  # noqa: E402
+from protocol.signing import SigningKey  # noqa: E402
+
+MIB = 2**20
+DEFAULT_STEPS = "10,250,500,1000,1500,2000,2500,3000"
+
+
+def custody_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "custody_cli", *args]
+
+
+def wait_until(cond: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def healthy(http: str) -> bool:
+    try:
+        return httpx.get(f"{http}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM (``custody broker`` stops its mosquitto), SIGKILL after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def raise_fd_limit() -> int:
+    """Every device is a socket here and in mosquitto (which inherits this limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def register_devices(gw_dir: Path, out: Path, ids: list[str]) -> list[DeviceCreds]:
+    """What ``enroll`` records at the gateway, for many devices in one commit, plus each
+    device's TLS key and certificate (the simulators need nothing else)."""
+    data = DataDir.open(gw_dir)
+    ca = CertificateAuthority.open(data.ca_dir)
+    out.mkdir(exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    devices, keys, certs, creds = [], [], [], []
+    for device_id in ids:
+        check_device_id(device_id)
+        public = SigningKey.generate().verify_key.hex
+        issued = ca.issue(device_id)
+        key_path, cert_path = out / f"{device_id}.key", out / f"{device_id}.crt"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(issued.key_pem)
+        cert_path.write_bytes(issued.cert_pem)
+        devices.append([device_id, public, now.isoformat()])
+        keys.append([device_id, public, int(now.timestamp() * 1000)])
+        certs.append(
+            [format(issued.serial, "x"), device_id, issued.not_after.isoformat(), now.isoformat()]
+        )
+        creds.append(DeviceCreds(device_id, str(ca.cert_path), str(cert_path), str(key_path)))
+    db = open_db(data.db_path)
+    try:
+        with transaction(db) as conn:
+            conn.executemany(
+                "INSERT INTO devices(device_id, public_key, status, enrolled_at) "
+                "VALUES (?, ?, 'active', ?)",
+                devices,
+            )
+            conn.executemany(
+                "INSERT INTO device_keys(device_id, from_seq, public_key, at_ms) "
+                "VALUES (?, 1, ?, ?)",
+                keys,
+            )
+            conn.executemany(
+                "INSERT INTO certificates(serial, device_id, not_after, issued_at, revoked) "
+                "VALUES (?, ?, ?, ?, 0)",
+                certs,
+            )
+    finally:
+        db.conn.close()
+    return creds
+
+
+class Simulators:
+    """The simulator processes, each a ``bench._fleetsim`` selector loop."""
+
+    def __init__(self, count: int, port: int, interval: float) -> None:
+        ctx = multiprocessing.get_context("fork")  # before this process starts any thread
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        for _ in range(count):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=worker, args=(theirs, "127.0.0.1", port, interval), daemon=True
+            )
+            proc.start()
+            theirs.close()
+            self.pipes.append(mine)
+            self.procs.append(proc)
+        self.ps = [psutil.Process(p.pid) for p in self.procs]
+        self.added = 0
+
+    def add(self, creds: list[DeviceCreds]) -> None:
+        shares: list[list[DeviceCreds]] = [[] for _ in self.pipes]
+        for i, c in enumerate(creds, start=self.added):
+            shares[i % len(shares)].append(c)
+        self.added += len(creds)
+        for pipe, share in zip(self.pipes, shares, strict=True):
+            pipe.send(("add", share))
+
+    def report(self) -> WorkerReport:
+        total = WorkerReport()
+        for pipe in self.pipes:
+            if not pipe.poll(30):
+                raise SystemExit("a simulator process stopped answering")
+            r: WorkerReport = pipe.recv()
+            total.connected += r.connected
+            total.connecting += r.connecting
+            total.failed += r.failed
+            total.lost += r.lost
+            total.published += r.published
+            total.lag_ms += r.lag_ms
+            total.errors += r.errors
+        return total
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+class Freshness:
+    """New (device, ts_ms) pairs in the gateway database and how late each was stored."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+        self.seen: dict[str, int] = {}
+        self.delays_ms: list[int] = []
+
+    def rows(self) -> list[tuple[str, int | None, int | None]]:
+        return self.conn.execute(
+            "SELECT device_id, last_seen_ms, json_extract(telemetry, '$.ts_ms') FROM devices "
+            "WHERE status = 'active'"
+        ).fetchall()
+
+    def start(self) -> None:
+        self.seen = {d: ts for d, _, ts in self.rows() if ts is not None}
+        self.delays_ms = []
+
+    def poll(self) -> None:
+        for device_id, stored, ts in self.rows():
+            if ts is not None and stored is not None and self.seen.get(device_id) != ts:
+                self.seen[device_id] = ts
+                self.delays_ms.append(stored - ts)
+
+    def stale(self, older_than_ms: float) -> int:
+        """Devices whose latest stored state was published more than ``older_than_ms`` ago."""
+        now = time.time_ns() // 1_000_000
+        return sum(1 for _, _, ts in self.rows() if ts is None or now - ts > older_than_ms)
+
+
+def fleet_page_ms(http: str, token: str, requests: int) -> tuple[float, int]:
+    """(median wall ms, body bytes) of GET /dashboard/fleet as admin."""
+    times = []
+    size = 0
+    with httpx.Client(
+        base_url=http, headers={"Authorization": f"Bearer {token}"}, timeout=120
+    ) as client:
+        for i in range(requests + 1):
+            t0 = time.perf_counter()
+            r = client.get("/dashboard/fleet")
+            elapsed = time.perf_counter() - t0
+            if r.status_code != 200:
+                raise SystemExit(f"/dashboard/fleet answered {r.status_code}: {r.text[:300]}")
+            size = len(r.content)
+            if i:  # the first one warms templates and caches
+                times.append(elapsed * 1000)
+    return statistics.median(times), size
+
+
+@dataclass
+class Step:
+    n: int
+    connected: int
+    failed: int
+    lost: int
+    samples: int
+    expected: int
+    p50_ms: float
+    p99_ms: float
+    stale: int
+    lag_p99_ms: float
+    cpu: dict[str, float]  # % of one core over the window
+    rss_mib: dict[str, float]
+    page_ms: float
+    page_kib: float
+    connect_s: float
+    errors: list[str]
+
+    def held(self, interval: float) -> bool:
+        return (
+            self.connected == self.n
+            and self.failed == 0
+            and self.lost == 0
+            and self.samples > 0
+            and self.p99_ms < 2 * interval * 1000
+            and self.stale == 0
+        )
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    try:
+        times = proc.cpu_times()
+        return float(times.user + times.system)
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def run_step(
+    n: int,
+    args: argparse.Namespace,
+    sims: Simulators,
+    fresh: Freshness,
+    gw_dir: Path,
+    creds_dir: Path,
+    procs: dict[str, list[psutil.Process]],
+    http: str,
+    token: str,
+) -> Step:
+    interval = args.interval
+    ids = [f"sim-{i:05d}" for i in range(sims.added, n)]
+    t0 = time.monotonic()
+    sims.add(register_devices(gw_dir, creds_dir, ids))
+    report = sims.report()
+    deadline = t0 + 60 + n / 50
+    errors = list(report.errors)
+    while report.connecting and time.monotonic() < deadline:
+        time.sleep(0.5)
+        report = sims.report()
+        errors += report.errors
+    connect_s = time.monotonic() - t0
+    time.sleep(args.warmup * interval)
+    sims.report()  # schedule lag from here on
+    cpu0 = {k: sum(cpu_s(p) for p in ps) for k, ps in procs.items()}
+    w0 = time.monotonic()
+    fresh.start()
+    window = args.window * interval
+    while time.monotonic() < w0 + window:
+        time.sleep(max(0.0, min(1.0, w0 + window - time.monotonic())))
+        fresh.poll()
+    wall = time.monotonic() - w0
+    stale = fresh.stale(2 * interval * 1000)
+    cpu = {k: (sum(cpu_s(p) for p in ps) - cpu0[k]) / wall * 100 for k, ps in procs.items()}
+    report = sims.report()
+    errors += report.errors
+    rss = {}
+    for k in ("gateway", "broker"):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rss[k] = sum(p.memory_info().rss for p in procs[k]) / MIB
+    page_ms, page_bytes = fleet_page_ms(http, token, args.page_requests)
+    delays = [float(d) for d in fresh.delays_ms]
+    return Step(
+        n=n,
+        connected=report.connected,
+        failed=report.failed,
+        lost=report.lost,
+        samples=len(delays),
+        expected=round(n * wall / interval),
+        p50_ms=percentile(delays, 0.50),
+        p99_ms=percentile(delays, 0.99),
+        stale=stale,
+        lag_p99_ms=percentile(report.lag_ms, 0.99),
+        cpu=cpu,
+        rss_mib=rss,
+        page_ms=page_ms,
+        page_kib=page_bytes / 1024,
+        connect_s=connect_s,
+        errors=errors,
+    )
+
+
+def print_step(step: Step, interval: float) -> None:
+    cpu = " ".join(f"{k} {v:.0f}%" for k, v in step.cpu.items())
+    rss = " ".join(f"{k} {v:.0f} MiB" for k, v in step.rss_mib.items())
+    verdict = "held" if step.held(interval) else "FAILED"
+    print(
+        f"N={step.n}: connected {step.connected} (in {step.connect_s:.1f} s), failed "
+        f"{step.failed}, lost {step.lost}; freshness p50 {step.p50_ms:.0f} ms p99 "
+        f"{step.p99_ms:.0f} ms over {step.samples}/{step.expected} updates; stale "
+        f"{step.stale}; sim schedule lag p99 {step.lag_p99_ms:.0f} ms; cpu {cpu}; rss {rss}; "
+        f"fleet page {step.page_ms:.1f} ms ({step.page_kib:.0f} KiB): {verdict}",
+        flush=True,
+    )
+    for line in step.errors[:5]:
+        print(f"  {line}", flush=True)
+    if len(step.errors) > 5:
+        print(f"  ... and {len(step.errors) - 5} more", flush=True)
+
+
+def start_custody(log: IO[bytes], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(custody_cmd(*args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--interval", type=float, default=10, help="telemetry interval, s")
+    ap.add_argument("--steps", default=DEFAULT_STEPS, help="fleet sizes, ascending")
+    ap.add_argument("--warmup", type=float, default=1, help="intervals before the window")
+    ap.add_argument("--window", type=float, default=2, help="measured intervals per step")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="simulator procs")
+    ap.add_argument("--page-requests", type=int, default=5)
+    args = ap.parse_args()
+    steps = sorted({int(s) for s in args.steps.split(",")})
+    fd_limit = raise_fd_limit()
+    started = time.monotonic()
+    held: Step | None = None
+    first: Step | None = None
+    with tempfile.TemporaryDirectory(prefix="custody-bench-fleet-") as tmp_name:
+        tmp = Path(tmp_name)
+        gw_dir = tmp / "gateway"
+        data = DataDir.open(gw_dir)
+        port, http_port = free_port(), free_port()
+        http = f"http://127.0.0.1:{http_port}"
+        sims = Simulators(args.workers, port, args.interval)
+        procs_list: list[subprocess.Popen[bytes]] = []
+        logs: list[IO[bytes]] = []
+        try:
+            logs.append(open(tmp / "broker.log", "wb"))  # noqa: SIM115
+            broker = start_custody(
+                logs[-1], "broker", "--port", str(port), "--data", str(tmp / "broker"),
+                "--tls", str(gw_dir),
+            )  # fmt: skip
+            procs_list.append(broker)
+            wait_until(lambda: psutil.Process(broker.pid).children(), 15, "mosquitto")
+            logs.append(open(tmp / "gateway.log", "wb"))  # noqa: SIM115
+            gateway = start_custody(
+                logs[-1], "gateway", "--data", str(gw_dir), "--broker",
+                f"mqtts://127.0.0.1:{port}", "--http", f"127.0.0.1:{http_port}",
+            )  # fmt: skip
+            procs_list.append(gateway)
+            wait_until(lambda: healthy(http), 30, "gateway /healthz")
+            token = data.admin_token()
+            procs = {
+                "gateway": [psutil.Process(gateway.pid)],
+                "broker": [psutil.Process(broker.pid), *psutil.Process(broker.pid).children()],
+                "simulators": sims.ps,
+            }
+            fresh = Freshness(data.db_path)
+            print(
+                f"fleet: telemetry every {args.interval:g} s, {args.workers} simulator "
+                f"processes, mutual TLS; warm-up {args.warmup:g} + window {args.window:g} "
+                f"intervals per step; fd limit {fd_limit}",
+                flush=True,
+            )
+            for n in steps:
+                step = run_step(
+                    n, args, sims, fresh, gw_dir, tmp / "devices", procs, http, token
+                )
+                print_step(step, args.interval)
+                if first is None:
+                    first = step
+                if not step.held(args.interval):
+                    break
+                held = step
+        finally:
+            sims.stop()
+            for proc in reversed(procs_list):
+                stop_process(proc)
+            for log in logs:
+                log.close()
+    elapsed = time.monotonic() - started
+    print(f"bench_seconds: {elapsed:.0f}")
+    if held is None or first is None:
+        print(f"largest_n_held: 0 (not even N={steps[0]} held)")
+        return
+    print(f"largest_n_held: {held.n}")
+    print(f"freshness_p99_ms_at_n: {held.p99_ms:.0f}")
+    print(f"fleet_page_ms_at_{first.n}: {first.page_ms:.1f}")
+    print(f"fleet_page_ms_at_n: {held.page_ms:.1f}")
+    print(f"fleet_page_ratio: {held.page_ms / first.page_ms:.2f}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    main()
