@@ -393,8 +393,11 @@ class Relay:
     def _pump(self) -> None:
         now = time.monotonic()
         self._purge(now)
-        self._pump_journal(now)
-        self._pump_uploads(now)
+        # While the gateway says it is offline (its retained state), nobody consumes what
+        # we would send: hold the journal and bulk uploads back, keep the telemetry.
+        if self.gateway_online is not False:
+            self._pump_journal(now)
+            self._pump_uploads(now)
         if now >= self.next_telemetry:
             self.next_telemetry = now + self.config.telemetry_interval_s
             self._publish(DeviceTopic.TELEMETRY, self.telemetry().encode())

@@ -156,3 +156,28 @@ def test_everything_at_once_with_two_devices(
             assert_all_in_custody(gateway, agent, files[agent.device_id])
     finally:
         gateway.stop()
+
+
+def test_uploads_wait_while_the_gateway_is_offline(tmp_path: Path, gateway, make_agent):
+    """The gateway's Last Will marks it offline; the device then holds its uploads back
+    (nobody would consume them) and resumes when the gateway is back."""
+    from protocol.topics import DeviceTopic, device_topic
+    from tests.test_rejections import Capture
+
+    agent: AgentProc = make_agent("cam-wait", gateway, **SLOW)
+    files = make_files(tmp_path, [12 * MiB], seed=81)
+    agent.add(*files.values())
+    tap = Capture(gateway, device_topic("cam-wait", DeviceTopic.UPLOAD_CHUNK))
+    try:
+        agent.start()
+        wait_for(lambda: len(tap.messages) > 3, 60, "chunks flowing")
+        gateway.kill()  # no goodbye: the broker publishes the gateway's Last Will
+        time.sleep(3)  # the Will is delivered and what was in flight settles
+        before = len(tap.messages)
+        time.sleep(4)
+        assert len(tap.messages) == before, "chunks were sent while the gateway was offline"
+        gateway.start()
+        wait_for(lambda: agent.status()["backlog_items"] == 0, 120, "backlog to drain")
+    finally:
+        tap.close()
+    assert_all_in_custody(gateway, agent, files)

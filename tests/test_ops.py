@@ -140,7 +140,9 @@ def ops_app(gw: DataDir) -> FastAPI:
             r for r in app.routes if isinstance(r, APIRoute) and r.path == "/api/v1/alarms"
         )
         deps = {d.name: d.call for d in listing.dependant.dependencies}
-        add_ops_routes(app, deps["conn"], deps["who"])
+        db, caller = deps["conn"], deps["who"]
+        assert db is not None and caller is not None
+        add_ops_routes(app, db, caller)
     return app
 
 
