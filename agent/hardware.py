@@ -28,8 +28,10 @@ from firmware_bridge.messages import (
     BatteryEvent,
     Button,
     ButtonEvent,
+    DeviceInfo,
     DockEvent,
     Event,
+    GetInfo,
     GpsFix,
     Led,
     TamperEvent,
@@ -72,6 +74,7 @@ class HardwareState:
     gps_lat_e6: int | None = None
     gps_lon_e6: int | None = None
     temperature_centi: int | None = None
+    firmware: str | None = None  # "serial/firmware" as the MCU reports it
 
 
 class DeviceHardware:
@@ -86,6 +89,15 @@ class DeviceHardware:
 
     def start(self) -> None:
         self.link.start()
+        threading.Thread(target=self._ask_info, name="mcu-info", daemon=True).start()
+
+    def _ask_info(self) -> None:
+        """Ask the MCU who it is once the port is open (for telemetry and the fleet page)."""
+        if self.link.connected.wait(30):
+            try:
+                self.link.send(GetInfo())
+            except LinkError as exc:
+                log.warning("cannot ask the MCU for its device info: %s", exc)
 
     def stop(self) -> None:
         self.link.stop()
@@ -103,6 +115,8 @@ class DeviceHardware:
             if event.fix:
                 self._update(gps_lat_e6=event.lat_e6, gps_lon_e6=event.lon_e6)
                 self._clock_sync(event.sentence)
+        elif isinstance(event, DeviceInfo):
+            self._update(firmware=f"{event.serial}/{event.firmware}"[:64])
         elif isinstance(event, TemperatureEvent):
             self._update(temperature_centi=event.centi_celsius)
         elif isinstance(event, TamperEvent):

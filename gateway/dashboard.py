@@ -119,6 +119,7 @@ def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, An
                 if t.get("clock_offset_ms") is None
                 else f"{t['clock_offset_ms'] / 1000:+.1f} s",
                 "officer": officer or "—",
+                "firmware": t.get("firmware") or "—",
                 "recording": "yes ●" if t.get("recording") else "no",
                 "step": step or "—",
                 "gps": "—" if lat is None or lon is None else f"{lat / 1e6:.5f}, {lon / 1e6:.5f}",

@@ -79,6 +79,7 @@ class Telemetry:
     storage_headroom_min: int | None = None  # minutes of recording that still fit
     dropped_frames: int | None = None  # since the agent started
     clock_offset_ms: int | None = None  # reference (GNSS, else gateway) minus device clock
+    firmware: str | None = None  # "serial/firmware" as the device's MCU reports it
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"v": VERSION}
@@ -99,7 +100,11 @@ class Telemetry:
         for name in names - {"device_id"}:
             if name not in obj:
                 continue
-            if name in BOOL_FIELDS:
+            if name == "firmware":
+                if not isinstance(obj[name], str) or len(obj[name]) > 64:
+                    raise MessageError("firmware must be a string of at most 64 characters")
+                kwargs[name] = obj[name]
+            elif name in BOOL_FIELDS:
                 if not isinstance(obj[name], bool):
                     raise MessageError(f"{name} must be a boolean")
                 kwargs[name] = obj[name]

@@ -46,10 +46,13 @@ def test_mcu_events_reach_the_journal_and_telemetry(tmp_path, gateway, make_agen
         def telemetry() -> dict | None:
             dev = next(d for d in gateway.get("/api/v1/devices") if d["device_id"] == "cam-hw")
             tele = dev["telemetry"]
-            return tele if tele and tele.get("battery_pct") == 64 else None
+            ready = tele and tele.get("battery_pct") == 64 and tele.get("firmware")
+            return tele if ready else None
 
         tele = wait_for(telemetry, 30, "telemetry with the MCU's battery")
         assert tele["docked"] is False and tele["tamper_open"] is True
         assert tele["gps_lat_e6"] == 39_125_000
+        # The agent asked the MCU who it is (GET_INFO) and reports it.
+        assert tele["firmware"] == f"{mcu.info.serial}/{mcu.info.firmware}"
     finally:
         mcu.close()
