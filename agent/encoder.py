@@ -136,6 +136,10 @@ class SegmentEncoder:
     def first(self) -> Frame | None:
         return self._first
 
+    def written(self) -> memoryview:
+        """The file so far: only whole fragments (the muxer writes one at each keyframe)."""
+        return self._buffer.getbuffer()
+
     def close(self) -> EncodedSegment | None:
         """Flush and finish the file; None if no frame was ever added."""
         self._mux_video(self._video.encode())

@@ -20,7 +20,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,13 +128,22 @@ class Outbox:
         media_type: str = "application/octet-stream",
         marked: bool = False,
         body: Mapping[str, Any] | None = None,
+        also: Callable[[sqlite3.Connection, int], None] | None = None,
     ) -> int:
-        """Capture media from ``blocks``; return its journal sequence number."""
+        """Capture media from ``blocks``; return its journal sequence number. ``also``
+        runs in the transaction that makes it captured."""
         if kind not in MEDIA_KINDS:
             raise StoreError(f"{kind!r} is not a media record kind ({sorted(MEDIA_KINDS)})")
         path, size, sha = self._write_durably(blocks)
         return self._commit(
-            path, size, sha, kind=kind, media_type=media_type, marked=marked, body=body or {}
+            path,
+            size,
+            sha,
+            kind=kind,
+            media_type=media_type,
+            marked=marked,
+            body=body or {},
+            also=also,
         )
 
     def add_file(self, src: Path, *, marked: bool = False, kind: str = "file") -> int:
@@ -164,6 +173,7 @@ class Outbox:
         media_type: str,
         marked: bool,
         body: Mapping[str, Any],
+        also: Callable[[sqlite3.Connection, int], None] | None = None,
     ) -> int:
         manifest = dict(body)
         manifest.update(
@@ -176,6 +186,8 @@ class Outbox:
                 "acked_bytes, added_ms) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
                 [seq, path.name, size, sha.hex(), media_type, kind, int(marked), now_ms()],
             )
+            if also is not None:
+                also(conn, seq)
 
         record = self.journal.append(kind, manifest, also=insert_row)
         return record.record.seq

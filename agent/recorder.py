@@ -50,6 +50,8 @@ from agent.errors import AgentError
 from agent.hardware import HardwareState
 from agent.journal import Journal
 from agent.outbox import Outbox
+from agent.spool import SpoolWriter
+from agent.spool import read as spool_read
 from agent.watermark import Overlay, Watermark
 from firmware_bridge.messages import BatteryEvent, Button, ButtonEvent, Event
 
@@ -69,6 +71,9 @@ REASONS = frozenset(
         "shutdown",
     }
 )
+#: How often the open segment's finished fragments go to disk (at most this much footage
+#: is lost to a crash).
+SPOOL_EVERY_S = 1.0
 #: Sealed files are a little larger than their plaintext (a 16-byte tag per 64 KiB).
 SEAL_OVERHEAD = 1.001
 
@@ -155,6 +160,9 @@ class Recorder:
         # Until a segment says otherwise: half the cap (x264 at this CRF rarely reaches it).
         self._bytes_per_s = settings.max_bitrate / 16
         self._headroom = 0
+        self.spool_dir = outbox.media_dir.parent / "capture"
+        self._spool: SpoolWriter | None = None
+        self._spool_at = 0.0
         self._measured = False
         self._last_recording_id = 0
         self._stop = threading.Event()
@@ -224,6 +232,7 @@ class Recorder:
     def start(self) -> None:
         # Only the write thread writes to the database; the encode thread counts here.
         self._last_recording_id = get_counter(self.db, "recording_id")
+        self.recover_spools()
         self._close_interrupted_recording()
         self.source = self._source_factory()
         if self._audio_factory is not None:
@@ -249,6 +258,54 @@ class Recorder:
             self.source.close()
         if self.audio is not None:
             self.audio.close()
+
+    def recover_spools(self) -> int:
+        """Turn the open segments a crash left on disk into evidence (see
+        ``agent.spool``); returns how many. Runs before anything else records."""
+        recovered = 0
+        for path in sorted(self.spool_dir.glob("*.spool")):
+            spooled = spool_read(path, self.outbox.data_key)
+            if spooled is None:
+                log.error("spool %s has no readable metadata; left in place", path.name)
+                continue
+            sid = str(spooled.meta.get("spool_id"))
+            if get_counter(self.db, f"spool:{sid}") or not spooled.media:
+                path.unlink()  # already evidence, or nothing was ever written to it
+                continue
+            probe = probe_video(spooled.media)
+            if probe is None:
+                log.error("spool %s holds no playable video; left in place", path.name)
+                continue
+            frames, duration_ms = probe
+            meta = {k: v for k, v in spooled.meta.items() if k != "spool_id"}
+            body = {
+                **meta,
+                "pre_event": False,
+                "recovered": True,
+                "end_wall_ms": int(meta.get("start_wall_ms", 0)) + duration_ms,
+                "end_mono_us": int(meta.get("start_mono_us", 0)) + duration_ms * 1000,
+                "duration_ms": duration_ms,
+                "frames": frames,
+                "video": "h264",
+                "watermark": True,
+                "dropped_frames": 0,
+            }
+            self.outbox.add_blocks(
+                [spooled.media],
+                kind="segment",
+                media_type=MEDIA_TYPE,
+                body=body,
+                also=_spool_done_id(sid),
+            )
+            path.unlink()
+            recovered += 1
+            events.info(
+                "%s: recovered %d ms of recording %s cut by a restart",
+                self.settings.device_id,
+                duration_ms,
+                meta.get("recording_id"),
+            )
+        return recovered
 
     def _close_interrupted_recording(self) -> None:
         open_id = get_counter(self.db, "recording_open")
@@ -351,6 +408,8 @@ class Recorder:
                 enc.add_frame(item)
                 if self.audio is not None:
                     enc.add_audio(self.audio.read())
+                if self.recording:
+                    self._spool_fragments(enc)
                 first = enc.first
                 # Half a frame of tolerance: frame times are rounded to whole nanoseconds.
                 if (
@@ -466,12 +525,52 @@ class Recorder:
             "%s: recording %d stopped (%s)", self.settings.device_id, self._recording_id, reason
         )
 
+    def _spool_fragments(self, enc: SegmentEncoder) -> None:
+        """Every second, put what the encoder has finished of the open segment on disk."""
+        first = enc.first
+        if first is None:
+            return
+        if self._spool is None:
+            assert self.source is not None
+            meta: dict[str, Any] = {
+                "recording_id": self._recording_id,
+                "segment_index": self._segment_index,
+                "start_wall_ms": first.wall_ms,
+                "start_mono_us": first.mono_ns // 1000,
+                "frame_rate_milli": round(self.source.fps * 1000),
+                "width": self.source.width,
+                "height": self.source.height,
+            }
+            if self.settings.officer_id:
+                meta["officer_id"] = self.settings.officer_id
+            case = self._case_context()
+            if case:
+                meta["case"] = case
+            self._spool = SpoolWriter(self.spool_dir, self.outbox.data_key, meta)
+            self._spool_at = 0.0
+        now = time.monotonic()
+        if now - self._spool_at < SPOOL_EVERY_S:
+            return
+        self._spool_at = now
+        written = enc.written()
+        try:
+            self._spool.append(bytes(written[self._spool.flushed :]))
+        except OSError as exc:
+            log.error("cannot spool the open segment: %s", exc)
+        finally:
+            written.release()
+
     def _close_segment(self) -> None:
         enc, self._encoder = self._encoder, None
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
         if enc is None:
             return
         segment = enc.close()
         if segment is None:
+            if spool is not None:
+                spool.discard()
             return
         dropped = self.dropped_frames - self._segment_dropped_at
         if segment.duration_ms > 0:
@@ -480,14 +579,23 @@ class Recorder:
             self._bytes_per_s = rate if not self._measured else 0.7 * self._bytes_per_s + 0.3 * rate
             self._measured = True
         if self.recording:
-            self._emit(segment, dropped, pre_event=False)
+            self._emit(segment, dropped, pre_event=False, spool=spool)
             return
+        if spool is not None:
+            spool.discard()
         self._ring.append(_Buffered(segment, dropped))
         horizon = segment.end_mono_ns - int(self.settings.pre_event_s * 1e9)
         while self._ring and self._ring[0].segment.end_mono_ns <= horizon:
             self._ring.popleft()
 
-    def _emit(self, segment: EncodedSegment, dropped: int, *, pre_event: bool) -> None:
+    def _emit(
+        self,
+        segment: EncodedSegment,
+        dropped: int,
+        *,
+        pre_event: bool,
+        spool: SpoolWriter | None = None,
+    ) -> None:
         assert self.source is not None
         hw = self._hardware()
         fps = self.source.fps
@@ -519,7 +627,7 @@ class Recorder:
             body["case"] = case
         self._segment_index += 1
         self._queued_bytes += len(segment.data)
-        self._writes.put(("segment", (segment, body, self._marked)))
+        self._writes.put(("segment", (segment, body, self._marked, spool)))
 
     def _photo(self, frame: Frame, reason: str) -> None:
         ok, jpeg = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -582,7 +690,7 @@ class Recorder:
                         **extra,
                     )
                 elif what == "segment":
-                    segment, body, marked = payload
+                    segment, body, marked, spool = payload
                     try:
                         self.outbox.add_blocks(
                             [segment.data],
@@ -590,9 +698,12 @@ class Recorder:
                             media_type=MEDIA_TYPE,
                             marked=marked,
                             body=body,
+                            also=_spool_done(spool),
                         )
                     finally:
                         self._queued_bytes -= len(segment.data)
+                    if spool is not None:
+                        spool.discard()
                     self.stats.segments += 1
                 elif what == "photo":
                     jpeg, body = payload
@@ -606,3 +717,38 @@ class Recorder:
                 log.exception("storing %s failed", what)
                 self.storage_full = True
                 self.stop_recording("storage_full", f"storing a {what} failed: {exc}"[:300])
+
+
+def _spool_done_id(spool_id: str) -> Callable[[sqlite3.Connection, int], None]:
+    def mark(conn: sqlite3.Connection, seq: int) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO kv(key, value) VALUES (?, ?)", [f"spool:{spool_id}", seq]
+        )
+
+    return mark
+
+
+def _spool_done(spool: SpoolWriter | None) -> Callable[[sqlite3.Connection, int], None] | None:
+    """Record, in the segment's own commit, that its spool is evidence now (so a crash
+    before the spool is deleted does not make it a second, recovered copy)."""
+    return None if spool is None else _spool_done_id(spool.id)
+
+
+def probe_video(data: bytes) -> tuple[int, int] | None:
+    """(frames, duration in ms) of the video in an MP4, or None if none decodes."""
+    import io
+
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), "r") as container:
+            frames = list(container.decode(video=0))
+    except (av.error.FFmpegError, IndexError, ValueError):
+        return None
+    if not frames:
+        return None
+    first, last = frames[0], frames[-1]
+    if first.pts is None or last.pts is None or last.time_base is None:
+        return None
+    seconds = (last.pts + (last.duration or 0) - first.pts) * float(last.time_base)
+    return len(frames), round(seconds * 1000)

@@ -39,6 +39,13 @@ ALARM_KINDS = frozenset(
         "battery_low",
         "recording_error",
         "clock_offset",
+        # conditions, raised and resolved by gateway.watch
+        "device_offline_backlog",
+        "battery_low_recording",
+        "storage_low",
+        "evidence_overdue",
+        "recording_outside_step",
+        "step_without_recording",
     }
 )
 

@@ -31,6 +31,7 @@ from gateway.access import (
     visible_devices,
 )
 from gateway.api_cases import add_case_routes
+from gateway.api_ops import add_ops_routes
 from gateway.blobs import BlobStore
 from gateway.catalogue import load_catalogue
 from gateway.dashboard import add_dashboard
@@ -420,5 +421,6 @@ def create_app(data: DataDir) -> FastAPI:
         }
 
     add_case_routes(app, data, load_catalogue(data.root), db, caller)
+    add_ops_routes(app, db, caller)
     add_dashboard(app, data, token, db)
     return app

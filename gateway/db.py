@@ -223,6 +223,9 @@ def create_schema(db: sqlite_utils.Database) -> None:
     )
     db.execute("CREATE INDEX IF NOT EXISTS telemetry_log_at ON telemetry_log(device_id, at_ms)")
     _create_case_schema(db)
+    from gateway.watch import ensure_schema as ensure_watch_schema
+
+    ensure_watch_schema(db)
 
 
 def _create_case_schema(db: sqlite_utils.Database) -> None:

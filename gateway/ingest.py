@@ -36,6 +36,7 @@ from gateway.evidence import Background, EvidenceIntake
 from gateway.outgoing import Outgoing, now_ms
 from gateway.translog import TransparencyLog
 from gateway.uploads import ActiveUploads
+from gateway.watch import watch
 from protocol.command import Command
 from protocol.encoding import decode
 from protocol.errors import MessageError, ProtocolError, SignatureError
@@ -479,6 +480,10 @@ class Ingest:
         except Exception:
             self.log.reload()  # the append may have been rolled back
             raise
+        # Apart, so a failing check cannot hold up binding; not durable, because every
+        # write it makes is recomputed from the facts on the next pass.
+        with transaction(self.db, durable=False) as conn:
+            watch(conn, now)
 
     def pending_commands(self) -> list[Outgoing]:
         """Commands queued through the API, signed and ready to publish (marked sent)."""

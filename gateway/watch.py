@@ -63,14 +63,14 @@ from typing import Any
 import sqlite_utils
 
 from gateway import cases
-from gateway.alarms import ALARM_KINDS, raise_alarm
+from gateway.alarms import raise_alarm
 
 log = logging.getLogger("custody.gateway.watch")
 events = logging.getLogger("custody.events")
 
 DEVICE_KINDS = ("device_offline_backlog", "battery_low_recording", "storage_low")
 CASE_KINDS = ("evidence_overdue", "recording_outside_step", "step_without_recording")
-#: To be merged into ``gateway.alarms.ALARM_KINDS``.
+#: Listed in ``gateway.alarms.ALARM_KINDS`` too (alarms cannot import this module).
 WATCH_KINDS = frozenset(DEVICE_KINDS + CASE_KINDS)
 
 ACTOR = "gateway"
@@ -167,27 +167,9 @@ def watch(conn: sqlite3.Connection, now_ms: int) -> None:
 
 
 def _raise(conn: sqlite3.Connection, condition: Condition, now_ms: int) -> None:
-    """A new alarm for a new episode, through ``raise_alarm`` once ``WATCH_KINDS`` is in
-    ``ALARM_KINDS`` (it refuses kinds it does not know). Until that merge, the same row
-    and log line are written here; delete this fallback with the merge."""
+    """A new alarm for a new episode of the condition (its own dedupe key)."""
     key = f"{condition.subject}{_SINCE}{now_ms}"
-    if condition.kind in ALARM_KINDS:
-        raise_alarm(conn, condition.kind, condition.device_id, condition.detail, now_ms, key)
-        return
-    conn.execute(
-        "INSERT INTO alarms(kind, device_id, detail, dedupe, count, first_ms, last_ms, state) "
-        "VALUES (?, ?, ?, ?, 1, ?, ?, 'open') ON CONFLICT(dedupe) DO UPDATE SET "
-        "count = count + 1, last_ms = excluded.last_ms, detail = excluded.detail",
-        [
-            condition.kind,
-            condition.device_id,
-            condition.detail,
-            f"{condition.kind}|{condition.device_id}|{key}",
-            now_ms,
-            now_ms,
-        ],
-    )
-    events.warning("%s ALARM %s: %s", condition.device_id, condition.kind, condition.detail)
+    raise_alarm(conn, condition.kind, condition.device_id, condition.detail, now_ms, key)
 
 
 def _live_alarms(conn: sqlite3.Connection, kinds: Iterable[str]) -> dict[tuple[str, str], _Live]:

@@ -428,3 +428,48 @@ def test_an_open_step_is_pushed_to_the_device_and_its_segments_carry_it(
         lambda: gateway.get("/api/v1/devices/cam-case/commands")[-1]["state"] == "sent",
         30, "the cleared context sent",
     )  # fmt: skip
+
+
+def test_a_crash_mid_segment_loses_at_most_about_a_second(gateway: Gateway, tmp_path: Path) -> None:
+    """SIGKILL in the middle of a 10 s segment: the fragments already spooled to disk
+    become a `recovered` segment at the next boot, and the gap is explained (`reboot`)."""
+    from simulators.device import SimDevice
+    from simulators.scenario import OneOff, Scenario
+
+    config = enroll(gateway, tmp_path, "cam-crash")
+    scenario = Scenario(
+        name="crash", duration_s=60, speedup=1.0,
+        event=[OneOff(at=1, kind="button", button="record")],
+    )  # fmt: skip
+    env = {**FAST_AGENT_ENV, "CUSTODY_AGENT_SEGMENT_S": "10", "CUSTODY_AGENT_PRE_EVENT_S": "0"}
+    device = SimDevice(config, scenario, tmp_path / "work", env=env, camera=(W, H, FPS))
+    device.start()
+    try:
+        time.sleep(8.5)  # recording since ~1 s: the first segment is ~7 s along
+        killed_ms = int(time.time() * 1000)
+        device.kill()
+        device.boot()
+
+        def recovered() -> list[dict[str, Any]]:
+            return [
+                r for r in gateway_journal(gateway, "cam-crash")
+                if r["kind"] == "segment" and r["body"].get("recovered")
+            ]  # fmt: skip
+
+        (segment,) = wait_for(recovered, 60, "the recovered segment at the gateway")
+        body = segment["body"]
+        assert body["recording_id"] == 1 and body["segment_index"] == 0
+        assert body["end_wall_ms"] >= killed_ms - 2000, killed_ms - body["end_wall_ms"]
+        stored = wait_for(
+            lambda: media_by_seq(gateway, "cam-crash").get(segment["seq"]), 60, "its bytes"
+        )
+        data = gateway.get(f"/api/v1/evidence/{stored['id']}/media")
+        frames, duration, codecs = decode_mp4(data)
+        assert len(frames) == body["frames"] and codecs[0] == "h264"
+        journal = gateway_journal(gateway, "cam-crash")
+        stop = next(r for r in journal if r["kind"] == "recording_stopped")
+        assert stop["body"]["reason"] == "reboot" and stop["seq"] > segment["seq"]
+        resumed = [r for r in journal if r["kind"] == "recording_started"]
+        assert [r["body"]["reason"] for r in resumed] == ["button", "reboot"]
+    finally:
+        device.stop()
