@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import hashlib
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-import agent.journal
 from agent.config import load_config
 from agent.service import Device
 from gateway.api import create_app
@@ -30,81 +27,9 @@ from gateway.datadir import DataDir
 from gateway.db import open_db
 from gateway.ingest import Ingest
 from gateway.registry import enroll
-from protocol.encoding import decode
-from protocol.journal import SignedRecord
-from protocol.topics import DeviceTopic, device_topic
-from protocol.upload import Chunk, JournalBatch, UploadInit
+from tests.field import CST, FieldDevice, at
 
-CST = dt.timezone(dt.timedelta(hours=8))
 O1, O2, O3 = "12010001", "12010002", "12020001"
-
-
-def at(text: str) -> int:
-    """Unix ms of a China Standard Time wall clock reading."""
-    return int(dt.datetime.fromisoformat(text).replace(tzinfo=CST).timestamp() * 1000)
-
-
-@dataclass
-class FieldDevice:
-    """A device's real store (journal + sealed outbox) and the path to the gateway."""
-
-    device_id: str
-    device: Device
-    ingest: Ingest
-    monkeypatch: pytest.MonkeyPatch
-    batches: int = 0
-
-    def clock(self, ms: int) -> None:
-        self.monkeypatch.setattr(agent.journal, "now_ms", lambda: ms)
-
-    def segment(self, start: int, end: int, **body: Any) -> int:
-        self.clock(end)
-        data = hashlib.sha256(f"{self.device_id}{start}".encode()).digest() * 64
-        return self.device.outbox.add_blocks(
-            [data],
-            kind="segment",
-            media_type="video/mp4",
-            body={"start_wall_ms": start, "end_wall_ms": end, "duration_ms": end - start, **body},
-        )
-
-    def photo(self, taken: int) -> int:
-        self.clock(taken)
-        return self.device.outbox.add_blocks(
-            [b"\xff\xd8\xff" + bytes(500)],
-            kind="photo",
-            media_type="image/jpeg",
-            body={"taken_wall_ms": taken},
-        )
-
-    def record(self, when: int, kind: str, **body: Any) -> None:
-        self.clock(when)
-        self.device.journal.append(kind, body)
-
-    def deliver(self) -> None:
-        """Send the journal, then every pending file, as the relay would."""
-        rows = self.device.journal.unacked(256)
-        if rows:
-            self.batches += 1
-            records = tuple(SignedRecord.from_wire(decode(r)) for _, r in rows)
-            self.ingest.handle(
-                device_topic(self.device_id, DeviceTopic.JOURNAL),
-                JournalBatch(self.device_id, self.batches, records).encode(self.device.key),
-            )
-            self.device.journal.mark_acked(rows[-1][0])
-        for item in self.device.outbox.next_uploads(set(), 100):
-            reader = self.device.outbox.open_media(item)
-            data = b"".join(reader.blocks())
-            reader.close()
-            self.ingest.handle(
-                device_topic(self.device_id, DeviceTopic.UPLOAD_INIT),
-                UploadInit(self.device_id, item.seq, len(data), item.sha256, 1 << 20).encode(),
-            )
-            self.ingest.handle(
-                device_topic(self.device_id, DeviceTopic.UPLOAD_CHUNK),
-                Chunk(self.device_id, item.seq, 0, data).encode(),
-            )
-            self.device.db.execute("UPDATE media SET state = 'receipted' WHERE seq = ?", [item.seq])
-        self.ingest.housekeeping()
 
 
 class World:

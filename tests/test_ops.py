@@ -1,36 +1,30 @@
 """Operations: condition alarms that raise and resolve themselves (``gateway.watch``), the
 alarm lifecycle through the API, and ``GET /metrics``.
 
-Real parts in one process, as in ``tests/test_cases.py`` (whose pieces are copied here,
-not imported): enrolled devices with real signed journals and outboxes, the real ingest
-(telemetry, birth/death state, journal, uploads), the real FastAPI app with its own
-authentication and scopes. The test controls one thing: the clock ``watch`` and the
-binding pass are run with (``World.tick``), so "offline for a minute" or "unmatched for
-ten minutes" take no waiting. Ticks run at or after the real clock, which stamped what
-ingest stored.
+Real parts in one process (``tests/field.py``): enrolled devices with real signed journals
+and outboxes, the real ingest (telemetry, birth/death state, journal, uploads), the real
+FastAPI app with its own authentication and scopes. The test controls one thing: the
+clock ``watch`` and the binding pass are run with (``World.tick``), so "offline for a
+minute" or "unmatched for ten minutes" take no waiting. Ticks run at or after the real
+clock, which stamped what ingest stored.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
-from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from agent.config import load_config
 from agent.service import Device
 from gateway import cases, metrics
 from gateway.api import create_app
-from gateway.api_ops import add_ops_routes
 from gateway.datadir import DataDir
 from gateway.db import open_db, transaction
 from gateway.ingest import Ingest
@@ -39,111 +33,11 @@ from gateway.watch import ensure_schema, watch
 from protocol.encoding import decode
 from protocol.journal import SignedRecord
 from protocol.signing import SigningKey
-from protocol.state import DeviceState, Telemetry
 from protocol.topics import DeviceTopic, device_topic
-from protocol.upload import Chunk, JournalBatch, UploadInit
+from protocol.upload import JournalBatch
+from tests.field import FieldDevice, at, now
 
-CST = dt.timezone(dt.timedelta(hours=8))
 O1, O3 = "12010001", "12020001"
-
-
-def at(text: str) -> int:
-    """Unix ms of a China Standard Time wall clock reading."""
-    return int(dt.datetime.fromisoformat(text).replace(tzinfo=CST).timestamp() * 1000)
-
-
-def now() -> int:
-    return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
-
-
-@dataclass
-class FieldDevice:
-    """A device's real store (journal + outbox) and its messages to the real ingest."""
-
-    device_id: str
-    device: Device
-    ingest: Ingest
-    batches: int = 0
-    bd_seq: int = 0
-    telemetry_fields: dict[str, Any] = field(default_factory=dict)
-
-    def segment(self, start: int, end: int, **body: Any) -> int:
-        data = hashlib.sha256(f"{self.device_id}{start}".encode()).digest() * 64
-        return self.device.outbox.add_blocks(
-            [data],
-            kind="segment",
-            media_type="video/mp4",
-            body={"start_wall_ms": start, "end_wall_ms": end, "duration_ms": end - start, **body},
-        )
-
-    def send_journal(self) -> None:
-        rows = self.device.journal.unacked(256)
-        if rows:
-            self.batches += 1
-            records = tuple(SignedRecord.from_wire(decode(r)) for _, r in rows)
-            self.ingest.handle(
-                device_topic(self.device_id, DeviceTopic.JOURNAL),
-                JournalBatch(self.device_id, self.batches, records).encode(self.device.key),
-            )
-            self.device.journal.mark_acked(rows[-1][0])
-
-    def send_media(self) -> None:
-        for item in self.device.outbox.next_uploads(set(), 100):
-            reader = self.device.outbox.open_media(item)
-            data = b"".join(reader.blocks())
-            reader.close()
-            self.ingest.handle(
-                device_topic(self.device_id, DeviceTopic.UPLOAD_INIT),
-                UploadInit(self.device_id, item.seq, len(data), item.sha256, 1 << 20).encode(),
-            )
-            self.ingest.handle(
-                device_topic(self.device_id, DeviceTopic.UPLOAD_CHUNK),
-                Chunk(self.device_id, item.seq, 0, data).encode(),
-            )
-            self.device.db.execute("UPDATE media SET state = 'receipted' WHERE seq = ?", [item.seq])
-
-    def state(self, online: bool) -> None:
-        """A birth (a new session, so a new ``bd_seq``) or the Last Will of this one."""
-        self.bd_seq += online
-        self.ingest.handle(
-            device_topic(self.device_id, DeviceTopic.STATE),
-            DeviceState(self.device_id, online, self.bd_seq, now()).encode(),
-        )
-
-    def telemetry(self, **changes: Any) -> None:
-        """Telemetry as the agent sends it; ``changes`` persist into later messages."""
-        self.telemetry_fields.update(changes)
-        fields = {
-            "backlog_items": 0,
-            "backlog_bytes": 0,
-            "oldest_unacked_age_s": 0,
-            "last_receipt_seq": 0,
-            "journal_seq": 0,
-            "storage_free_bytes": 10**9,
-            "battery_pct": 80,
-            **self.telemetry_fields,
-        }
-        self.ingest.handle(
-            device_topic(self.device_id, DeviceTopic.TELEMETRY),
-            Telemetry(self.device_id, now(), **fields).encode(),
-        )
-
-
-def ops_app(gw: DataDir) -> FastAPI:
-    """The gateway's app with the ops routes. Until ``gateway.api.create_app`` calls
-    ``add_ops_routes`` itself, they are added here with the app's own ``db`` and
-    ``caller`` dependencies (taken from its alarm list route), so authentication and
-    scopes are the real ones either way."""
-    app = create_app(gw)
-    if not any(getattr(r, "path", None) == "/metrics" for r in app.routes):
-        listing = next(
-            r for r in app.routes if isinstance(r, APIRoute) and r.path == "/api/v1/alarms"
-        )
-        deps = {d.name: d.call for d in listing.dependant.dependencies}
-        db, caller = deps["conn"], deps["who"]
-        assert db is not None and caller is not None
-        add_ops_routes(app, db, caller)
-    return app
 
 
 class World:
@@ -152,7 +46,7 @@ class World:
         self.db = open_db(self.gw.db_path)
         ensure_schema(self.db)
         self.ingest = Ingest(self.gw, self.db, self.gw.signing_key())
-        self.api = TestClient(ops_app(self.gw))
+        self.api = TestClient(create_app(self.gw))
         self.admin = {"Authorization": f"Bearer {self.gw.admin_token()}"}
         self.devices: dict[str, FieldDevice] = {}
         for device_id in ("cam-a", "cam-x"):
