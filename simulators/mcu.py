@@ -6,8 +6,8 @@ the commands the agent sends, acks each one, and answers ``GET_INFO``. A tester 
 raw garbage (line noise) and unplug and re-plug the port: ``unplug`` closes the pty and
 removes the symlink, ``plug`` creates a new pty behind the same path.
 
-Scenario-driven firmware (GPS routes, battery curves, button scripts) builds on this in
-issue #4.
+Scenario-driven firmware (GPS routes, battery curves, button scripts) is
+``simulators.scenario``; a whole device around it is ``simulators.device``.
 """
 
 from __future__ import annotations
