@@ -1,43 +1,37 @@
 """Fleet capacity: how many telemetry-only devices one gateway keeps fresh, and the fleet page.
 
 A private broker (mutual TLS, per-device ACLs, as in production) and a gateway run as
-their own processes. Simulated devices (``bench/_fleetsim.py``: a few processes, each
+their own processes. Simulated devices (``bench/_fleetsim.py``: one process per CPU, each
 driving many paho clients from one selector loop) connect as real devices do, each with
 its own certificate, publish a retained birth and then a ``Telemetry`` every
-``--interval`` seconds from a random phase. The fleet grows in steps (``--steps``); each
-step is held for a warm-up of ``--warmup`` intervals after the last device connected,
-then measured over ``--window`` intervals.
+``--interval`` seconds from a random phase. The fleet grows in steps (``--steps``, always
+starting at N=10, the baseline); each step is held for ``--warmup`` intervals after its
+last device connected, then measured over ``--window`` intervals. Devices are registered
+at the gateway in bulk (``bench._fleetsim.register_devices``: the rows ``enroll`` writes).
 
 Freshness of a device's state is what the gateway stored when it stored it:
 ``devices.last_seen_ms`` (the gateway's clock at ingest) minus the stored telemetry's
 ``ts_ms`` (the device's clock when it published; same machine, same clock). The gateway
 database is read (read-only) every second and each new (device, ts_ms) counted once.
-A step holds when p99 < 2 intervals, no device's latest state is older than 2 intervals
-at the window's end, and every device is connected. The ramp stops at the first step
-that does not hold.
-
-Devices are registered the way ``gateway.registry.enroll`` does (a ``devices`` row with
-an Ed25519 public key, ``device_keys``, a CA-issued certificate and its ``certificates``
-row) but in one transaction per step and without the agent's files: ``enroll`` costs
-~6 ms a device (two fsync'd commits and three fsync'd key files) and a telemetry-only
-device needs only its TLS identity.
+A step holds when every device is connected, freshness p99 < 2 intervals, and no
+device's latest stored state is older than 2 intervals at the window's end. The ramp
+stops at the first step that does not hold, or at the largest fleet the open-file limit
+allows (mosquitto holds one socket per device and inherits this process's limit).
 
 Fleet page: ``GET /dashboard/fleet`` with the admin token, wall time on localhost, median
 of ``--page-requests`` after one untimed request, taken after each step's window while
 the fleet keeps publishing (an operator looks at the page while the fleet runs).
 
-Prints the largest N held and, last, ``fleet_page_ratio: X`` (page time at that N / at
-N=10). Nothing is asserted.
-Usage: python bench/fleet.py [--interval 10] [--steps 10,250,...] [--workers 2]
+Prints a line per step, the largest N held and, last, ``fleet_page_ratio: X`` (page time
+at that N / at N=10). Nothing is asserted.
+Usage: python bench/fleet.py [--interval 10] [--steps 10,1000,...] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import math
-import multiprocessing
 import os
 import resource
 import signal
@@ -49,7 +43,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,16 +52,14 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._fleetsim import DeviceCreds, WorkerReport, worker  # noqa: E402
+from bench._fleetsim import Simulators, register_devices  # noqa: E402
 from gateway.broker import free_port  # noqa: E402
-from gateway.ca import CertificateAuthority  # noqa: E402
 from gateway.datadir import DataDir  # noqa: E402
-from gateway.db import open_db, transaction  # noqa: E402
-from protocol.journal import check_device_id  # noqa: E402
-from protocol.signing import SigningKey  # noqa: E402
 
 MIB = 2**20
-DEFAULT_STEPS = "10,250,500,1000,1500,2000,2500,3000"
+BASELINE_N = 10
+DEFAULT_STEPS = "1000,2500,5000,10000,15000,20000"
+FD_RESERVE = 100  # mosquitto's own files: listener, logs, config, CRL
 
 
 def custody_cmd(*args: str) -> list[str]:
@@ -124,105 +115,6 @@ def percentile(values: list[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def register_devices(gw_dir: Path, out: Path, ids: list[str]) -> list[DeviceCreds]:
-    """What ``enroll`` records at the gateway, for many devices in one commit, plus each
-    device's TLS key and certificate (the simulators need nothing else)."""
-    data = DataDir.open(gw_dir)
-    ca = CertificateAuthority.open(data.ca_dir)
-    out.mkdir(exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    devices, keys, certs, creds = [], [], [], []
-    for device_id in ids:
-        check_device_id(device_id)
-        public = SigningKey.generate().verify_key.hex
-        issued = ca.issue(device_id)
-        key_path, cert_path = out / f"{device_id}.key", out / f"{device_id}.crt"
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(issued.key_pem)
-        cert_path.write_bytes(issued.cert_pem)
-        devices.append([device_id, public, now.isoformat()])
-        keys.append([device_id, public, int(now.timestamp() * 1000)])
-        certs.append(
-            [format(issued.serial, "x"), device_id, issued.not_after.isoformat(), now.isoformat()]
-        )
-        creds.append(DeviceCreds(device_id, str(ca.cert_path), str(cert_path), str(key_path)))
-    db = open_db(data.db_path)
-    try:
-        with transaction(db) as conn:
-            conn.executemany(
-                "INSERT INTO devices(device_id, public_key, status, enrolled_at) "
-                "VALUES (?, ?, 'active', ?)",
-                devices,
-            )
-            conn.executemany(
-                "INSERT INTO device_keys(device_id, from_seq, public_key, at_ms) "
-                "VALUES (?, 1, ?, ?)",
-                keys,
-            )
-            conn.executemany(
-                "INSERT INTO certificates(serial, device_id, not_after, issued_at, revoked) "
-                "VALUES (?, ?, ?, ?, 0)",
-                certs,
-            )
-    finally:
-        db.conn.close()
-    return creds
-
-
-class Simulators:
-    """The simulator processes, each a ``bench._fleetsim`` selector loop."""
-
-    def __init__(self, count: int, port: int, interval: float) -> None:
-        ctx = multiprocessing.get_context("fork")  # before this process starts any thread
-        self.pipes: list[Connection] = []
-        self.procs: list[Any] = []
-        for _ in range(count):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker, args=(theirs, "127.0.0.1", port, interval), daemon=True
-            )
-            proc.start()
-            theirs.close()
-            self.pipes.append(mine)
-            self.procs.append(proc)
-        self.ps = [psutil.Process(p.pid) for p in self.procs]
-        self.added = 0
-
-    def add(self, creds: list[DeviceCreds]) -> None:
-        shares: list[list[DeviceCreds]] = [[] for _ in self.pipes]
-        for i, c in enumerate(creds, start=self.added):
-            shares[i % len(shares)].append(c)
-        self.added += len(creds)
-        for pipe, share in zip(self.pipes, shares, strict=True):
-            pipe.send(("add", share))
-
-    def report(self) -> WorkerReport:
-        total = WorkerReport()
-        for pipe in self.pipes:
-            if not pipe.poll(30):
-                raise SystemExit("a simulator process stopped answering")
-            r: WorkerReport = pipe.recv()
-            total.connected += r.connected
-            total.connecting += r.connecting
-            total.failed += r.failed
-            total.lost += r.lost
-            total.published += r.published
-            total.lag_ms += r.lag_ms
-            total.errors += r.errors
-        return total
-
-    def stop(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("stop",))
-        for proc in self.procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
 
 
 class Freshness:
@@ -284,6 +176,7 @@ class Step:
     expected: int
     p50_ms: float
     p99_ms: float
+    max_ms: float
     stale: int
     lag_p99_ms: float
     cpu: dict[str, float]  # % of one core over the window
@@ -328,7 +221,7 @@ def run_step(
     t0 = time.monotonic()
     sims.add(register_devices(gw_dir, creds_dir, ids))
     report = sims.report()
-    deadline = t0 + 60 + n / 50
+    deadline = t0 + 60 + len(ids) / 50
     errors = list(report.errors)
     while report.connecting and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -350,7 +243,7 @@ def run_step(
     report = sims.report()
     errors += report.errors
     rss = {}
-    for k in ("gateway", "broker"):
+    for k in ("gateway", "mosquitto", "simulators"):
         with contextlib.suppress(psutil.NoSuchProcess):
             rss[k] = sum(p.memory_info().rss for p in procs[k]) / MIB
     page_ms, page_bytes = fleet_page_ms(http, token, args.page_requests)
@@ -361,9 +254,10 @@ def run_step(
         failed=report.failed,
         lost=report.lost,
         samples=len(delays),
-        expected=round(n * wall / interval),
+        expected=round(n * window / interval),
         p50_ms=percentile(delays, 0.50),
         p99_ms=percentile(delays, 0.99),
+        max_ms=max(delays, default=math.nan),
         stale=stale,
         lag_p99_ms=percentile(report.lag_ms, 0.99),
         cpu=cpu,
@@ -382,9 +276,10 @@ def print_step(step: Step, interval: float) -> None:
     print(
         f"N={step.n}: connected {step.connected} (in {step.connect_s:.1f} s), failed "
         f"{step.failed}, lost {step.lost}; freshness p50 {step.p50_ms:.0f} ms p99 "
-        f"{step.p99_ms:.0f} ms over {step.samples}/{step.expected} updates; stale "
-        f"{step.stale}; sim schedule lag p99 {step.lag_p99_ms:.0f} ms; cpu {cpu}; rss {rss}; "
-        f"fleet page {step.page_ms:.1f} ms ({step.page_kib:.0f} KiB): {verdict}",
+        f"{step.p99_ms:.0f} ms max {step.max_ms:.0f} ms over {step.samples}/{step.expected} "
+        f"updates; stale {step.stale}; simulator schedule lag p99 {step.lag_p99_ms:.0f} ms; "
+        f"cpu (% of a core) {cpu}; rss {rss}; fleet page {step.page_ms:.1f} ms "
+        f"({step.page_kib:.0f} KiB): {verdict}",
         flush=True,
     )
     for line in step.errors[:5]:
@@ -397,28 +292,44 @@ def start_custody(log: IO[bytes], *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(custody_cmd(*args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
+def plan_steps(spec: str, fd_limit: int) -> tuple[list[int], int | None]:
+    """(fleet sizes, the fd cap if it cut the ramp short)."""
+    cap = fd_limit - FD_RESERVE
+    wanted = sorted({BASELINE_N, *(int(x) for x in spec.split(",") if x.strip())})
+    steps = [n for n in wanted if n <= cap]
+    if len(steps) < len(wanted):
+        steps.append(cap)
+        return steps, cap
+    return steps, None
+
+
+def log_problems(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line for line in lines if "ERROR" in line or "Traceback" in line]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--interval", type=float, default=10, help="telemetry interval, s")
-    ap.add_argument("--steps", default=DEFAULT_STEPS, help="fleet sizes, ascending")
+    ap.add_argument("--steps", default=DEFAULT_STEPS, help="fleet sizes after N=10")
     ap.add_argument("--warmup", type=float, default=1, help="intervals before the window")
     ap.add_argument("--window", type=float, default=2, help="measured intervals per step")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="simulator procs")
     ap.add_argument("--page-requests", type=int, default=5)
     args = ap.parse_args()
-    steps = sorted({int(s) for s in args.steps.split(",")})
     fd_limit = raise_fd_limit()
+    steps, fd_cap = plan_steps(args.steps, fd_limit)
     started = time.monotonic()
-    held: Step | None = None
-    first: Step | None = None
+    results: list[Step] = []
     with tempfile.TemporaryDirectory(prefix="custody-bench-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         gw_dir = tmp / "gateway"
         data = DataDir.open(gw_dir)
         port, http_port = free_port(), free_port()
         http = f"http://127.0.0.1:{http_port}"
+        # Forked first, while this process has no threads.
         sims = Simulators(args.workers, port, args.interval)
-        procs_list: list[subprocess.Popen[bytes]] = []
+        children: list[subprocess.Popen[bytes]] = []
         logs: list[IO[bytes]] = []
         try:
             logs.append(open(tmp / "broker.log", "wb"))  # noqa: SIM115
@@ -426,54 +337,67 @@ def main() -> None:
                 logs[-1], "broker", "--port", str(port), "--data", str(tmp / "broker"),
                 "--tls", str(gw_dir),
             )  # fmt: skip
-            procs_list.append(broker)
+            children.append(broker)
             wait_until(lambda: psutil.Process(broker.pid).children(), 15, "mosquitto")
             logs.append(open(tmp / "gateway.log", "wb"))  # noqa: SIM115
             gateway = start_custody(
                 logs[-1], "gateway", "--data", str(gw_dir), "--broker",
                 f"mqtts://127.0.0.1:{port}", "--http", f"127.0.0.1:{http_port}",
             )  # fmt: skip
-            procs_list.append(gateway)
+            children.append(gateway)
             wait_until(lambda: healthy(http), 30, "gateway /healthz")
-            token = data.admin_token()
             procs = {
                 "gateway": [psutil.Process(gateway.pid)],
-                "broker": [psutil.Process(broker.pid), *psutil.Process(broker.pid).children()],
+                "mosquitto": psutil.Process(broker.pid).children(),
                 "simulators": sims.ps,
+                "bench": [psutil.Process()],
             }
             fresh = Freshness(data.db_path)
             print(
-                f"fleet: telemetry every {args.interval:g} s, {args.workers} simulator "
-                f"processes, mutual TLS; warm-up {args.warmup:g} + window {args.window:g} "
-                f"intervals per step; fd limit {fd_limit}",
+                f"fleet: telemetry every {args.interval:g} s over mutual TLS, "
+                f"{args.workers} simulator processes, {os.cpu_count()} CPUs; per step "
+                f"warm-up {args.warmup:g} + window {args.window:g} intervals; open-file "
+                f"limit {fd_limit}; steps {','.join(map(str, steps))}",
                 flush=True,
             )
             for n in steps:
                 step = run_step(
-                    n, args, sims, fresh, gw_dir, tmp / "devices", procs, http, token
-                )
+                    n, args, sims, fresh, gw_dir, tmp / "devices", procs, http,
+                    data.admin_token(),
+                )  # fmt: skip
                 print_step(step, args.interval)
-                if first is None:
-                    first = step
+                results.append(step)
                 if not step.held(args.interval):
                     break
-                held = step
         finally:
             sims.stop()
-            for proc in reversed(procs_list):
+            for proc in reversed(children):
                 stop_process(proc)
             for log in logs:
                 log.close()
-    elapsed = time.monotonic() - started
-    print(f"bench_seconds: {elapsed:.0f}")
-    if held is None or first is None:
-        print(f"largest_n_held: 0 (not even N={steps[0]} held)")
+        problems = log_problems(tmp / "gateway.log") + log_problems(tmp / "broker.log")
+    held = [s for s in results if s.held(args.interval)]
+    if results and not results[-1].held(args.interval):
+        limit = f"N={results[-1].n} did not hold"
+    elif fd_cap is not None:
+        limit = f"the open-file limit ({fd_limit}: at most {fd_cap} devices); the gateway held"
+    else:
+        limit = "the last step of --steps; the gateway held"
+    print(f"errors in the gateway and broker logs: {len(problems)}")
+    for line in problems[:5]:
+        print(f"  {line}")
+    print(f"ramp ended by: {limit}")
+    print(f"bench_seconds: {time.monotonic() - started:.0f}")
+    if not held or held[0].n != BASELINE_N:
+        print(f"largest_n_held: 0 (N={BASELINE_N} did not hold)")
+        print("fleet_page_ratio: nan")
         return
-    print(f"largest_n_held: {held.n}")
-    print(f"freshness_p99_ms_at_n: {held.p99_ms:.0f}")
-    print(f"fleet_page_ms_at_{first.n}: {first.page_ms:.1f}")
-    print(f"fleet_page_ms_at_n: {held.page_ms:.1f}")
-    print(f"fleet_page_ratio: {held.page_ms / first.page_ms:.2f}")
+    base, top = held[0], held[-1]
+    print(f"largest_n_held: {top.n}")
+    print(f"freshness_p99_ms_at_n: {top.p99_ms:.0f}")
+    print(f"fleet_page_ms_at_{BASELINE_N}: {base.page_ms:.1f}")
+    print(f"fleet_page_ms_at_n: {top.page_ms:.1f}")
+    print(f"fleet_page_ratio: {top.page_ms / base.page_ms:.2f}")
 
 
 if __name__ == "__main__":

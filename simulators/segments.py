@@ -1,10 +1,11 @@
 """A synthetic byte source: "segments" of reproducible bytes, without a camera.
 
-Relay tests and ``bench/relay.py`` need evidence whose bytes they can regenerate and whose
-size they choose, cheaply; real capture is ``agent.recorder``. Every ``interval_s`` it closes a "segment" of ``size`` pseudo-random bytes (seeded by
-device id and segment number, so a test can regenerate the exact bytes) and captures it
-through the same ``Outbox.add_blocks`` path real capture will use. Every ``mark_every``-th
-segment is marked by the "officer", so marked-first upload ordering shows up in a demo.
+Relay tests and ``bench/relay.py`` need evidence whose bytes they can regenerate and
+whose size they choose, cheaply; real capture is ``agent.recorder``. Every ``interval_s``
+it closes a "segment" of ``size`` pseudo-random bytes (seeded by device id and segment
+number) and captures it through ``Outbox.add_blocks``, the path real capture uses. Every
+``mark_every``-th segment is marked by the "officer", so marked-first upload ordering
+shows up.
 """
 
 from __future__ import annotations
