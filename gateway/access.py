@@ -185,8 +185,14 @@ def visible_devices(conn: sqlite3.Connection, who: Principal) -> set[str] | None
     agencies = visible_agencies(conn, who)
     if agencies is None:
         return None
-    rows = conn.execute("SELECT device_id FROM devices").fetchall()
-    return {r[0] for r in rows if device_agency(conn, r[0]) in agencies}
+    # One query for the whole fleet: each device's latest assignment wins.
+    latest: dict[str, str] = {}
+    for device_id, agency in conn.execute(
+        "SELECT a.device_id, o.agency_id FROM assignments a JOIN officers o "
+        "ON o.id = a.officer_id ORDER BY a.from_ms, a.id"
+    ).fetchall():
+        latest[device_id] = agency
+    return {d for d, agency in latest.items() if agency in agencies}
 
 
 def may_see_case(conn: sqlite3.Connection, who: Principal, case_agency: str) -> bool:

@@ -78,6 +78,24 @@ class Forbidden(Exception):
 def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, Any]]:
     """One row per device in scope: what an operator scans the fleet table for."""
     visible = visible_devices(conn.conn, who)
+    # Whole-fleet lookups once per request (not per device): the page and its live
+    # updates stay cheap with thousands of devices.
+    now = now_ms()
+    officers = {
+        device_id: officer
+        for device_id, officer in conn.execute(
+            "SELECT device_id, officer_id FROM assignments WHERE from_ms <= ? ORDER BY from_ms, id",
+            [now],
+        ).fetchall()
+    }
+    open_steps: dict[str, str] = {}
+    for sid, case_id, name, step_officers in conn.execute(
+        "SELECT id, case_id, name, officers FROM steps WHERE start_ms <= ? AND "
+        "(end_ms IS NULL OR end_ms >= ?) ORDER BY start_ms",
+        [now, now],
+    ).fetchall():
+        for officer in json.loads(step_officers or "[]"):
+            open_steps[officer] = f"{case_id} · {name} (#{sid})"
     alarms = dict(
         conn.execute(
             "SELECT device_id, count(*) FROM alarms WHERE state != 'resolved' GROUP BY device_id"
@@ -91,8 +109,8 @@ def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, An
         if visible is not None and device_id not in visible:
             continue
         t = json.loads(telemetry) if telemetry else {}
-        officer = cases.officer_of_device(conn.conn, device_id, now_ms())
-        step = _open_step(conn, officer) if officer else None
+        officer = officers.get(device_id)
+        step = open_steps.get(officer) if officer else None
         battery = t.get("battery_pct", -1)
         headroom = t.get("storage_headroom_min")
         backlog = t.get("backlog_items", 0)
@@ -129,18 +147,6 @@ def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, An
             }
         )
     return rows
-
-
-def _open_step(conn: sqlite_utils.Database, officer: str) -> str | None:
-    now = now_ms()
-    for sid, case_id, name, officers in conn.execute(
-        "SELECT id, case_id, name, officers FROM steps WHERE start_ms <= ? AND "
-        "(end_ms IS NULL OR end_ms >= ?) ORDER BY start_ms DESC",
-        [now, now],
-    ).fetchall():
-        if officer in json.loads(officers or "[]"):
-            return f"{case_id} · {name} (#{sid})"
-    return None
 
 
 def line_chart(points: list[tuple[int, float | None, float | None]], w: int = 560) -> str:
