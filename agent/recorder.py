@@ -232,6 +232,7 @@ class Recorder:
     def start(self) -> None:
         # Only the write thread writes to the database; the encode thread counts here.
         self._last_recording_id = get_counter(self.db, "recording_id")
+        self._headroom = self.headroom_bytes()  # telemetry must not report 0 before a frame
         self.recover_spools()
         self._close_interrupted_recording()
         self.source = self._source_factory()
