@@ -559,7 +559,7 @@ def add_case_routes(
         out = tmp / f"{safe_name(case_id)}.zip"
         export_bundle(
             data, conn, items, out, case=report_case(report), coverage=report,
-            coverage_html=coverage_html(report),
+            coverage_html=coverage_html(report), actor=who.name,
         )  # fmt: skip
 
         def cleanup() -> None:

@@ -454,6 +454,8 @@ def test_a_case_exported_through_the_api_and_the_cli_verifies_offline(
     log = world.get("/api/v1/audit")
     assert log["chain_intact"], log["problems"]
     assert {"export", "export_item"} <= {e["action"] for e in log["entries"]}
+    # The API's export is the caller's, item by item.
+    assert {e["actor"] for e in log["entries"] if e["action"] == "export_item"} >= {"admin"}
 
 
 def test_the_audit_chain_is_covered_by_the_transparency_log(world: World) -> None:
