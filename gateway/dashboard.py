@@ -14,6 +14,7 @@ Sessions are the API's login tokens in an HttpOnly cookie, so the dashboard's ow
 import asyncio
 import datetime as dt
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from html import escape
@@ -507,13 +508,14 @@ def add_dashboard(
     def alarm_page(request: Request, conn: Db, who: Who) -> HTMLResponse:
         visible = visible_devices(conn.conn, who)
         rows = conn.execute(
-            "SELECT id, kind, device_id, detail, count, first_ms, last_ms, state FROM alarms "
-            "ORDER BY CASE state WHEN 'open' THEN 0 WHEN 'acknowledged' THEN 1 ELSE 2 END, "
-            "last_ms DESC"
+            "SELECT id, kind, device_id, detail, count, first_ms, last_ms, state, dedupe "
+            "FROM alarms ORDER BY CASE state WHEN 'open' THEN 0 WHEN 'acknowledged' THEN 1 "
+            "ELSE 2 END, last_ms DESC"
         ).fetchall()
         alarms = [
             {"id": r[0], "kind": r[1], "device_id": r[2], "detail": r[3], "count": r[4],
-             "first": clock(r[5]), "last": clock(r[6]), "state": r[7]}
+             "first": clock(r[5]), "last": clock(r[6]), "state": r[7],
+             "case_link": _case_link(conn, str(r[8] or ""))}
             for r in rows
             if visible is None or r[2] in visible
         ]  # fmt: skip
@@ -544,6 +546,13 @@ def _sse(stream: AsyncIterator[str]) -> Response:
     return StreamingResponse(
         stream, media_type="text/event-stream", headers={"Cache-Control": "no-store"}
     )
+
+
+def _case_link(conn: sqlite_utils.Database, dedupe: str) -> str | None:
+    """The case page an alarm about a case step concerns (its key names the step)."""
+    match = re.search(r"\|step (\d+)(?: since|$)", dedupe)
+    step = cases.step_row(conn.conn, int(match.group(1))) if match else None
+    return f"/dashboard/cases/{step['case_id']}#step-{step['id']}" if step else None
 
 
 def _target_in(target: str, case_ids: set[str], devices: set[str]) -> bool:

@@ -249,6 +249,9 @@ def test_a_step_never_recorded_then_its_evidence_arriving_late(world: World) -> 
     (overdue,) = world.alarms("evidence_overdue")
     assert f"step {inv} " in overdue["detail"] and "2025-10-11" in overdue["detail"]
     assert "no recording is bound" in overdue["detail"]
+    # On the dashboard, an alarm about a step links to its case.
+    page = world.api.get("/dashboard/alarms", headers=world.admin).text
+    assert f'href="/dashboard/cases/HP-1#step-{inv}"' in page
 
     # The manifest arrives (and binds), the bytes do not: recorded, but still owed.
     a.segment(at("2025-09-30T10:00"), at("2025-09-30T10:30"))
