@@ -9,6 +9,7 @@ committed row is a promise to the officer that the evidence is captured.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +22,26 @@ from agent.errors import StoreError
 SCHEMA_VERSION = 1
 
 
+def wal_mode(conn: sqlite3.Connection, attempts: int = 200) -> None:
+    """Switch to WAL. Setting the journal mode takes an exclusive lock and SQLite does not
+    wait for it through the busy handler: when another process (``custody agent add``,
+    a second connection of the agent) is creating or opening the same database at that
+    moment, it fails at once with "database is locked". So wait here, briefly."""
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+
+
 def open_db(path: Path) -> sqlite_utils.Database:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        wal_mode(conn)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=30000")
     except sqlite3.Error as exc:

@@ -12,6 +12,7 @@ The ingest thread is the only writer inside the gateway; ``custody enroll`` may 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +21,23 @@ import sqlite_utils
 from sqlite_utils.db import Table
 
 
+def wal_mode(conn: sqlite3.Connection, attempts: int = 200) -> None:
+    """Switch to WAL, waiting out another process that holds the lock: setting the journal
+    mode does not go through SQLite's busy handler (``agent.db.wal_mode`` is the same;
+    gateway and agent do not import each other)."""
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+
+
 def connect(path: Path) -> sqlite_utils.Database:
     conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
+    wal_mode(conn)  # custody enroll may be opening the database at the same moment
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     return sqlite_utils.Database(conn)
