@@ -42,7 +42,6 @@ Usage: python bench/capture.py [--seconds 15] [--warmup 3] [--backlog-mib 3072]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import signal
@@ -68,6 +67,14 @@ from agent.camera import Frame  # noqa: E402
 from agent.config import load_config  # noqa: E402
 from agent.encoder import EncoderSettings, SegmentEncoder  # noqa: E402
 from agent.service import Device  # noqa: E402
+from bench._procs import (  # noqa: E402
+    cpu_s,
+    custody_cmd,
+    healthy,
+    run_custody,
+    stop_process,
+    wait_until,
+)
 from gateway.broker import free_port  # noqa: E402
 from protocol.encoding import decode  # noqa: E402
 from protocol.journal import SignedRecord  # noqa: E402
@@ -80,52 +87,6 @@ BACKLOG_BATCH = 128  # files per `custody agent add`
 RSS_EVERY_S = 0.2
 RENDER_BATCH = 30  # frames rendered ahead of each timed encode (6 MiB each)
 STARTED = re.compile(r"recording \d+ started")
-
-
-def custody_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "custody_cli", *args]
-
-
-def run_custody(*args: str) -> str:
-    result = subprocess.run(
-        custody_cmd(*args), capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"custody {' '.join(args[:2])} failed:\n{result.stderr}")
-    return result.stdout
-
-
-def cpu_s(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
-
-
-def wait_until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 60) -> None:
-    """SIGTERM (the process stops its own children), SIGKILL after ``timeout``; any
-    child still running after that is killed too."""
-    if proc.poll() is not None:
-        return
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 class RssSampler:
@@ -370,13 +331,6 @@ def port_open(port: int) -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return True
     except OSError:
-        return False
-
-
-def healthy(http: str) -> bool:
-    try:
-        return httpx.get(f"{http}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
         return False
 
 

@@ -41,10 +41,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import httpx
 import psutil
@@ -53,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._fleetsim import Simulators, register_devices  # noqa: E402
+from bench._procs import cpu_s, custody_cmd, healthy, stop_process, wait_until  # noqa: E402
 from gateway.broker import free_port  # noqa: E402
 from gateway.datadir import DataDir  # noqa: E402
 
@@ -60,44 +60,6 @@ MIB = 2**20
 BASELINE_N = 10
 DEFAULT_STEPS = "1000,2500,5000,10000,15000,20000"
 FD_RESERVE = 100  # mosquitto's own files: listener, logs, config, CRL
-
-
-def custody_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "custody_cli", *args]
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def healthy(http: str) -> bool:
-    try:
-        return httpx.get(f"{http}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    """SIGTERM (``custody broker`` stops its mosquitto), SIGKILL after ``timeout``."""
-    if proc.poll() is not None:
-        return
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
 
 
 def raise_fd_limit() -> int:
@@ -195,14 +157,6 @@ class Step:
             and self.p99_ms < 2 * interval * 1000
             and self.stale == 0
         )
-
-
-def cpu_s(proc: psutil.Process) -> float:
-    try:
-        times = proc.cpu_times()
-        return float(times.user + times.system)
-    except psutil.NoSuchProcess:
-        return 0.0
 
 
 def run_step(
