@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -171,20 +172,12 @@ def visible_agencies(conn: sqlite3.Connection, who: Principal) -> set[str] | Non
     return {aid for aid, _level, district, _parent in rows if district == who.district}
 
 
-def device_agency(conn: sqlite3.Connection, device_id: str) -> str | None:
-    """The agency of the officer the device is assigned to now."""
-    row = conn.execute(
-        "SELECT o.agency_id FROM assignments a JOIN officers o ON o.id = a.officer_id "
-        "WHERE a.device_id = ? ORDER BY a.from_ms DESC, a.id DESC LIMIT 1",
-        [device_id],
-    ).fetchone()
-    return str(row[0]) if row else None
-
-
 def visible_devices(conn: sqlite3.Connection, who: Principal) -> set[str] | None:
     agencies = visible_agencies(conn, who)
-    if agencies is None:
-        return None
+    return None if agencies is None else _devices_of(conn, agencies)
+
+
+def _devices_of(conn: sqlite3.Connection, agencies: set[str]) -> set[str]:
     # One query for the whole fleet: each device's latest assignment wins.
     latest: dict[str, str] = {}
     for device_id, agency in conn.execute(
@@ -200,16 +193,27 @@ def may_see_case(conn: sqlite3.Connection, who: Principal, case_agency: str) -> 
     return agencies is None or case_agency in agencies
 
 
-def may_see_evidence(conn: sqlite3.Connection, who: Principal, device_id: str, seq: int) -> bool:
+def evidence_visibility(conn: sqlite3.Connection, who: Principal) -> Callable[[str, int], bool]:
+    """Whether ``who`` may see a piece of evidence (device, seq): its device is in scope,
+    or the case it is bound to is. The scope is worked out once, for a whole list."""
     agencies = visible_agencies(conn, who)
     if agencies is None:
-        return True
-    if device_agency(conn, device_id) in agencies:
-        return True
-    row = conn.execute(
-        "SELECT c.agency_id FROM bindings b JOIN steps s ON s.id = b.step_id "
-        "JOIN cases c ON c.id = s.case_id WHERE b.device_id = ? AND b.seq = ? "
-        "ORDER BY b.id DESC LIMIT 1",
-        [device_id, seq],
-    ).fetchone()
-    return row is not None and row[0] in agencies
+        return lambda device_id, seq: True
+    devices = _devices_of(conn, agencies)
+
+    def visible(device_id: str, seq: int) -> bool:
+        if device_id in devices:
+            return True
+        row = conn.execute(
+            "SELECT c.agency_id FROM bindings b JOIN steps s ON s.id = b.step_id "
+            "JOIN cases c ON c.id = s.case_id WHERE b.device_id = ? AND b.seq = ? "
+            "ORDER BY b.id DESC LIMIT 1",
+            [device_id, seq],
+        ).fetchone()
+        return row is not None and row[0] in agencies
+
+    return visible
+
+
+def may_see_evidence(conn: sqlite3.Connection, who: Principal, device_id: str, seq: int) -> bool:
+    return evidence_visibility(conn, who)(device_id, seq)

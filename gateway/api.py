@@ -26,6 +26,7 @@ from gateway.access import (
     ADMIN,
     OPERATORS,
     Principal,
+    evidence_visibility,
     may_see_evidence,
     principal_for_token,
     visible_devices,
@@ -175,8 +176,8 @@ def create_app(data: DataDir) -> FastAPI:
             f"SELECT {columns} FROM evidence {where} ORDER BY id LIMIT ? OFFSET ?",
             [*args, limit, offset],
         ).fetchall()
-        if not who.sees_everything:
-            rows = [r for r in rows if may_see_evidence(conn.conn, who, r[1], r[2])]
+        visible = evidence_visibility(conn.conn, who)
+        rows = [r for r in rows if visible(r[1], r[2])]
         return [evidence_item(r) for r in rows]
 
     def one_evidence(

@@ -265,16 +265,20 @@ def add_dashboard(
 
     Who = Annotated[Principal, Depends(session)]
 
-    def render(request: Request, name: str, who: Principal | None, **ctx: Any) -> HTMLResponse:
+    def render(
+        request: Request,
+        name: str,
+        who: Principal | None,
+        conn: sqlite_utils.Database | None = None,
+        **ctx: Any,
+    ) -> HTMLResponse:
+        """A page; with a logged-in ``who``, the header counts their open alarms (on the
+        request's own connection)."""
         open_alarms = 0
-        if who is not None:
-            conn = connect(data.db_path)
-            try:
-                visible = visible_devices(conn.conn, who)
-                rows = conn.execute("SELECT device_id FROM alarms WHERE state = 'open'").fetchall()
-                open_alarms = sum(1 for (d,) in rows if visible is None or d in visible)
-            finally:
-                conn.conn.close()
+        if who is not None and conn is not None:
+            visible = visible_devices(conn.conn, who)
+            rows = conn.execute("SELECT device_id FROM alarms WHERE state = 'open'").fetchall()
+            open_alarms = sum(1 for (d,) in rows if visible is None or d in visible)
         return templates.TemplateResponse(
             request,
             name,
@@ -341,7 +345,7 @@ def add_dashboard(
 
     @app.get("/dashboard/fleet", include_in_schema=False)
     def fleet(request: Request, conn: Db, who: Who, q: str = "", state: str = "") -> HTMLResponse:
-        return render(request, "fleet.html", who, page="fleet", rows=fleet_rows(conn, who),
+        return render(request, "fleet.html", who, conn, page="fleet", rows=fleet_rows(conn, who),
                       q=q, state=state)  # fmt: skip
 
     @app.get("/dashboard/events", include_in_schema=False)
@@ -388,6 +392,7 @@ def add_dashboard(
             request,
             "device.html",
             who,
+            conn,
             page="fleet",
             row=row,
             chart=line_chart([(t, b, q) for t, b, q, _, _ in history]),
@@ -415,7 +420,7 @@ def add_dashboard(
                     "overdue": sum(s["overdue"] for s in report["steps"]),
                 }
             )
-        return render(request, "cases.html", who, page="cases", cases=out)
+        return render(request, "cases.html", who, conn, page="cases", cases=out)
 
     @app.get("/dashboard/cases/{case_id}", include_in_schema=False)
     def case_page(request: Request, case_id: str, conn: Db, who: Who) -> HTMLResponse:
@@ -448,7 +453,7 @@ def add_dashboard(
                     "evidence": [_evidence_view(conn, e) for e in s["evidence"]],
                 }
             )
-        return render(request, "case.html", who, page="cases", case=report, steps=steps)
+        return render(request, "case.html", who, conn, page="cases", case=report, steps=steps)
 
     def _evidence_view(conn: sqlite_utils.Database, e: dict[str, Any]) -> dict[str, Any]:
         media_type = ""
@@ -519,7 +524,7 @@ def add_dashboard(
             for r in rows
             if visible is None or r[2] in visible
         ]  # fmt: skip
-        return render(request, "alarms.html", who, page="alarms", alarms=alarms)
+        return render(request, "alarms.html", who, conn, page="alarms", alarms=alarms)
 
     @app.get("/dashboard/audit", include_in_schema=False)
     def audit_page(request: Request, conn: Db, who: Who) -> HTMLResponse:
@@ -536,7 +541,7 @@ def add_dashboard(
             {"id": r[0], "time": clock(r[1]), "actor": r[2], "action": r[3], "target": r[4]}
             for r in rows
         ]
-        return render(request, "audit.html", who, page="audit", entries=entries,
+        return render(request, "audit.html", who, conn, page="audit", entries=entries,
                       intact=not audit.verify_chain(conn.conn))  # fmt: skip
 
 

@@ -237,6 +237,7 @@ def create_schema(db: sqlite_utils.Database) -> None:
         if_not_exists=True,
     )
     db.execute("CREATE INDEX IF NOT EXISTS telemetry_log_at ON telemetry_log(device_id, at_ms)")
+    db.execute("CREATE INDEX IF NOT EXISTS telemetry_log_age ON telemetry_log(at_ms)")
     _create_case_schema(db)
     from gateway.watch import ensure_schema as ensure_watch_schema
 

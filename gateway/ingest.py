@@ -444,8 +444,8 @@ class Ingest:
                 "UPDATE devices SET telemetry = ?, last_seen_ms = ? WHERE device_id = ?",
                 [json.dumps(decode(payload, what="telemetry")), now, device_id],
             )
-            # History for the dashboard's charts and GPS track; a day of it is enough
-            # (telemetry is not evidence: the journal is).
+            # History for the dashboard's charts and GPS track (pruned to a day by
+            # ``housekeeping``, not here: this runs for every message of every device).
             conn.execute(
                 "INSERT INTO telemetry_log(device_id, at_ms, battery_pct, backlog_items, "
                 "backlog_bytes, headroom_min, lat_e6, lon_e6, recording) "
@@ -462,10 +462,6 @@ class Ingest:
                     int(tele.recording),
                 ],
             )
-            conn.execute(
-                "DELETE FROM telemetry_log WHERE device_id = ? AND at_ms < ?",
-                [device_id, now - TELEMETRY_KEEP_MS],
-            )
         return []
 
     def housekeeping(self) -> None:
@@ -477,6 +473,8 @@ class Ingest:
             with transaction(self.db) as conn:
                 cases.bind_pending(conn, now)
                 audit.checkpoint(conn, self.log, now)
+                # Telemetry is not evidence (the journal is): a day of history is enough.
+                conn.execute("DELETE FROM telemetry_log WHERE at_ms < ?", [now - TELEMETRY_KEEP_MS])
         except Exception:
             self.log.reload()  # the append may have been rolled back
             raise

@@ -549,3 +549,19 @@ def test_metrics_are_computed_from_the_database_and_need_an_operator(world: Worl
     assert m.value("custody_receipt_latency_seconds_sum") == pytest.approx(sum(waits) / 1000)
     # Everything in the journal arrived seconds ago, well inside the minute.
     assert m.value("custody_ingest_records_per_second") * 60 == pytest.approx(journal)
+
+
+def test_telemetry_history_keeps_a_day(world: World) -> None:
+    """Pruned by housekeeping (not on every telemetry message): older rows go, new stay."""
+    from gateway.ingest import TELEMETRY_KEEP_MS
+
+    a = world.devices["cam-a"]
+    a.telemetry(battery_pct=50)
+    old = now() - TELEMETRY_KEEP_MS - 60_000
+    world.db.execute(
+        "INSERT INTO telemetry_log(device_id, at_ms, battery_pct) VALUES ('cam-a', ?, 90)", [old]
+    )
+    assert world.db.execute("SELECT count(*) FROM telemetry_log").fetchone()[0] == 2
+    world.ingest.housekeeping()
+    rows = world.db.execute("SELECT battery_pct FROM telemetry_log").fetchall()
+    assert rows == [(50,)]
