@@ -12,13 +12,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 import agent.journal
+from agent.config import load_config
 from agent.service import Device
+from gateway.api import create_app
+from gateway.datadir import DataDir
+from gateway.db import open_db
 from gateway.ingest import Ingest
+from gateway.registry import enroll
 from protocol.encoding import decode
 from protocol.journal import SignedRecord
 from protocol.state import DeviceState, Telemetry
@@ -134,3 +141,71 @@ class FieldDevice:
             device_topic(self.device_id, DeviceTopic.TELEMETRY),
             Telemetry(self.device_id, now(), **fields).encode(),
         )
+
+
+O1, O2, O3 = "12010001", "12010002", "12020001"
+#: A Tianjin-style registry: a city urban-management bureau with two district branches,
+#: and a separate city-level system (market regulation).
+AGENCIES = (
+    {"id": "tj-ue", "name": "City Urban Management", "level": "city"},
+    {"id": "hp-ue", "name": "Heping UM", "level": "district", "district": "heping",
+     "parent_id": "tj-ue"},
+    {"id": "hx-ue", "name": "Hexi UM", "level": "district", "district": "hexi",
+     "parent_id": "tj-ue"},
+    {"id": "tj-mkt", "name": "City Market Regulation", "level": "city"},
+)  # fmt: skip
+OFFICERS = {O1: "hp-ue", O2: "hp-ue", O3: "hx-ue"}
+
+
+class FieldWorld:
+    """A gateway in-process (its data dir, ingest, FastAPI app) with the registry above
+    and enrolled field devices, each assigned to an officer."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        assignments: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch | None = None,
+    ) -> None:
+        self.gw = DataDir.open(tmp_path / "gw")
+        self.db = open_db(self.gw.db_path)
+        self.ingest = Ingest(self.gw, self.db, self.gw.signing_key())
+        self.api = TestClient(create_app(self.gw))
+        self.admin = {"Authorization": f"Bearer {self.gw.admin_token()}"}
+        self.devices: dict[str, FieldDevice] = {}
+        for device_id in assignments:
+            config = load_config(
+                enroll(device_id, self.gw.root, tmp_path / device_id, "mqtt://127.0.0.1:1")
+            )
+            self.devices[device_id] = FieldDevice(
+                device_id, Device(config), self.ingest, monkeypatch
+            )
+        for body in AGENCIES:
+            self.post("/api/v1/agencies", body)
+        for officer, agency in OFFICERS.items():
+            self.post("/api/v1/officers", {"id": officer, "name": officer, "agency_id": agency})
+        for device_id, officer in assignments.items():
+            path = f"/api/v1/devices/{device_id}/assignment"
+            self.post(path, {"officer_id": officer, "from_ms": 0})
+
+    def post(self, path: str, body: dict[str, Any], who: dict[str, str] | None = None) -> Any:
+        r = self.api.post(path, json=body, headers=who or self.admin)
+        assert r.status_code in (200, 201), (path, r.status_code, r.text)
+        return r.json()
+
+    def get(self, path: str, who: dict[str, str] | None = None, **params: Any) -> Any:
+        r = self.api.get(path, params=params, headers=who or self.admin)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+        return r.json() if "json" in r.headers["content-type"] else r.text
+
+    def user(self, name: str, role: str, **place: str) -> dict[str, str]:
+        """A user with a password, logged in: their bearer header."""
+        self.post("/api/v1/users", {"name": name, "role": role, "password": "s3cret-pass", **place})
+        r = self.api.post("/api/v1/login", json={"name": name, "password": "s3cret-pass"})
+        assert r.status_code == 200, r.text
+        return {"Authorization": f"Bearer {r.json()['token']}"}
+
+    def close(self) -> None:
+        for d in self.devices.values():
+            d.device.close()
+        self.ingest.close()

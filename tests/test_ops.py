@@ -19,55 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from agent.config import load_config
-from agent.service import Device
 from gateway import cases, metrics
-from gateway.api import create_app
-from gateway.datadir import DataDir
-from gateway.db import open_db, transaction
-from gateway.ingest import Ingest
-from gateway.registry import enroll
-from gateway.watch import ensure_schema, watch
+from gateway.db import transaction
+from gateway.watch import watch
 from protocol.encoding import decode
 from protocol.journal import SignedRecord
 from protocol.signing import SigningKey
 from protocol.topics import DeviceTopic, device_topic
 from protocol.upload import JournalBatch
-from tests.field import FieldDevice, at, now
-
-O1, O3 = "12010001", "12020001"
+from tests.field import O1, O3, FieldWorld, at, now
 
 
-class World:
+class World(FieldWorld):
     def __init__(self, tmp_path: Path) -> None:
-        self.gw = DataDir.open(tmp_path / "gw")
-        self.db = open_db(self.gw.db_path)
-        ensure_schema(self.db)
-        self.ingest = Ingest(self.gw, self.db, self.gw.signing_key())
-        self.api = TestClient(create_app(self.gw))
-        self.admin = {"Authorization": f"Bearer {self.gw.admin_token()}"}
-        self.devices: dict[str, FieldDevice] = {}
-        for device_id in ("cam-a", "cam-x"):
-            config = load_config(
-                enroll(device_id, self.gw.root, tmp_path / device_id, "mqtt://127.0.0.1:1")
-            )
-            self.devices[device_id] = FieldDevice(device_id, Device(config), self.ingest)
-        for body in (
-            {"id": "tj-ue", "name": "City Urban Management", "level": "city"},
-            {"id": "hp-ue", "name": "Heping UM", "level": "district", "district": "heping",
-             "parent_id": "tj-ue"},
-            {"id": "hx-ue", "name": "Hexi UM", "level": "district", "district": "hexi",
-             "parent_id": "tj-ue"},
-        ):  # fmt: skip
-            self.post("/api/v1/agencies", body)
-        for officer, agency in ((O1, "hp-ue"), (O3, "hx-ue")):
-            self.post("/api/v1/officers", {"id": officer, "name": officer, "agency_id": agency})
-        for device_id, officer in (("cam-a", O1), ("cam-x", O3)):
-            self.post(
-                f"/api/v1/devices/{device_id}/assignment", {"officer_id": officer, "from_ms": 0}
-            )
+        super().__init__(tmp_path, {"cam-a": O1, "cam-x": O3})
 
     def tick(self, at_ms: int) -> None:
         """One housekeeping second at ``at_ms``: the binding pass, then the watch."""
@@ -75,32 +41,11 @@ class World:
             cases.bind_pending(conn, at_ms)
             watch(conn, at_ms)
 
-    def post(self, path: str, body: dict[str, Any], who: dict[str, str] | None = None) -> Any:
-        r = self.api.post(path, json=body, headers=who or self.admin)
-        assert r.status_code in (200, 201), (path, r.status_code, r.text)
-        return r.json()
-
-    def get(self, path: str, who: dict[str, str] | None = None, **params: Any) -> Any:
-        r = self.api.get(path, params=params, headers=who or self.admin)
-        assert r.status_code == 200, (path, r.status_code, r.text)
-        return r.json()
-
     def alarms(self, kind: str) -> list[dict[str, Any]]:
         return list(self.get("/api/v1/alarms", kind=kind))
 
     def alarm(self, alarm_id: int) -> dict[str, Any]:
         return dict(self.get(f"/api/v1/alarms/{alarm_id}"))
-
-    def user(self, name: str, role: str, **place: str) -> dict[str, str]:
-        self.post("/api/v1/users", {"name": name, "role": role, "password": "s3cret-pass", **place})
-        r = self.api.post("/api/v1/login", json={"name": name, "password": "s3cret-pass"})
-        assert r.status_code == 200, r.text
-        return {"Authorization": f"Bearer {r.json()['token']}"}
-
-    def close(self) -> None:
-        for d in self.devices.values():
-            d.device.close()
-        self.ingest.close()
 
 
 @pytest.fixture
