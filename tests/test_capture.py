@@ -299,3 +299,44 @@ def rig_reasons(data_dir: Path) -> tuple[list[str], list[str]]:
         )
     finally:
         db.conn.close()
+
+
+def test_a_spool_survives_a_torn_append_and_is_never_recovered_twice(rig: Rig) -> None:
+    """What a crash can leave in ``capture/``: a spool whose last append was cut short
+    (everything before it is recovered), and a spool whose segment was already committed
+    (it is deleted, not turned into a second copy)."""
+    from agent.recorder import _spool_done_id
+    from agent.spool import SpoolWriter
+    from agent.spool import read as read_spool
+
+    enc = SegmentEncoder(EncoderSettings(W, H, FPS))
+    cam = SyntheticCamera(W, H, FPS)
+    from agent.camera import Frame
+
+    step = round(1e9 / FPS)
+    for n in range(45):  # three one-second fragments, the last still open in the muxer
+        enc.add_frame(Frame(cam.render(n), n * step, 1_764_000_000_000 + n * 66))
+    fragments = bytes(enc.written())
+    enc.abort()
+    meta = {"recording_id": 3, "segment_index": 0, "start_wall_ms": 1_764_000_000_000}
+    spool = SpoolWriter(rig.recorder.spool_dir, DATA_KEY, meta)
+    spool.append(fragments)
+    spool.append(b"the next fragment, cut short by the crash")
+    spool.close()
+    with open(spool.path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 5)
+    survived = read_spool(spool.path, DATA_KEY)
+    assert survived is not None and survived.torn and survived.media == fragments
+
+    done = SpoolWriter(rig.recorder.spool_dir, DATA_KEY, meta)
+    done.append(fragments)
+    done.close()
+    rig.outbox.add_blocks([fragments], kind="segment", body={}, also=_spool_done_id(done.id))
+
+    assert rig.recorder.recover_spools() == 1
+    assert not list(rig.recorder.spool_dir.glob("*.spool"))
+    segments = rig.of_kind("segment")
+    assert len(segments) == 2  # the committed one, and the one recovered from the torn spool
+    recovered = segments[-1]["body"]
+    assert recovered["recovered"] and recovered["recording_id"] == 3
+    assert rig.media(segments[-1]["seq"]) == fragments
