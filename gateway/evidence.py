@@ -4,8 +4,13 @@ For every media record the gateway accepted, the device sends ``init`` / chunks 
 Bytes go to a part file at their offsets (``gateway.uploads``); when all are there, the
 file is fsync'd, hashed and compared with the sha256 in the **signed** manifest, moved
 into the content-addressed blob store, committed with an ``evidence`` leaf in the
-transparency log, and only then receipted. A mismatch raises ``hash_mismatch`` and stores
-nothing. Re-sent messages are answered from what is already stored (idempotent).
+transparency log, and only then receipted. Re-sent messages are answered from what is
+already stored (idempotent).
+
+On a mismatch, the chunks are checked against their own hashes: bytes damaged on the way
+(or held from before a gateway restart, with no claim left to check them by) are dropped,
+a ``bad_message`` alarm says so, and the device sends them again. A file whose every
+chunk is what the device sent is rejected with ``hash_mismatch`` and stores nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlite_utils
@@ -28,16 +34,30 @@ from protocol.journal import MEDIA_KINDS, MediaInfo
 from protocol.receipt import Receipt, evidence_leaf
 from protocol.signing import SigningKey
 from protocol.topics import GatewayTopic, gateway_topic
-from protocol.upload import Chunk, UploadAck, UploadFin, UploadInit
+from protocol.upload import Chunk, Ranges, UploadAck, UploadFin, UploadInit
 
 log = logging.getLogger("custody.gateway.evidence")
 
 ACK_EVERY = 1024 * 1024
+#: Whole-file mismatches that send bytes back for a resend before the file is rejected
+#: anyway: a device whose chunks keep failing their own hashes is not sending evidence.
+MAX_RECHECKS = 3
 events = logging.getLogger("custody.events")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What verifying a finished part file found (computed off the ingest thread)."""
+
+    digest: bytes
+    suspects: Ranges = ()  # on a mismatch: held bytes that no chunk claim vouches for
+
 
 #: Runs ``work`` off the ingest thread, then ``then(result)`` back on it (publishing what
 #: it returns). ``None`` means: do both inline.
-Background = Callable[[Callable[[], bytes | None], Callable[[bytes | None], list[Outgoing]]], None]
+Background = Callable[
+    [Callable[[], Verdict | None], Callable[[Verdict | None], list[Outgoing]]], None
+]
 
 
 class EvidenceIntake:
@@ -233,7 +253,7 @@ class EvidenceIntake:
                 key=f"bounds {chunk.seq}",
             )
             return []
-        up.write(chunk.offset, chunk.data)
+        up.write(chunk.offset, chunk.data, chunk.sha256)
         if up.complete:
             return self._finalize(up)
         if up.checkpoint_due():
@@ -285,10 +305,10 @@ class EvidenceIntake:
         if self.background is None:
             return self._commit(up, self._verify_and_store(up))
         self._finalizing.add(key)
-        self.background(lambda: self._verify_and_store(up), lambda digest: self._commit(up, digest))
+        self.background(lambda: self._verify_and_store(up), lambda found: self._commit(up, found))
         return []
 
-    def _verify_and_store(self, up: ActiveUpload) -> bytes | None:
+    def _verify_and_store(self, up: ActiveUpload) -> Verdict | None:
         """fsync, hash, and (when it matches the manifest) move into the blob store.
 
         ``None`` when the disk failed us (full, I/O error): nothing is decided, the device
@@ -301,23 +321,48 @@ class EvidenceIntake:
             up.close()
             return None
 
-    def _verify_and_store_unguarded(self, up: ActiveUpload) -> bytes:
+    def _verify_and_store_unguarded(self, up: ActiveUpload) -> Verdict:
         sha = up.sha256.hex()
         if not up.path.exists() and self.blobs.exists(sha):
             # Moved into the store just before a crash; the store holds only verified bytes.
-            return up.sha256
+            return Verdict(up.sha256)
         up.open()  # an empty file never saw a chunk, so its part file may not exist yet
         up.sync()
         digest = up.digest()
-        up.close()
         if digest == up.sha256:
+            up.close()
             self.blobs.adopt(up.path, sha)
-        return digest
+            return Verdict(digest)
+        suspects = up.suspect_ranges() if up.rechecks < MAX_RECHECKS else ()
+        up.close()
+        return Verdict(digest, suspects)
 
-    def _commit(self, up: ActiveUpload, digest: bytes | None) -> list[Outgoing]:
+    def _resend(self, up: ActiveUpload, suspects: Ranges) -> list[Outgoing]:
+        """Drop bytes no chunk hash vouches for and ask the device for them again."""
+        up.forget(suspects)
+        self._alarm(
+            "bad_message",
+            up.device_id,
+            f"seq {up.seq}: {sum(e - s for s, e in suspects)} bytes at "
+            f"{', '.join(f'{s}-{e}' for s, e in suspects[:4])}"
+            f"{' …' if len(suspects) > 4 else ''} did not match the sha256 of the chunk "
+            "they came in (corrupted in transit, or held from before a restart); "
+            "asked for again",
+            key=f"chunk {up.seq}",
+        )
+        for old in self.active.put(up):
+            self._checkpoint(old)
+            old.close()
+        self._checkpoint(up)
+        return [self._upload_ack(up.device_id, up.seq, "receiving", up.ranges)]
+
+    def _commit(self, up: ActiveUpload, verdict: Verdict | None) -> list[Outgoing]:
         self._finalizing.discard((up.device_id, up.seq))
-        if digest is None:
+        if verdict is None:
             return []
+        digest = verdict.digest
+        if digest != up.sha256 and verdict.suspects:
+            return self._resend(up, verdict.suspects)
         received = now_ms()
         if digest != up.sha256:
             with transaction(self.db) as conn:

@@ -26,6 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.datadir import DataDir
 from gateway.db import open_db
+from gateway.evidence import Verdict
 from gateway.ingest import Ingest, Outgoing
 from protocol.encoding import canonical
 from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker
@@ -87,10 +88,10 @@ class GatewayService:
 
     def _background(
         self,
-        work: Callable[[], bytes | None],
-        then: Callable[[bytes | None], list[Outgoing]],
+        work: Callable[[], Verdict | None],
+        then: Callable[[Verdict | None], list[Outgoing]],
     ) -> None:
-        def done(future: Future[bytes | None]) -> None:
+        def done(future: Future[Verdict | None]) -> None:
             try:
                 result = future.result()
             except Exception:

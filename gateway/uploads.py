@@ -4,6 +4,13 @@ Memory per upload is one open file descriptor, a sha256 state and a short range 
 a 2 GiB file costs the same as a 2 KiB one. Chunks normally arrive in order; the running
 hash follows them and the file is re-read only if they did not.
 
+Each chunk's claimed sha256 is kept, not checked: the running whole-file hash covers
+every byte once, and only when it does not match the signed manifest are the chunks
+checked against their claims (``suspect_ranges``). Bytes that fail their claim, or that
+have no claim (written before a gateway restart), are dropped and asked for again; only
+a file whose every chunk matches what the device sent is rejected. One hash pass per
+byte instead of two, with the same verdicts.
+
 Durability: the ranges recorded in the database are the ranges that were fsync'd before
 the row was written (a checkpoint every ``CHECKPOINT_BYTES`` and at the end). After a
 gateway crash, ``init`` answers with those ranges, and the device resends the rest.
@@ -58,6 +65,8 @@ class ActiveUpload:
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed_to: int = 0
     rehash: bool = False
+    claims: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # offset → (len, sha)
+    rechecks: int = 0  # how often a whole-file mismatch sent bytes back for a resend
 
     @property
     def complete(self) -> bool:
@@ -72,7 +81,7 @@ class ActiveUpload:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         return self.fd
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes, claim: bytes = b"") -> None:
         fd = self.open()
         view = memoryview(data)
         pos = 0
@@ -85,6 +94,8 @@ class ActiveUpload:
         elif offset == self.hashed_to and not self.rehash:
             self.hasher.update(data)
             self.hashed_to += len(data)
+        if claim:
+            self.claims[offset] = (len(data), claim)
         self.ranges = add_range(self.ranges, offset, offset + len(data))
         self.bytes_received += len(data)
         self.unsynced += len(data)
@@ -117,10 +128,51 @@ class ActiveUpload:
             pos += len(block)
         return digest.digest()
 
+    def suspect_ranges(self) -> Ranges:
+        """The held bytes that no chunk claim vouches for (read back and hashed).
+
+        Called only after the whole file failed its hash. Bytes covered by a claim that
+        still matches are what the device sent; everything else (a claim that fails, or
+        bytes whose claim was lost in a gateway restart) may have been damaged here or
+        on the way, and is worth asking for again.
+        """
+        fd = self.open()
+        vouched: Ranges = ()
+        for offset, (length, claim) in sorted(self.claims.items()):
+            if hashlib.sha256(os.pread(fd, length, offset)).digest() == claim:
+                vouched = add_range(vouched, offset, offset + length)
+        return subtract(self.ranges, vouched)
+
+    def forget(self, suspects: Ranges) -> None:
+        """Drop ``suspects`` from what is held, so the device sends them again."""
+        self.ranges = subtract(self.ranges, suspects)
+        self.durable = subtract(self.durable, suspects)
+        for offset, (length, _) in list(self.claims.items()):
+            if subtract(((offset, offset + length),), suspects) != ((offset, offset + length),):
+                del self.claims[offset]
+        self.rehash = True  # the resent bytes overwrite hashed ones
+        self.rechecks += 1
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def subtract(ranges: Ranges, remove: Ranges) -> Ranges:
+    """``ranges`` without the bytes in ``remove`` (both sorted, half-open)."""
+    out: list[tuple[int, int]] = []
+    for s, e in ranges:
+        pos = s
+        for rs, re_ in remove:
+            if re_ <= pos or rs >= e:
+                continue
+            if rs > pos:
+                out.append((pos, rs))
+            pos = max(pos, re_)
+        if pos < e:
+            out.append((pos, e))
+    return tuple(out)
 
 
 class ActiveUploads:

@@ -85,3 +85,85 @@ def test_a_late_duplicate_chunk_after_the_receipt_changes_nothing(tmp_path):
     evidence = ingest.db.execute("SELECT sha256 FROM evidence").fetchall()
     assert evidence == [(hashlib.sha256(data).hexdigest(),)]
     device.close()
+
+
+def damaged(seq: int, offset: int, data: bytes) -> bytes:
+    """A chunk whose bytes were damaged after the device hashed them (in transit)."""
+    payload = bytearray(Chunk("cam-i", seq, offset, data).encode())
+    payload[-1] ^= 0x01
+    return bytes(payload)
+
+
+def acks(ingest: Ingest, replies: list) -> list[UploadAck]:
+    return [
+        UploadAck.decode(r.payload, ingest.key.verify_key)
+        for r in replies
+        if r.topic == gateway_topic("cam-i", GatewayTopic.UPLOAD_ACK)
+    ]
+
+
+def stored(ingest: Ingest, data: bytes) -> bytes:
+    return ingest.evidence.blobs.path(hashlib.sha256(data).hexdigest()).read_bytes()
+
+
+def test_a_chunk_damaged_in_transit_is_asked_for_again_not_rejected(tmp_path):
+    # Chunks are not hashed on arrival (the whole-file hash covers every byte); when the
+    # file fails, the chunk that fails its own sha256 is found, dropped and re-requested.
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    chunk(ingest, seq, 0, data[:CHUNK])
+    ingest.handle(
+        device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK), damaged(seq, CHUNK, data[CHUNK:-CHUNK])
+    )
+    replies = chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :])
+    [ack] = acks(ingest, replies)
+    assert ack.state == "receiving" and ack.ranges == ((0, CHUNK), (2 * CHUNK, len(data)))
+    assert alarms(ingest) == ["bad_message"]
+    assert ingest.db.execute("SELECT count(*) FROM evidence").fetchone()[0] == 0
+    replies = chunk(ingest, seq, CHUNK, data[CHUNK : 2 * CHUNK])  # the device resends
+    assert [a.state for a in acks(ingest, replies)] == ["complete"]
+    assert any(r.topic.endswith("/receipt") for r in replies)
+    assert stored(ingest, data) == data
+    assert "hash_mismatch" not in alarms(ingest)
+
+
+def test_bytes_held_from_before_a_restart_are_rechecked_by_a_resend(tmp_path):
+    # A restart loses the chunk claims; a damaged chunk received before it can no longer
+    # be singled out, so every unvouched byte is asked for again, and the file completes.
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    ingest.handle(
+        device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK), damaged(seq, 0, data[:CHUNK])
+    )
+    ingest.close()
+    gw = DataDir.open(tmp_path / "gw")
+    ingest = Ingest(gw, open_db(gw.db_path), gw.signing_key())
+    ingest.handle(
+        device_topic("cam-i", DeviceTopic.UPLOAD_INIT),
+        UploadInit("cam-i", seq, len(data), hashlib.sha256(data).digest(), CHUNK).encode(),
+    )
+    chunk(ingest, seq, CHUNK, data[CHUNK : 2 * CHUNK])
+    [ack] = acks(ingest, chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :]))
+    assert ack.state == "receiving" and ack.ranges == ((CHUNK, len(data)),)
+    replies = chunk(ingest, seq, 0, data[:CHUNK])
+    assert [a.state for a in acks(ingest, replies)] == ["complete"]
+    assert stored(ingest, data) == data
+
+
+def test_a_device_whose_chunks_keep_failing_is_rejected_in_the_end(tmp_path):
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    chunk(ingest, seq, 0, data[:CHUNK])
+    chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :])
+    states = []
+    for _ in range(10):
+        replies = ingest.handle(
+            device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK),
+            damaged(seq, CHUNK, data[CHUNK : 2 * CHUNK]),
+        )
+        states += [a.state for a in acks(ingest, replies)]
+        if "rejected" in states:
+            break
+    assert states == ["receiving"] * 3 + ["rejected"]
+    assert alarms(ingest) == ["bad_message", "hash_mismatch"]
+    assert ingest.db.execute("SELECT count(*) FROM evidence").fetchone()[0] == 0

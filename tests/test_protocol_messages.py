@@ -571,6 +571,21 @@ def test_flipped_chunk_data_is_detected(data: bytes, pos: int, bit: int) -> None
 
 
 @settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=1, max_size=300), pos=st.integers(0, 10_000), bit=st.integers(0, 7))
+def test_unverified_decode_keeps_the_claim_for_a_later_check(
+    data: bytes, pos: int, bit: int
+) -> None:
+    # The gateway decodes without hashing and checks the claim only if the whole file
+    # fails; the claim must survive decoding so that check can still find the chunk.
+    payload = Chunk("dev-1", 1, 0, data).encode()
+    assert Chunk.decode(payload, verify=False).intact()
+    header_end = 2 + struct.unpack_from(">H", payload)[0]
+    flipped = Chunk.decode(flip_bit(payload, header_end + pos % len(data), bit), verify=False)
+    assert flipped.sha256 == hashlib.sha256(data).digest()
+    assert not flipped.intact()
+
+
+@settings(max_examples=60, deadline=None)
 @given(data=st.binary(max_size=100), cut=st.integers(0, 10_000))
 def test_truncated_chunk_is_rejected(data: bytes, cut: int) -> None:
     payload = Chunk("dev-1", 3, 1024, data).encode()
@@ -609,7 +624,9 @@ def test_chunk_header_checks() -> None:
         "offset": 0,
         "sha256": hashlib.sha256(b"abc").hexdigest(),
     }
-    assert Chunk.decode(chunk_with_header(good)) == Chunk("d", 1, 0, b"abc")
+    assert Chunk.decode(chunk_with_header(good)) == Chunk(
+        "d", 1, 0, b"abc", hashlib.sha256(b"abc").digest()
+    )
     for changes, error in [
         ({"v": 2}, VersionError),
         ({"seq": 0}, MessageError),
