@@ -8,7 +8,7 @@ transparency log, and only then receipted. Re-sent messages are answered from wh
 already stored (idempotent).
 
 On a mismatch, the chunks are checked against their own hashes: bytes damaged on the way
-(or held from before a gateway restart, with no claim left to check them by) are dropped,
+(or whose claim a crash lost before it reached the disk) are dropped,
 a ``bad_message`` alarm says so, and the device sends them again. A file whose every
 chunk is what the device sent is rejected with ``hash_mismatch`` and stores nothing.
 """
@@ -325,6 +325,7 @@ class EvidenceIntake:
         sha = up.sha256.hex()
         if not up.path.exists() and self.blobs.exists(sha):
             # Moved into the store just before a crash; the store holds only verified bytes.
+            up.discard()
             return Verdict(up.sha256)
         up.open()  # an empty file never saw a chunk, so its part file may not exist yet
         up.sync()
@@ -332,6 +333,7 @@ class EvidenceIntake:
         if digest == up.sha256:
             up.close()
             self.blobs.adopt(up.path, sha)
+            up.discard()  # the claims; the part file is in the store now
             return Verdict(digest)
         suspects = up.suspect_ranges() if up.rechecks < MAX_RECHECKS else ()
         up.close()
@@ -380,7 +382,7 @@ class EvidenceIntake:
                     "updated_ms = ? WHERE device_id = ? AND seq = ?",
                     [received, up.device_id, up.seq],
                 )
-            up.path.unlink(missing_ok=True)
+            up.discard()
             return [self._upload_ack(up.device_id, up.seq, "rejected", reason="hash_mismatch")]
         found = self._manifest(up.device_id, up.seq)
         assert found is not None

@@ -1,15 +1,17 @@
 """Uploads in progress: bytes streamed to a part file at their offsets, never held in memory.
 
-Memory per upload is one open file descriptor, a sha256 state and a short range list, so
-a 2 GiB file costs the same as a 2 KiB one. Chunks normally arrive in order; the running
-hash follows them and the file is re-read only if they did not.
+Memory per upload is two open file descriptors, a sha256 state and a short range list,
+so a 2 GiB file costs the same as a 2 KiB one. Chunks normally arrive in order; the
+running hash follows them and the file is re-read only if they did not.
 
-Each chunk's claimed sha256 is kept, not checked: the running whole-file hash covers
-every byte once, and only when it does not match the signed manifest are the chunks
-checked against their claims (``suspect_ranges``). Bytes that fail their claim, or that
-have no claim (written before a gateway restart), are dropped and asked for again; only
-a file whose every chunk matches what the device sent is rejected. One hash pass per
-byte instead of two, with the same verdicts.
+Each chunk's claimed sha256 is appended to a ``.claims`` file beside the part file, not
+checked: the running whole-file hash covers every byte once, and only when it does not
+match the signed manifest are the chunks checked against their claims
+(``suspect_ranges``). Bytes that fail their claim, or that no claim covers (lost in a
+crash before it reached the disk), are dropped and asked for again; only a file whose
+every chunk matches what the device sent is rejected. One hash pass per byte instead of
+two, with the same verdicts. A stale claim is harmless: it vouches only for bytes that
+hash to it, that is, bytes the device did send.
 
 Durability: the ranges recorded in the database are the ranges that were fsync'd before
 the row was written (a checkpoint every ``CHECKPOINT_BYTES`` and at the end). After a
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ CHECKPOINT_BYTES = 8 * 1024 * 1024
 CHECKPOINT_INTERVAL_S = 1.0
 MAX_OPEN = 128
 HASH_BLOCK = 1024 * 1024
+CLAIM = struct.Struct(">QI32s")  # offset, length, sha256 the device sent with the chunk
 
 
 def ranges_to_json(ranges: Ranges) -> str:
@@ -65,12 +69,16 @@ class ActiveUpload:
     hasher: Any = field(default_factory=hashlib.sha256)
     hashed_to: int = 0
     rehash: bool = False
-    claims: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # offset → (len, sha)
+    claims_fd: int = -1
     rechecks: int = 0  # how often a whole-file mismatch sent bytes back for a resend
 
     @property
     def complete(self) -> bool:
         return covered(self.ranges, self.size)
+
+    @property
+    def claims_path(self) -> Path:
+        return self.path.with_suffix(".claims")
 
     def open(self) -> int:
         if self.fd < 0:
@@ -95,7 +103,11 @@ class ActiveUpload:
             self.hasher.update(data)
             self.hashed_to += len(data)
         if claim:
-            self.claims[offset] = (len(data), claim)
+            if self.claims_fd < 0:
+                self.claims_fd = os.open(
+                    self.claims_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+                )
+            os.write(self.claims_fd, CLAIM.pack(offset, len(data), claim))
         self.ranges = add_range(self.ranges, offset, offset + len(data))
         self.bytes_received += len(data)
         self.unsynced += len(data)
@@ -138,18 +150,23 @@ class ActiveUpload:
         """
         fd = self.open()
         vouched: Ranges = ()
-        for offset, (length, claim) in sorted(self.claims.items()):
-            if hashlib.sha256(os.pread(fd, length, offset)).digest() == claim:
-                vouched = add_range(vouched, offset, offset + length)
+        try:
+            claims = open(self.claims_path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return self.ranges
+        with claims:
+            # Record by record: memory stays flat however many chunks the file had. A
+            # torn last record (a crash mid-append) is shorter than CLAIM and ignored.
+            while len(record := claims.read(CLAIM.size)) == CLAIM.size:
+                offset, length, claim = CLAIM.unpack(record)
+                if hashlib.sha256(os.pread(fd, length, offset)).digest() == claim:
+                    vouched = add_range(vouched, offset, offset + length)
         return subtract(self.ranges, vouched)
 
     def forget(self, suspects: Ranges) -> None:
         """Drop ``suspects`` from what is held, so the device sends them again."""
         self.ranges = subtract(self.ranges, suspects)
         self.durable = subtract(self.durable, suspects)
-        for offset, (length, _) in list(self.claims.items()):
-            if subtract(((offset, offset + length),), suspects) != ((offset, offset + length),):
-                del self.claims[offset]
         self.rehash = True  # the resent bytes overwrite hashed ones
         self.rechecks += 1
 
@@ -157,6 +174,15 @@ class ActiveUpload:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.claims_fd >= 0:
+            os.close(self.claims_fd)
+            self.claims_fd = -1
+
+    def discard(self) -> None:
+        """Remove what is left on disk once the upload is settled (stored or rejected)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.claims_path.unlink(missing_ok=True)
 
 
 def subtract(ranges: Ranges, remove: Ranges) -> Ranges:

@@ -127,14 +127,7 @@ def test_a_chunk_damaged_in_transit_is_asked_for_again_not_rejected(tmp_path):
     assert "hash_mismatch" not in alarms(ingest)
 
 
-def test_bytes_held_from_before_a_restart_are_rechecked_by_a_resend(tmp_path):
-    # A restart loses the chunk claims; a damaged chunk received before it can no longer
-    # be singled out, so every unvouched byte is asked for again, and the file completes.
-    data = bytes(range(256)) * 12
-    ingest, device, seq = setup(tmp_path, data)
-    ingest.handle(
-        device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK), damaged(seq, 0, data[:CHUNK])
-    )
+def restart(tmp_path: Path, ingest: Ingest, seq: int, data: bytes) -> Ingest:
     ingest.close()
     gw = DataDir.open(tmp_path / "gw")
     ingest = Ingest(gw, open_db(gw.db_path), gw.signing_key())
@@ -142,10 +135,39 @@ def test_bytes_held_from_before_a_restart_are_rechecked_by_a_resend(tmp_path):
         device_topic("cam-i", DeviceTopic.UPLOAD_INIT),
         UploadInit("cam-i", seq, len(data), hashlib.sha256(data).digest(), CHUNK).encode(),
     )
+    return ingest
+
+
+def test_claims_survive_a_gateway_restart(tmp_path):
+    # The claims are on disk beside the part file, so a damaged chunk received before a
+    # restart is still singled out after it: only that chunk is asked for again.
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    ingest.handle(device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK), damaged(seq, 0, data[:CHUNK]))
     chunk(ingest, seq, CHUNK, data[CHUNK : 2 * CHUNK])
+    ingest = restart(tmp_path, ingest, seq, data)
     [ack] = acks(ingest, chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :]))
     assert ack.state == "receiving" and ack.ranges == ((CHUNK, len(data)),)
     replies = chunk(ingest, seq, 0, data[:CHUNK])
+    assert [a.state for a in acks(ingest, replies)] == ["complete"]
+    assert stored(ingest, data) == data
+    part = ingest.evidence.active.part_path("cam-i", seq)
+    assert not part.exists() and not part.with_suffix(".claims").exists()
+
+
+def test_bytes_no_claim_vouches_for_are_asked_for_again(tmp_path):
+    # A crash can lose claims that never reached the disk; bytes nothing vouches for
+    # may be damaged, so they are fetched again rather than the file being rejected.
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    ingest.handle(device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK), damaged(seq, 0, data[:CHUNK]))
+    chunk(ingest, seq, CHUNK, data[CHUNK : 2 * CHUNK])
+    ingest.evidence.active.part_path("cam-i", seq).with_suffix(".claims").unlink()
+    ingest = restart(tmp_path, ingest, seq, data)
+    [ack] = acks(ingest, chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :]))
+    assert ack.state == "receiving" and ack.ranges == ((2 * CHUNK, len(data)),)
+    chunk(ingest, seq, 0, data[:CHUNK])
+    replies = chunk(ingest, seq, CHUNK, data[CHUNK : 2 * CHUNK])
     assert [a.state for a in acks(ingest, replies)] == ["complete"]
     assert stored(ingest, data) == data
 
