@@ -122,13 +122,18 @@ def create_schema(db: sqlite_utils.Database) -> None:
             "bytes_received": int,
             "inits": int,
             "resumed_from": int,  # bytes already held at the first resume, -1 none
+            "rechecks": int,  # whole-file mismatches that sent bytes back (gateway.uploads)
             "state": str,  # receiving | complete | rejected
             "reason": str,
             "updated_ms": int,
         },
         pk=("device_id", "seq"),
+        defaults={"rechecks": 0},
         if_not_exists=True,
     )
+    if "rechecks" not in Table(db, "uploads").columns_dict:
+        # A gateway data directory from before the lazy chunk check.
+        Table(db, "uploads").add_column("rechecks", int, not_null_default=0)
     Table(db, "evidence").create(
         {
             "id": int,

@@ -8,9 +8,10 @@ transparency log, and only then receipted. Re-sent messages are answered from wh
 already stored (idempotent).
 
 On a mismatch, the chunks are checked against their own hashes: bytes damaged on the way
-(or whose claim a crash lost before it reached the disk) are dropped,
-a ``bad_message`` alarm says so, and the device sends them again. A file whose every
-chunk is what the device sent is rejected with ``hash_mismatch`` and stores nothing.
+(or whose claim a crash lost before it reached the disk) are dropped, a ``bad_message``
+alarm says so, and the device sends them again. After three such rounds the upload
+checks every chunk on arrival instead (see ``gateway.uploads``). A file whose every chunk
+is what the device sent is rejected with ``hash_mismatch`` and stores nothing.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ from protocol.upload import Chunk, Ranges, UploadAck, UploadFin, UploadInit
 log = logging.getLogger("custody.gateway.evidence")
 
 ACK_EVERY = 1024 * 1024
-#: Whole-file mismatches that send bytes back for a resend before the file is rejected
-#: anyway: a device whose chunks keep failing their own hashes is not sending evidence.
-MAX_RECHECKS = 3
 events = logging.getLogger("custody.events")
 
 
@@ -111,7 +109,7 @@ class EvidenceIntake:
             return None
         info, _ = found
         row = self.db.execute(
-            "SELECT ranges, bytes_received, inits, resumed_from FROM uploads "
+            "SELECT ranges, bytes_received, inits, resumed_from, rechecks FROM uploads "
             "WHERE device_id = ? AND seq = ?",
             [device_id, seq],
         ).fetchone()
@@ -134,6 +132,7 @@ class EvidenceIntake:
             if up.ranges and lost:
                 up.ranges = up.durable = ()
             up.bytes_received, up.inits, up.resumed_from = int(row[1]), int(row[2]), int(row[3])
+            up.rechecks = int(row[4] or 0)
             if up.ranges and up.resumed_from < 0:
                 # Picked up again after a gateway restart: resume from the durable ranges.
                 up.resumed_from = sum(e - s for s, e in up.ranges)
@@ -154,12 +153,13 @@ class EvidenceIntake:
         with transaction(self.db, durable=False) as conn:
             conn.execute(
                 "UPDATE uploads SET ranges = ?, bytes_received = ?, inits = ?, resumed_from = ?, "
-                "updated_ms = ? WHERE device_id = ? AND seq = ?",
+                "rechecks = ?, updated_ms = ? WHERE device_id = ? AND seq = ?",
                 [
                     ranges_to_json(up.durable),
                     up.bytes_received,
                     up.inits,
                     up.resumed_from,
+                    up.rechecks,
                     now_ms(),
                     up.device_id,
                     up.seq,
@@ -253,6 +253,15 @@ class EvidenceIntake:
                 key=f"bounds {chunk.seq}",
             )
             return []
+        if up.eager and not chunk.intact():
+            self._alarm(
+                "bad_message",
+                device_id,
+                f"chunk at offset {chunk.offset} of seq {chunk.seq}: data does not match its "
+                "sha256 (corrupted in transit or on the device); dropped",
+                key=f"chunk {chunk.seq}",
+            )
+            return []
         up.write(chunk.offset, chunk.data, chunk.sha256)
         if up.complete:
             return self._finalize(up)
@@ -335,13 +344,14 @@ class EvidenceIntake:
             self.blobs.adopt(up.path, sha)
             up.discard()  # the claims; the part file is in the store now
             return Verdict(digest)
-        suspects = up.suspect_ranges() if up.rechecks < MAX_RECHECKS else ()
+        # Eager uploads hold only checked bytes: a mismatch is then the device's own.
+        suspects = () if up.eager else up.suspect_ranges()
         up.close()
         return Verdict(digest, suspects)
 
     def _resend(self, up: ActiveUpload, suspects: Ranges) -> list[Outgoing]:
         """Drop bytes no chunk hash vouches for and ask the device for them again."""
-        up.forget(suspects)
+        up.drop(suspects)
         self._alarm(
             "bad_message",
             up.device_id,
@@ -361,6 +371,7 @@ class EvidenceIntake:
     def _commit(self, up: ActiveUpload, verdict: Verdict | None) -> list[Outgoing]:
         self._finalizing.discard((up.device_id, up.seq))
         if verdict is None:
+            up.close()  # nothing decided; the next init or fin starts verification again
             return []
         digest = verdict.digest
         if digest != up.sha256 and verdict.suspects:

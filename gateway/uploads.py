@@ -8,10 +8,20 @@ Each chunk's claimed sha256 is appended to a ``.claims`` file beside the part fi
 checked: the running whole-file hash covers every byte once, and only when it does not
 match the signed manifest are the chunks checked against their claims
 (``suspect_ranges``). Bytes that fail their claim, or that no claim covers (lost in a
-crash before it reached the disk), are dropped and asked for again; only a file whose
-every chunk matches what the device sent is rejected. One hash pass per byte instead of
-two, with the same verdicts. A stale claim is harmless: it vouches only for bytes that
-hash to it, that is, bytes the device did send.
+crash before it reached the disk), are dropped and asked for again. A stale claim is
+harmless: it vouches only for bytes that hash to it, that is, bytes the device did send.
+One hash pass per byte instead of two while nothing goes wrong.
+
+After ``MAX_RECHECKS`` such rounds (counted in the database, so a restart or an eviction
+from the cache does not reset it) the upload turns **eager**: like before this scheme,
+every chunk is hashed on arrival and a damaged one is dropped with a ``bad_message``
+alarm. Everything then held has been checked, so a later whole-file mismatch is the
+device's own doing and is rejected as ``hash_mismatch``. A flaky link never gets a file
+rejected, and a device cannot make the gateway re-read a file forever.
+
+Bounds: the claims file holds at most ``max_claims`` records (about 4 per KiB of the
+file; past that, later bytes simply go unvouched), and ``suspect_ranges`` gives up on
+files damaged in more than ``MAX_PIECES`` places (everything is asked for again).
 
 Durability: the ranges recorded in the database are the ranges that were fsync'd before
 the row was written (a checkpoint every ``CHECKPOINT_BYTES`` and at the end). After a
@@ -37,6 +47,11 @@ CHECKPOINT_INTERVAL_S = 1.0
 MAX_OPEN = 128
 HASH_BLOCK = 1024 * 1024
 CLAIM = struct.Struct(">QI32s")  # offset, length, sha256 the device sent with the chunk
+#: Whole-file mismatches that send unvouched bytes back for a resend; then the upload
+#: hashes every chunk on arrival (``eager``).
+MAX_RECHECKS = 3
+#: Vouched pieces ``suspect_ranges`` will track before it treats the whole file as suspect.
+MAX_PIECES = 4096
 
 
 def ranges_to_json(ranges: Ranges) -> str:
@@ -70,6 +85,7 @@ class ActiveUpload:
     hashed_to: int = 0
     rehash: bool = False
     claims_fd: int = -1
+    claims: int = 0  # records in the claims file
     rechecks: int = 0  # how often a whole-file mismatch sent bytes back for a resend
 
     @property
@@ -79,6 +95,28 @@ class ActiveUpload:
     @property
     def claims_path(self) -> Path:
         return self.path.with_suffix(".claims")
+
+    @property
+    def eager(self) -> bool:
+        """Hash each chunk on arrival: lazy checking already cost its rounds here."""
+        return self.rechecks >= MAX_RECHECKS
+
+    @property
+    def max_claims(self) -> int:
+        # Room for every 1 KiB chunk (the smallest a device sends) four times over.
+        return 1024 + 4 * (self.size // 1024 + 1)
+
+    def _claim(self, offset: int, length: int, claim: bytes) -> None:
+        if self.claims_fd < 0:
+            fd = os.open(self.claims_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            size = os.fstat(fd).st_size
+            if size % CLAIM.size:
+                # A record torn by a crash: cut it off so later records stay aligned.
+                os.ftruncate(fd, size - size % CLAIM.size)
+            self.claims_fd, self.claims = fd, size // CLAIM.size
+        if self.claims < self.max_claims:
+            os.write(self.claims_fd, CLAIM.pack(offset, length, claim))
+            self.claims += 1
 
     def open(self) -> int:
         if self.fd < 0:
@@ -102,12 +140,8 @@ class ActiveUpload:
         elif offset == self.hashed_to and not self.rehash:
             self.hasher.update(data)
             self.hashed_to += len(data)
-        if claim:
-            if self.claims_fd < 0:
-                self.claims_fd = os.open(
-                    self.claims_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
-                )
-            os.write(self.claims_fd, CLAIM.pack(offset, len(data), claim))
+        if claim and data and not self.eager:
+            self._claim(offset, len(data), claim)
         self.ranges = add_range(self.ranges, offset, offset + len(data))
         self.bytes_received += len(data)
         self.unsynced += len(data)
@@ -149,22 +183,34 @@ class ActiveUpload:
         on the way, and is worth asking for again.
         """
         fd = self.open()
-        vouched: Ranges = ()
         try:
             claims = open(self.claims_path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             return self.ranges
+        vouched: list[list[int]] = []
         with claims:
-            # Record by record: memory stays flat however many chunks the file had. A
-            # torn last record (a crash mid-append) is shorter than CLAIM and ignored.
+            # Record by record, so memory stays flat however many chunks the file had;
+            # contiguous claims (the usual, in-order case) merge into one piece as they go.
             while len(record := claims.read(CLAIM.size)) == CLAIM.size:
                 offset, length, claim = CLAIM.unpack(record)
-                if hashlib.sha256(os.pread(fd, length, offset)).digest() == claim:
-                    vouched = add_range(vouched, offset, offset + length)
-        return subtract(self.ranges, vouched)
+                if hashlib.sha256(os.pread(fd, length, offset)).digest() != claim:
+                    continue
+                if vouched and vouched[-1][0] <= offset <= vouched[-1][1]:
+                    vouched[-1][1] = max(vouched[-1][1], offset + length)
+                    continue
+                vouched.append([offset, offset + length])
+                if len(vouched) > MAX_PIECES:
+                    return self.ranges  # damaged all over: ask for all of it again
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted(vouched):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return subtract(self.ranges, tuple(merged))
 
-    def forget(self, suspects: Ranges) -> None:
-        """Drop ``suspects`` from what is held, so the device sends them again."""
+    def drop(self, suspects: Ranges) -> None:
+        """Forget ``suspects`` were ever received, so the device sends them again."""
         self.ranges = subtract(self.ranges, suspects)
         self.durable = subtract(self.durable, suspects)
         self.rehash = True  # the resent bytes overwrite hashed ones
@@ -191,7 +237,9 @@ def subtract(ranges: Ranges, remove: Ranges) -> Ranges:
     for s, e in ranges:
         pos = s
         for rs, re_ in remove:
-            if re_ <= pos or rs >= e:
+            if rs >= e:
+                break
+            if re_ <= pos or rs >= re_:
                 continue
             if rs > pos:
                 out.append((pos, rs))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import sqlite3
 from pathlib import Path
 
 from agent.config import load_config
@@ -13,10 +15,11 @@ from gateway.datadir import DataDir
 from gateway.db import open_db
 from gateway.ingest import Ingest
 from gateway.registry import enroll
+from gateway.uploads import CLAIM, ActiveUpload, subtract
 from protocol.encoding import decode
 from protocol.journal import SignedRecord
 from protocol.topics import DeviceTopic, GatewayTopic, device_topic, gateway_topic
-from protocol.upload import Chunk, JournalBatch, UploadAck, UploadInit
+from protocol.upload import Chunk, JournalBatch, UploadAck, UploadInit, add_range
 
 CHUNK = 1024
 
@@ -172,20 +175,107 @@ def test_bytes_no_claim_vouches_for_are_asked_for_again(tmp_path):
     assert stored(ingest, data) == data
 
 
-def test_a_device_whose_chunks_keep_failing_is_rejected_in_the_end(tmp_path):
-    data = bytes(range(256)) * 12
+def eager_after_three_rounds(tmp_path: Path, data: bytes) -> tuple[Ingest, int]:
+    """An upload whose middle chunk arrived damaged three times, then a gateway restart."""
     ingest, device, seq = setup(tmp_path, data)
     chunk(ingest, seq, 0, data[:CHUNK])
     chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :])
     states = []
-    for _ in range(10):
+    for _ in range(3):
         replies = ingest.handle(
             device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK),
             damaged(seq, CHUNK, data[CHUNK : 2 * CHUNK]),
         )
         states += [a.state for a in acks(ingest, replies)]
-        if "rejected" in states:
-            break
-    assert states == ["receiving"] * 3 + ["rejected"]
+    assert states == ["receiving"] * 3
+    # The count is in the database: a restart (or an eviction) does not reset it.
+    return restart(tmp_path, ingest, seq, data), seq
+
+
+def test_after_three_rounds_chunks_are_checked_on_arrival(tmp_path):
+    # A link that keeps damaging chunks never gets the file rejected, and the gateway
+    # stops re-reading the file for it: damaged chunks are dropped as they arrive.
+    data = bytes(range(256)) * 12
+    ingest, seq = eager_after_three_rounds(tmp_path, data)
+    replies = ingest.handle(
+        device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK),
+        damaged(seq, CHUNK, data[CHUNK : 2 * CHUNK]),
+    )
+    assert replies == []
+    assert ingest.db.execute("SELECT count(*) FROM evidence").fetchone()[0] == 0
+    replies = chunk(ingest, seq, CHUNK, data[CHUNK : 2 * CHUNK])
+    assert [a.state for a in acks(ingest, replies)] == ["complete"]
+    assert stored(ingest, data) == data
+    assert alarms(ingest) == ["bad_message"]
+
+
+def test_a_file_the_device_really_sent_wrong_is_rejected(tmp_path):
+    # Every chunk matches its own hash, the file does not match its signed manifest:
+    # nothing was damaged on the way, so nothing is asked for again.
+    data = bytes(range(256)) * 12
+    ingest, seq = eager_after_three_rounds(tmp_path, data)
+    replies = chunk(ingest, seq, CHUNK, b"X" * CHUNK)
+    assert [a.state for a in acks(ingest, replies)] == ["rejected"]
     assert alarms(ingest) == ["bad_message", "hash_mismatch"]
     assert ingest.db.execute("SELECT count(*) FROM evidence").fetchone()[0] == 0
+    part = ingest.evidence.active.part_path("cam-i", seq)
+    assert not part.exists() and not part.with_suffix(".claims").exists()
+
+
+def test_claims_are_bounded_and_a_torn_record_is_cut_off(tmp_path):
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    for _ in range(3000):  # far more resends of one chunk than the file has chunks
+        chunk(ingest, seq, 0, data[:CHUNK])
+    up = ingest.evidence.active.get("cam-i", seq)
+    assert up is not None
+    assert up.claims_path.stat().st_size == up.max_claims * CLAIM.size
+    # A crash tears the last record; whoever appends next cuts it off first, so the
+    # records after it stay aligned.
+    up.close()
+    with open(up.claims_path, "ab") as f:
+        f.write(b"torn")
+    again = ActiveUpload("cam-i", seq, 4096, hashlib.sha256(b"").digest(), up.path)
+    again.write(0, data[:CHUNK], hashlib.sha256(data[:CHUNK]).digest())
+    again.close()
+    assert up.claims_path.stat().st_size % CLAIM.size == 0
+    assert again.claims == up.max_claims + 1  # 4096 bytes allow more claims than 3072
+
+
+def test_subtract_matches_a_byte_by_byte_reference():
+    rng = random.Random(7)
+
+    def pieces() -> tuple[tuple[int, int], ...]:
+        out: tuple[tuple[int, int], ...] = ()
+        for _ in range(rng.randint(0, 5)):
+            s = rng.randint(0, 60)
+            out = add_range(out, s, s + rng.randint(0, 12))
+        return out
+
+    for _ in range(2000):
+        have, remove = pieces(), pieces()
+        left = {b for s, e in have for b in range(s, e)} - {
+            b for s, e in remove for b in range(s, e)
+        }
+        expected: tuple[tuple[int, int], ...] = ()
+        for b in sorted(left):
+            expected = add_range(expected, b, b + 1)
+        assert subtract(have, remove) == expected
+
+
+def test_a_database_from_before_the_recheck_count_is_upgraded(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE uploads (device_id TEXT, seq INTEGER, size INTEGER, sha256 TEXT, "
+        "ranges TEXT, bytes_received INTEGER, inits INTEGER, resumed_from INTEGER, "
+        "state TEXT, reason TEXT, updated_ms INTEGER, PRIMARY KEY (device_id, seq))"
+    )
+    conn.execute(
+        "INSERT INTO uploads VALUES ('cam-i', 1, 10, 'ab', '[[0, 5]]', 5, 1, -1, "
+        "'receiving', '', 0)"
+    )
+    conn.commit()
+    conn.close()
+    db = open_db(path)
+    assert db.execute("SELECT ranges, rechecks FROM uploads").fetchall() == [("[[0, 5]]", 0)]
