@@ -179,7 +179,7 @@ class ActiveUpload:
 
         Called only after the whole file failed its hash. Bytes covered by a claim that
         still matches are what the device sent; everything else (a claim that fails, or
-        bytes whose claim was lost in a gateway restart) may have been damaged here or
+        bytes whose claim a crash lost before it reached the disk) may have been damaged
         on the way, and is worth asking for again.
         """
         fd = self.open()
