@@ -5,6 +5,11 @@ for byte (TLS passes through untouched: the device still talks to the real broke
 ``cut(seconds)`` drops every open connection at once and refuses new ones until the time
 is up, which is what a device walking into a lift or a tunnel sees: the socket dies
 without a goodbye, and reconnects fail until coverage returns.
+
+``corrupt(marker)`` flips one bit in the next bytes the device sends that contain
+``marker``: damage on the way that TCP's checksum missed. Only plain TCP lets it through
+(TLS refuses the altered record and drops the connection), so it is how a tester shows
+what the gateway does with a chunk whose bytes no longer match their own sha256.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import select
 import socket
 import threading
 import time
+
+TAIL = 256  # bytes of the device's stream kept to find a marker split across reads
 
 
 class FaultyLink:
@@ -27,6 +34,8 @@ class FaultyLink:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.cuts = 0
+        self.corrupted = 0
+        self._marker = b""
         self._thread = threading.Thread(target=self._accept, name="faulty-link", daemon=True)
         self._thread.start()
 
@@ -44,6 +53,30 @@ class FaultyLink:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+    def corrupt(self, marker: bytes) -> None:
+        """Flip the low bit of the last byte of ``marker`` where the device next sends it."""
+        if not 0 < len(marker) <= TAIL:
+            raise ValueError(f"corrupt needs a marker of 1 to {TAIL} bytes to look for")
+        with self._lock:
+            self._marker = marker
+
+    def _damage(self, data: bytes, tail: bytes) -> bytes:
+        """``data`` with the armed marker's last byte flipped, if it ends in ``data``."""
+        with self._lock:
+            marker = self._marker
+            if not marker:
+                return data
+            # Only a marker that ends in ``data``: one wholly in ``tail`` has already gone.
+            at = (tail + data).find(marker, max(0, len(tail) - len(marker) + 1))
+            if at < 0:
+                return data
+            self._marker = b""
+            self.corrupted += 1
+        pos = at + len(marker) - 1 - len(tail)
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x01
+        return bytes(damaged)
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -66,7 +99,9 @@ class FaultyLink:
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        """Forward both ways; ``a`` is the device's side, ``b`` the broker's."""
         peers = {a: b, b: a}
+        tail = b""  # the device's last bytes, so a marker split across reads is found
         try:
             while not self._stop.is_set():
                 readable, _, _ = select.select([a, b], [], [], 0.5)
@@ -74,6 +109,9 @@ class FaultyLink:
                     data = s.recv(65536)
                     if not data:
                         return
+                    if s is a:
+                        data = self._damage(data, tail)
+                        tail = (tail + data)[-TAIL:]
                     peers[s].sendall(data)
         except (OSError, ValueError):
             return

@@ -3,6 +3,8 @@ was already stored changes. The attacks are real messages on a real broker."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import sqlite3
 import threading
 import time
@@ -17,7 +19,18 @@ from protocol.journal import GENESIS, JournalRecord
 from protocol.signing import SigningKey
 from protocol.topics import DeviceTopic, device_topic
 from protocol.upload import JournalBatch
-from tests.conftest import Gateway, Identity, make_files, publish, wait_for
+from simulators.netfault import FaultyLink
+from tests.conftest import (
+    AgentProc,
+    Broker,
+    Gateway,
+    Identity,
+    assert_all_in_custody,
+    make_files,
+    publish,
+    run_custody,
+    wait_for,
+)
 
 
 class Capture:
@@ -245,3 +258,68 @@ def test_stored_blobs_are_read_only(tmp_path, gateway, make_agent):
     sha = gateway.evidence("cam-ro")[0]["sha256"]
     blob = Path(gateway.data) / "blobs" / sha[:2] / sha[2:4] / sha
     assert blob.stat().st_mode & 0o222 == 0
+
+
+def test_a_bit_flipped_on_the_wire_is_fetched_again_not_rejected(tmp_path, gateway_dir):
+    # Plain TCP between device and broker, so the damage reaches the gateway (TLS would
+    # refuse the altered record itself). The gateway does not hash chunks on arrival:
+    # the file fails its signed sha256, the chunk that fails its own is found, and only
+    # it is fetched again. The evidence lands byte-identical; nothing is rejected.
+    plain = Broker(tmp_path / "plain-broker")
+    plain.start()
+    gw = Gateway(gateway_dir, plain, tmp_path / "gateway.log")
+    link = FaultyLink(("127.0.0.1", plain.port))
+    agent = None
+    try:
+        gw.start()
+        dev_dir = tmp_path / "devices" / "cam-wire"
+        enrolled = run_custody(
+            "enroll", "cam-wire", "--gateway-data", str(gateway_dir), "--out", str(dev_dir),
+            "--broker", f"mqtt://127.0.0.1:{link.port}",
+        )  # fmt: skip
+        assert enrolled.returncode == 0, enrolled.stderr
+        agent = AgentProc("cam-wire", dev_dir / "agent.toml", tmp_path / "cam-wire.log", {})
+        files = make_files(tmp_path / "wire", [3 * 1024 * 1024], seed=21)
+        [path] = files.values()
+        link.corrupt(path.read_bytes()[2_000_000:2_000_032])
+        agent.add(path)
+        agent.start()
+        wait_for(lambda: agent.status()["backlog_items"] == 0, 60, "the file receipted")
+        assert link.corrupted == 1, "the bit was flipped on its way to the broker"
+        assert_all_in_custody(gw, agent, files)
+        found = alarm(gw, "bad_message", "cam-wire")
+        assert "did not match the sha256 of the chunk" in found["detail"]
+        assert gw.alarms(kind="hash_mismatch", device_id="cam-wire") == []
+        [upload] = gw.get("/api/v1/uploads", device_id="cam-wire")
+        # The damaged chunk came again, not the whole file.
+        assert 3 * 1024 * 1024 < upload["bytes_received"] < 4 * 1024 * 1024
+    finally:
+        if agent is not None:
+            agent.stop()
+        gw.stop()
+        link.close()
+        plain.stop()
+
+
+def test_the_faulty_link_flips_a_marker_split_across_reads():
+    server = socket.create_server(("127.0.0.1", 0))
+    link = FaultyLink(("127.0.0.1", server.getsockname()[1]))
+    try:
+        device = socket.create_connection(("127.0.0.1", link.port))
+        broker_side, _ = server.accept()
+        data = hashlib.shake_256(b"wire").digest(200_000)
+        marker = data[99_990:100_022]
+        link.corrupt(marker)
+        device.sendall(data[:100_000])  # the marker straddles the two sends
+        time.sleep(0.2)
+        device.sendall(data[100_000:])
+        got = b""
+        while len(got) < len(data):
+            got += broker_side.recv(65536)
+        assert [i for i in range(len(data)) if got[i] != data[i]] == [100_021]
+        assert link.corrupted == 1
+        device.close()
+        broker_side.close()
+    finally:
+        link.close()
+        server.close()
