@@ -358,7 +358,7 @@ class EvidenceIntake:
             f"seq {up.seq}: {sum(e - s for s, e in suspects)} bytes at "
             f"{', '.join(f'{s}-{e}' for s, e in suspects[:4])}"
             f"{' …' if len(suspects) > 4 else ''} did not match the sha256 of the chunk "
-            "they came in (corrupted in transit, or held from before a restart); "
+            "they came in (corrupted in transit, or their claim was lost in a crash); "
             "asked for again",
             key=f"chunk {up.seq}",
         )
