@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ from gateway import audit
 from gateway.access import Principal, visible_agencies
 from gateway.calendar import due_date, lateness
 from gateway.catalogue import Catalogue
+from protocol.upload import union
 
 MEDIA_KINDS = ("segment", "photo", "file")
 GAP_THRESHOLD_MS = 5_000
@@ -459,16 +459,6 @@ def bind_pending(conn: sqlite3.Connection, now_ms: int) -> int:
 # -- coverage and deadlines ------------------------------------------------------------------
 
 
-def _union(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
 def bound_items(conn: sqlite3.Connection, step_id: int) -> list[tuple[Item, dict[str, Any]]]:
     """Media currently bound to the step, with its evidence row (if the bytes arrived)."""
     rows = conn.execute(
@@ -588,7 +578,7 @@ def coverage(
         for i, _ in items
         if i.kind == "segment" and i.end_ms > start and i.start_ms < stop
     ]
-    covered = _union(segments)
+    covered = list(union(segments))
     covered_ms = sum(b - a for a, b in covered)
     gaps = []
     cursor = start

@@ -31,6 +31,7 @@ from gateway.outgoing import Outgoing, now_ms
 from gateway.translog import TransparencyLog
 from gateway.uploads import ActiveUpload, ActiveUploads, ranges_from_json, ranges_to_json
 from protocol.encoding import decode
+from protocol.errors import MessageError
 from protocol.journal import MEDIA_KINDS, MediaInfo
 from protocol.receipt import Receipt, evidence_leaf
 from protocol.signing import SigningKey
@@ -143,10 +144,14 @@ class EvidenceIntake:
                     up.resumed_from,
                     up.size,
                 )
+        self._activate(up)
+        return up
+
+    def _activate(self, up: ActiveUpload) -> None:
+        """Keep ``up`` open; the uploads it pushes out of the cache are checkpointed."""
         for old in self.active.put(up):
             self._checkpoint(old)
             old.close()
-        return up
 
     def _checkpoint(self, up: ActiveUpload) -> None:
         up.sync()
@@ -253,15 +258,12 @@ class EvidenceIntake:
                 key=f"bounds {chunk.seq}",
             )
             return []
-        if up.eager and not chunk.intact():
-            self._alarm(
-                "bad_message",
-                device_id,
-                f"chunk at offset {chunk.offset} of seq {chunk.seq}: data does not match its "
-                "sha256 (corrupted in transit or on the device); dropped",
-                key=f"chunk {chunk.seq}",
-            )
-            return []
+        if up.eager:
+            try:
+                chunk.check()
+            except MessageError as exc:
+                self._alarm("bad_message", device_id, f"{exc}; dropped", key=f"chunk {chunk.seq}")
+                return []
         up.write(chunk.offset, chunk.data, chunk.sha256)
         if up.complete:
             return self._finalize(up)
@@ -362,9 +364,7 @@ class EvidenceIntake:
             "asked for again",
             key=f"chunk {up.seq}",
         )
-        for old in self.active.put(up):
-            self._checkpoint(old)
-            old.close()
+        self._activate(up)
         self._checkpoint(up)
         return [self._upload_ack(up.device_id, up.seq, "receiving", up.ranges)]
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.upload import Ranges, add_range, covered
+from protocol.upload import Ranges, add_range, covered, subtract, union
 
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 CHECKPOINT_INTERVAL_S = 1.0
@@ -201,13 +201,7 @@ class ActiveUpload:
                 vouched.append([offset, offset + length])
                 if len(vouched) > MAX_PIECES:
                     return self.ranges  # damaged all over: ask for all of it again
-        merged: list[tuple[int, int]] = []
-        for start, end in sorted(vouched):
-            if merged and start <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-            else:
-                merged.append((start, end))
-        return subtract(self.ranges, tuple(merged))
+        return subtract(self.ranges, union((s, e) for s, e in vouched))
 
     def drop(self, suspects: Ranges) -> None:
         """Forget ``suspects`` were ever received, so the device sends them again."""
@@ -229,24 +223,6 @@ class ActiveUpload:
         self.close()
         self.path.unlink(missing_ok=True)
         self.claims_path.unlink(missing_ok=True)
-
-
-def subtract(ranges: Ranges, remove: Ranges) -> Ranges:
-    """``ranges`` without the bytes in ``remove`` (both sorted, half-open)."""
-    out: list[tuple[int, int]] = []
-    for s, e in ranges:
-        pos = s
-        for rs, re_ in remove:
-            if rs >= e:
-                break
-            if re_ <= pos or rs >= re_:
-                continue
-            if rs > pos:
-                out.append((pos, rs))
-            pos = max(pos, re_)
-        if pos < e:
-            out.append((pos, e))
-    return tuple(out)
 
 
 class ActiveUploads:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from protocol.encoding import canonical, decode, from_hex
@@ -166,6 +167,14 @@ class Chunk:
         """True when ``data`` hashes to the claimed ``sha256``."""
         return hashlib.sha256(self.data).digest() == self.sha256
 
+    def check(self) -> None:
+        """Raise ``MessageError`` unless ``data`` hashes to the claimed ``sha256``."""
+        if not self.intact():
+            raise MessageError(
+                f"chunk at offset {self.offset} of seq {self.seq}: "
+                "data does not match its sha256 (corrupted in transit or on the device)"
+            )
+
     @classmethod
     def decode(cls, payload: bytes, *, verify: bool = True) -> Chunk:
         if len(payload) < _HEADER_LEN.size:
@@ -186,11 +195,8 @@ class Chunk:
             data,
             from_hex(obj["sha256"], field="chunk sha256", length=32),
         )
-        if verify and not chunk.intact():
-            raise MessageError(
-                f"chunk at offset {chunk.offset} of seq {chunk.seq}: "
-                "data does not match its sha256 (corrupted in transit or on the device)"
-            )
+        if verify:
+            chunk.check()
         return chunk
 
 
@@ -225,6 +231,35 @@ def add_range(ranges: Ranges, start: int, end: int) -> Ranges:
             start, end = min(s, start), max(e, end)
     out.append((start, end))
     out.sort()
+    return tuple(out)
+
+
+def union(intervals: Iterable[tuple[int, int]]) -> Ranges:
+    """Merge any half-open intervals (unsorted, overlapping) in one pass after a sort."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+def subtract(ranges: Ranges, remove: Ranges) -> Ranges:
+    """``ranges`` without the bytes in ``remove`` (both sorted, half-open)."""
+    out: list[tuple[int, int]] = []
+    for s, e in ranges:
+        pos = s
+        for rs, re_ in remove:
+            if rs >= e:
+                break
+            if re_ <= pos or rs >= re_:
+                continue
+            if rs > pos:
+                out.append((pos, rs))
+            pos = max(pos, re_)
+        if pos < e:
+            out.append((pos, e))
     return tuple(out)
 
 

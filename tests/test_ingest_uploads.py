@@ -11,15 +11,16 @@ from pathlib import Path
 
 from agent.config import load_config
 from agent.service import Device
+from gateway import uploads
 from gateway.datadir import DataDir
 from gateway.db import open_db
 from gateway.ingest import Ingest
 from gateway.registry import enroll
-from gateway.uploads import CLAIM, ActiveUpload, subtract
+from gateway.uploads import CLAIM, ActiveUpload
 from protocol.encoding import decode
 from protocol.journal import SignedRecord
 from protocol.topics import DeviceTopic, GatewayTopic, device_topic, gateway_topic
-from protocol.upload import Chunk, JournalBatch, UploadAck, UploadInit, add_range
+from protocol.upload import Chunk, JournalBatch, UploadAck, UploadInit, add_range, subtract
 
 CHUNK = 1024
 
@@ -279,3 +280,37 @@ def test_a_database_from_before_the_recheck_count_is_upgraded(tmp_path):
     conn.close()
     db = open_db(path)
     assert db.execute("SELECT ranges, rechecks FROM uploads").fetchall() == [("[[0, 5]]", 0)]
+
+
+def test_a_file_damaged_all_over_is_asked_for_whole(tmp_path, monkeypatch):
+    # Past MAX_PIECES vouched pieces the gateway stops tracking them (memory and the
+    # size of the ack stay bounded) and asks for everything again.
+    monkeypatch.setattr(uploads, "MAX_PIECES", 4)
+    data = bytes(range(256)) * 4
+    up = ActiveUpload("cam-i", 1, len(data), hashlib.sha256(data).digest(), tmp_path / "1.part")
+    for off in range(0, len(data), 64):
+        piece = data[off : off + 64]
+        claim = hashlib.sha256(piece if off % 128 == 0 else b"other").digest()
+        up.write(off, piece, claim)
+    assert up.suspect_ranges() == ((0, len(data)),)
+    monkeypatch.setattr(uploads, "MAX_PIECES", 4096)
+    assert up.suspect_ranges() == tuple((off + 64, off + 128) for off in range(0, len(data), 128))
+    up.close()
+
+
+def test_empty_chunks_claim_nothing(tmp_path):
+    up = ActiveUpload("cam-i", 1, 1024, hashlib.sha256(b"").digest(), tmp_path / "1.part")
+    for _ in range(100):
+        up.write(0, b"", hashlib.sha256(b"").digest())
+    assert up.claims == 0 and not up.claims_path.exists()
+    up.close()
+
+
+def test_a_verification_that_decided_nothing_closes_the_files(tmp_path):
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    chunk(ingest, seq, 0, data[:CHUNK])
+    up = ingest.evidence.active.get("cam-i", seq)
+    assert up is not None and up.fd >= 0 and up.claims_fd >= 0
+    assert ingest.evidence._commit(up, None) == []
+    assert up.fd == -1 and up.claims_fd == -1
