@@ -80,10 +80,16 @@ def _create_schema(db: sqlite_utils.Database) -> None:
             "receipt": bytes,
             "receipted_ms": int,
             "reason": str,
+            "chunk_size": int,  # the piece size chunk_hashes was computed for
+            "chunk_hashes": bytes,  # sha256 of each piece, concatenated (protocol.upload)
         },
         pk="seq",
         if_not_exists=True,
     )
+    media = Table(db, "media")
+    for column, kind in (("chunk_size", int), ("chunk_hashes", bytes)):
+        if column not in media.columns_dict:  # a database from before stored chunk hashes
+            media.add_column(column, kind)
     Table(db, "kv").create({"key": str, "value": int}, pk="key", if_not_exists=True)
     db.execute("CREATE INDEX IF NOT EXISTS media_pending ON media(state, marked, seq)")
     db.execute("CREATE INDEX IF NOT EXISTS journal_unacked ON journal(acked, seq)")

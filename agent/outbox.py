@@ -33,10 +33,15 @@ from agent.journal import Journal, now_ms
 from agent.sealed import CorruptMedia, MediaReader, open_media, seal_blocks
 from protocol.journal import MEDIA_KINDS
 from protocol.receipt import Receipt
+from protocol.upload import ChunkHashes
 
 log = logging.getLogger("custody.agent.outbox")
 
 COPY_BLOCK = 1024 * 1024
+DEFAULT_CHUNK_SIZE = 256 * 1024
+#: Chunk hashes are kept for files of up to this many chunks (512 KiB of hashes); the
+#: relay hashes the chunks of a bigger file as it sends them.
+MAX_STORED_CHUNKS = 16384
 #: ``recover`` leaves younger files alone: they may belong to a ``custody agent add`` that
 #: is still between its rename and its commit in another process.
 SETTLE_S = 60.0
@@ -78,10 +83,12 @@ class Outbox:
         journal: Journal,
         data_dir: Path,
         data_key: bytes | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.db = db
         self.journal = journal
         self.data_key = data_key
+        self.chunk_size = chunk_size
         self.media_dir = data_dir / "media"
         self.incoming = self.media_dir / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
@@ -92,20 +99,31 @@ class Outbox:
         """A reader of the plaintext (authenticated block by block when sealed)."""
         return open_media(item.path, self.data_key)
 
-    def _write_durably(self, blocks: Iterable[bytes]) -> tuple[Path, int, bytes]:
-        """Write blocks to media/ via temp + fsync + rename; return (path, size, sha256).
+    def _write_durably(self, blocks: Iterable[bytes]) -> tuple[Path, int, bytes, bytes]:
+        """Write blocks to media/ via temp + fsync + rename; return (path, size, sha256,
+        chunk hashes).
 
-        The sha256 and size are of the plaintext: that is what the manifest promises and
-        what the gateway will check.
+        The sha256, size and chunk hashes are of the plaintext: that is what the manifest
+        promises and what the gateway will check. Hashing the chunks here, while the bytes
+        pass by anyway, keeps that work out of the relay (``protocol.upload.ChunkHashes``).
+
+        Only sealed files get stored chunk hashes: every byte the relay reads back from
+        one is authenticated, so it is the byte that was hashed here. A file kept in the
+        clear can be changed behind the agent's back; its chunks are hashed as they are
+        sent, so the gateway sees the change as the device's own (``hash_mismatch``) and
+        not as damage in transit that a resend would repair.
         """
         tmp = self.incoming / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
+        chunks = ChunkHashes(self.chunk_size)
         size = 0
 
         def plaintext() -> Iterator[bytes]:
             nonlocal size
             for block in blocks:
                 digest.update(block)
+                if self.data_key is not None and size // self.chunk_size < MAX_STORED_CHUNKS:
+                    chunks.update(block)
                 size += len(block)
                 yield block
 
@@ -118,7 +136,8 @@ class Outbox:
         final = self.media_dir / f"{uuid.uuid4().hex}.bin"
         os.rename(tmp, final)
         fsync_dir(self.media_dir)
-        return final, size, digest.digest()
+        kept = self.data_key is not None and -(-size // self.chunk_size) <= MAX_STORED_CHUNKS
+        return final, size, digest.digest(), chunks.digests() if kept else b""
 
     def add_blocks(
         self,
@@ -134,11 +153,12 @@ class Outbox:
         runs in the transaction that makes it captured."""
         if kind not in MEDIA_KINDS:
             raise StoreError(f"{kind!r} is not a media record kind ({sorted(MEDIA_KINDS)})")
-        path, size, sha = self._write_durably(blocks)
+        path, size, sha, chunk_hashes = self._write_durably(blocks)
         return self._commit(
             path,
             size,
             sha,
+            chunk_hashes,
             kind=kind,
             media_type=media_type,
             marked=marked,
@@ -168,6 +188,7 @@ class Outbox:
         path: Path,
         size: int,
         sha: bytes,
+        chunk_hashes: bytes,
         *,
         kind: str,
         media_type: str,
@@ -183,8 +204,20 @@ class Outbox:
         def insert_row(conn: sqlite3.Connection, seq: int) -> None:
             conn.execute(
                 "INSERT INTO media(seq, path, size, sha256, media_type, kind, marked, state, "
-                "acked_bytes, added_ms) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
-                [seq, path.name, size, sha.hex(), media_type, kind, int(marked), now_ms()],
+                "acked_bytes, added_ms, chunk_size, chunk_hashes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+                [
+                    seq,
+                    path.name,
+                    size,
+                    sha.hex(),
+                    media_type,
+                    kind,
+                    int(marked),
+                    now_ms(),
+                    self.chunk_size if chunk_hashes else None,
+                    chunk_hashes or None,
+                ],
             )
             if also is not None:
                 also(conn, seq)
@@ -216,6 +249,18 @@ class Outbox:
             "SELECT seq, path, size, sha256, marked, acked_bytes FROM media WHERE seq = ?", [seq]
         ).fetchone()
         return self._item(row) if row else None
+
+    def chunk_hashes(self, seq: int) -> tuple[int, bytes]:
+        """(chunk size, concatenated sha256s) stored at capture; (0, b"") if none were
+        or the media is kept in the clear (see ``_write_durably``)."""
+        if self.data_key is None:
+            return 0, b""
+        row = self.db.execute(
+            "SELECT chunk_size, chunk_hashes FROM media WHERE seq = ?", [seq]
+        ).fetchone()
+        if row is None or not row[0] or not row[1]:
+            return 0, b""
+        return int(row[0]), bytes(row[1])
 
     def state(self, seq: int) -> str | None:
         row = self.db.execute("SELECT state FROM media WHERE seq = ?", [seq]).fetchone()
@@ -333,6 +378,7 @@ class Outbox:
                 orphan,
                 size,
                 digest.digest(),
+                b"",  # rare: the relay hashes this one's chunks as it sends them
                 kind="file",
                 media_type="application/octet-stream",
                 marked=False,

@@ -52,7 +52,15 @@ from protocol.topics import (
     device_topic,
     parse_gateway_topic,
 )
-from protocol.upload import Chunk, JournalBatch, UploadAck, UploadFin, UploadInit, missing
+from protocol.upload import (
+    Chunk,
+    JournalBatch,
+    UploadAck,
+    UploadFin,
+    UploadInit,
+    missing,
+    stored_chunk_hash,
+)
 
 if TYPE_CHECKING:
     from agent.recorder import Recorder
@@ -455,6 +463,7 @@ class Relay:
             if item.seq in self.uploads or self.outbox.state(item.seq) != "pending":
                 continue  # the prefetched list may be a little stale
             up = Upload(item)
+            up.chunk_size, up.chunk_hashes = self.outbox.chunk_hashes(item.seq)
             self.uploads[item.seq] = up
             self._send_control(up, now)
             busy += 1
@@ -534,7 +543,9 @@ class Relay:
             up.close()
             del self.uploads[up.item.seq]
             return False
-        chunk = Chunk(self.device_id, up.item.seq, offset, data)
+        # The hash stored at capture when this is one of its pieces; hashed here otherwise.
+        claim = stored_chunk_hash(up.chunk_hashes, up.chunk_size, up.item.size, offset, length)
+        chunk = Chunk(self.device_id, up.item.seq, offset, data, claim or b"")
         if not self._publish(DeviceTopic.UPLOAD_CHUNK, chunk.encode()):
             return False
         up.inflight[offset] = (length, now)

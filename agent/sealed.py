@@ -134,13 +134,15 @@ class SealedReader:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        out = bytearray()
+        parts: list[bytes | memoryview] = []
         for index in range(offset // bs, (end - 1) // bs + 1):
             block = self._block(index)
             lo = max(offset - index * bs, 0)
             hi = min(end - index * bs, len(block))
-            out += block[lo:hi]
-        return bytes(out)
+            parts.append(block if lo == 0 and hi == len(block) else memoryview(block)[lo:hi])
+        # One copy at most: the relay reads a chunk of several blocks for every send.
+        only = parts[0]
+        return only if len(parts) == 1 and isinstance(only, bytes) else b"".join(parts)
 
     def blocks(self) -> Iterator[bytes]:
         for index in range(self.info.blocks):

@@ -49,7 +49,9 @@ class Device:
         self.journal = Journal(
             self.db, config.device_id, self.key, cipher, key_loader=self.keys.key_for
         )
-        self.outbox = Outbox(self.db, self.journal, config.data_dir, data_key)
+        self.outbox = Outbox(
+            self.db, self.journal, config.data_dir, data_key, chunk_size=config.chunk_size
+        )
 
     def rotate_signing_key(self) -> SigningKey:
         """Hand the journal over to a fresh key (see ``FileKeyStore.rotate``). One at a

@@ -19,6 +19,8 @@ class Upload:
     last_tx: float = 0.0
     file: MediaReader | None = None
     resumed_from: int | None = None
+    chunk_size: int = 0  # what ``chunk_hashes`` (stored at capture) was computed for
+    chunk_hashes: bytes = b""
 
     def close(self) -> None:
         if self.file is not None:

@@ -200,6 +200,52 @@ class Chunk:
         return chunk
 
 
+class ChunkHashes:
+    """The sha256 of every ``chunk_size`` piece of a stream, computed as it goes by.
+
+    A device hashes its chunks once, at capture, in the same pass that hashes and seals
+    the whole file; the relay then sends a chunk with its stored hash instead of hashing
+    it again while the link is up (a backlog drains after a dead zone, when the CPU is
+    needed to move bytes). ``digests`` is the concatenation of the 32-byte hashes.
+    """
+
+    def __init__(self, chunk_size: int) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self._parts: list[bytes] = []
+        self._current = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(self.chunk_size - self._filled, len(view))
+            self._current.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.chunk_size:
+                self._parts.append(self._current.digest())
+                self._current, self._filled = hashlib.sha256(), 0
+
+    def digests(self) -> bytes:
+        """All hashes so far, the last (short) piece included."""
+        tail = [self._current.digest()] if self._filled else []
+        return b"".join(self._parts + tail)
+
+
+def stored_chunk_hash(
+    digests: bytes, chunk_size: int, size: int, offset: int, length: int
+) -> bytes | None:
+    """The hash ``ChunkHashes`` stored for ``[offset, offset + length)``, or None when that
+    range is not exactly one of its pieces (a resume after the chunk size changed)."""
+    if chunk_size <= 0 or offset % chunk_size or length != min(chunk_size, size - offset):
+        return None
+    index = offset // chunk_size
+    found = digests[index * 32 : index * 32 + 32]
+    return found if len(found) == 32 else None
+
+
 @dataclass(frozen=True)
 class UploadFin:
     device_id: str
