@@ -89,7 +89,12 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     media = Table(db, "media")
     for column, kind in (("chunk_size", int), ("chunk_hashes", bytes)):
         if column not in media.columns_dict:  # a database from before stored chunk hashes
-            media.add_column(column, kind)
+            try:
+                media.add_column(column, kind)
+            except sqlite3.OperationalError as exc:
+                # `custody agent add` and the agent may upgrade the same file at once.
+                if "duplicate column" not in str(exc):
+                    raise
     Table(db, "kv").create({"key": str, "value": int}, pk="key", if_not_exists=True)
     db.execute("CREATE INDEX IF NOT EXISTS media_pending ON media(state, marked, seq)")
     db.execute("CREATE INDEX IF NOT EXISTS journal_unacked ON journal(acked, seq)")

@@ -108,21 +108,23 @@ class Outbox:
         pass by anyway, keeps that work out of the relay (``protocol.upload.ChunkHashes``).
 
         Only sealed files get stored chunk hashes: every byte the relay reads back from
-        one is authenticated, so it is the byte that was hashed here. A file kept in the
-        clear can be changed behind the agent's back; its chunks are hashed as they are
-        sent, so the gateway sees the change as the device's own (``hash_mismatch``) and
-        not as damage in transit that a resend would repair.
+        one is authenticated, so a change to it is caught here on the device. A file kept
+        in the clear can be changed behind the agent's back; its chunks are hashed as they
+        are sent, so the gateway sees the change as the device's own (``hash_mismatch``)
+        and not as damage in transit that a resend would repair. (Authentication proves
+        the key, not the row: ``Upload.distrust_stored_hashes`` covers a swapped file.)
         """
         tmp = self.incoming / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
-        chunks = ChunkHashes(self.chunk_size)
+        # Only sealed media gets them (see above); a file over the cap is hashed as sent.
+        chunks = ChunkHashes(self.chunk_size, MAX_STORED_CHUNKS) if self.data_key else None
         size = 0
 
         def plaintext() -> Iterator[bytes]:
             nonlocal size
             for block in blocks:
                 digest.update(block)
-                if self.data_key is not None and size // self.chunk_size < MAX_STORED_CHUNKS:
+                if chunks is not None:
                     chunks.update(block)
                 size += len(block)
                 yield block
@@ -136,8 +138,7 @@ class Outbox:
         final = self.media_dir / f"{uuid.uuid4().hex}.bin"
         os.rename(tmp, final)
         fsync_dir(self.media_dir)
-        kept = self.data_key is not None and -(-size // self.chunk_size) <= MAX_STORED_CHUNKS
-        return final, size, digest.digest(), chunks.digests() if kept else b""
+        return final, size, digest.digest(), chunks.digests() if chunks is not None else b""
 
     def add_blocks(
         self,

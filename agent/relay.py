@@ -60,6 +60,7 @@ from protocol.upload import (
     UploadInit,
     missing,
     stored_chunk_hash,
+    subtract,
 )
 
 if TYPE_CHECKING:
@@ -340,6 +341,8 @@ class Relay:
                         held,
                         up.item.size,
                     )
+            if up.chunk_hashes and subtract(up.acked, ack.ranges):
+                up.distrust_stored_hashes("the gateway dropped bytes it had acknowledged")
             up.acked = ack.ranges
             for off, (length, _) in list(up.inflight.items()):
                 if any(s <= off and off + length <= e for s, e in ack.ranges):
@@ -450,7 +453,8 @@ class Relay:
         """Start uploads while fewer than ``max_active_uploads`` have bytes left to send.
 
         The next candidates are fetched a few at a time (marked first, then oldest) and
-        refreshed on a short timer, so starting the next file costs no database query;
+        refreshed on a short timer, so starting the next file costs one small query (its
+        stored chunk hashes);
         its ``init`` goes out while the previous file's last chunks are still in flight.
         """
         if now >= self.next_outbox_poll:
@@ -482,6 +486,9 @@ class Relay:
                 if now - sent >= timeout:  # lost somewhere: forget it, it will be resent
                     del up.inflight[off]
                     budget += 1
+                    if up.chunk_hashes:
+                        # Lost, or dropped by a gateway that found it failing its hash.
+                        up.distrust_stored_hashes("a chunk went unacknowledged")
             holes = missing(up.acked, up.item.size)
             if not holes:
                 if not up.inflight:

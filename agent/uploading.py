@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from agent.outbox import MediaItem
 from agent.sealed import MediaReader
 from protocol.upload import Ranges
+
+log = logging.getLogger("custody.agent.relay")
 
 
 @dataclass
@@ -21,6 +24,21 @@ class Upload:
     resumed_from: int | None = None
     chunk_size: int = 0  # what ``chunk_hashes`` (stored at capture) was computed for
     chunk_hashes: bytes = b""
+
+    def distrust_stored_hashes(self, why: str) -> None:
+        """Hash every chunk of this upload as it is sent, from now on.
+
+        The gateway drops a chunk whose bytes fail the hash sent with it and asks again;
+        its promise to decide in the end (``hash_mismatch`` after a few rounds) rests on
+        a resent chunk carrying the hash of the bytes actually sent. A stored hash can
+        disagree with them if the sealed file was swapped for another one sealed with the
+        same key, or the row was damaged: authentication proves the key, not the row.
+        So the first sign of a resend ends their use for this upload; that costs one
+        hash per chunk, never a loop.
+        """
+        if self.chunk_hashes:
+            log.info("seq %d: %s; hashing its chunks as they are sent", self.item.seq, why)
+        self.chunk_hashes = b""
 
     def close(self) -> None:
         if self.file is not None:

@@ -30,6 +30,7 @@ gateway crash, ``init`` answers with those ranges, and the device resends the re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -52,6 +53,22 @@ CLAIM = struct.Struct(">QI32s")  # offset, length, sha256 the device sent with t
 MAX_RECHECKS = 3
 #: Vouched pieces ``suspect_ranges`` will track before it treats the whole file as suspect.
 MAX_PIECES = 4096
+
+
+def _drop_cached(fd: int) -> None:
+    """Hand a durable part file's pages back to the kernel; a hint, never an error.
+
+    Evidence is written once and read rarely: once durable its pages are clutter, and
+    giving them back lets the next chunks reuse warm memory instead of faulting in fresh
+    pages (several times the cost of the write itself on a virtual machine). The running
+    hash normally spares reading the file back; when it must be read (chunks out of order,
+    a resend, ``suspect_ranges``), that read comes from the disk.
+    """
+    advise = getattr(os, "posix_fadvise", None)  # absent on macOS
+    if advise is None:
+        return
+    with contextlib.suppress(OSError):  # the data is durable; a refused hint changes nothing
+        advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def ranges_to_json(ranges: Ranges) -> str:
@@ -150,11 +167,7 @@ class ActiveUpload:
     def sync(self) -> None:
         if self.fd >= 0 and self.unsynced:
             os.fsync(self.fd)
-            # Evidence is written once and read rarely: once durable its pages are only
-            # clutter, and handing them back lets the next chunks reuse warm memory instead
-            # of faulting in fresh pages (several times the cost of the write itself on a
-            # virtual machine). The running hash means nothing reads the file back.
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            _drop_cached(self.fd)
         self.durable = self.ranges
         self.unsynced = 0
         self.synced_at = time.monotonic()

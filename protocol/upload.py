@@ -209,17 +209,22 @@ class ChunkHashes:
     needed to move bytes). ``digests`` is the concatenation of the 32-byte hashes.
     """
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, max_chunks: int | None = None) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
+        self.max_chunks = max_chunks
+        self.overflow = False  # more than ``max_chunks`` pieces: hashing stopped
         self._parts: list[bytes] = []
         self._current = hashlib.sha256()
         self._filled = 0
 
     def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        while view:
+        while view and not self.overflow:
+            if self.max_chunks is not None and len(self._parts) >= self.max_chunks:
+                self.overflow = True
+                break
             take = min(self.chunk_size - self._filled, len(view))
             self._current.update(view[:take])
             self._filled += take
@@ -229,7 +234,9 @@ class ChunkHashes:
                 self._current, self._filled = hashlib.sha256(), 0
 
     def digests(self) -> bytes:
-        """All hashes so far, the last (short) piece included."""
+        """All hashes so far, the last (short) piece included; b"" after an overflow."""
+        if self.overflow:
+            return b""
         tail = [self._current.digest()] if self._filled else []
         return b"".join(self._parts + tail)
 

@@ -7,19 +7,26 @@ from __future__ import annotations
 import hashlib
 import itertools
 import sqlite3
+import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import agent.outbox
 from agent.config import load_config
 from agent.db import open_db
 from agent.journal import Journal
 from agent.outbox import Outbox
 from agent.relay import Relay
 from agent.service import Device
+from agent.transport import Connected, Message
 from agent.uploading import Upload
+from gateway import uploads
 from gateway.datadir import DataDir
+from gateway.db import open_db as open_gateway_db
+from gateway.ingest import Ingest
 from gateway.registry import enroll
 from protocol.signing import SigningKey
 from protocol.topics import DeviceTopic, device_topic
@@ -43,6 +50,12 @@ def test_chunk_hashes_match_hashing_each_piece_whatever_the_blocks(data, chunk, 
         hasher.update(data[lo:hi])
     digests = hasher.digests()
     assert digests == pieces(data, chunk)
+    capped = ChunkHashes(chunk, max_chunks=2)
+    for lo, hi in itertools.pairwise(bounds):
+        capped.update(data[lo:hi])
+    n = -(-len(data) // chunk)
+    assert capped.overflow == (n > 2)
+    assert capped.digests() == (b"" if n > 2 else digests)
     for offset in range(0, len(data), chunk):
         length = min(chunk, len(data) - offset)
         want = hashlib.sha256(data[offset : offset + length]).digest()
@@ -75,14 +88,19 @@ class Recorder:
         return [Chunk.decode(p, verify=False) for t, p in self.sent if t == topic]
 
 
-def device(tmp_path: Path, chunk_size: int, *, sealed: bool = True) -> Device:
+def device(
+    tmp_path: Path, chunk_size: int, *, sealed: bool = True, ack_timeout: float = 5.0
+) -> Device:
     gw = tmp_path / "gw"
     DataDir.open(gw)
     config_path = enroll("cam-hash", gw, tmp_path / "dev", "mqtt://127.0.0.1:1")
     if not sealed:  # enrolled before encryption at rest: media kept in the clear
         text = config_path.read_text()
         config_path.write_text(text.replace('data_key_file = "data.key"\n', ""))
-    env = {"CUSTODY_AGENT_CHUNK_SIZE": str(chunk_size)}
+    env = {
+        "CUSTODY_AGENT_CHUNK_SIZE": str(chunk_size),
+        "CUSTODY_AGENT_ACK_TIMEOUT_S": str(ack_timeout),
+    }
     return Device(load_config(config_path, environ=env))
 
 
@@ -181,3 +199,77 @@ def test_media_kept_in_the_clear_gets_no_stored_chunk_hashes(tmp_path: Path) -> 
     assert dev.outbox.chunk_hashes(seq) == (0, b"")
     assert dev.db.execute("SELECT chunk_hashes FROM media").fetchone() == (None,)
     dev.close()
+
+
+@pytest.mark.parametrize(
+    ("size", "stored"),
+    [(4 * 1024, True), (4 * 1024 - 1, True), (4 * 1024 + 1, False), (5 * 1024, False)],
+)
+def test_files_over_the_cap_store_no_hashes(tmp_path, monkeypatch, size, stored) -> None:
+    monkeypatch.setattr(agent.outbox, "MAX_STORED_CHUNKS", 4)
+    dev = device(tmp_path, 1024)
+    data = hashlib.shake_256(b"cap").digest(size)
+    # One block, as the recorder hands over a whole segment, and many small ones.
+    for seq in (dev.outbox.add_blocks([data]), dev.outbox.add_blocks([data[:700], data[700:]])):
+        want = (1024, pieces(data, 1024)) if stored else (0, b"")
+        assert dev.outbox.chunk_hashes(seq) == want
+    dev.close()
+
+
+def test_a_swapped_sealed_file_ends_in_hash_mismatch_not_a_resend_loop(tmp_path) -> None:
+    """Authentication proves the data key, not which row a sealed file belongs to. A file
+    swapped for another one sealed with the same key reads back without error, and its
+    stored hashes then disagree with its bytes: the gateway drops those chunks as damaged
+    and asks again, and after its three rounds it drops them on arrival. The relay must
+    stop trusting stored hashes at the first resend, or it repeats them forever."""
+    dev = device(tmp_path, 1024, ack_timeout=0.01)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(hashlib.shake_256(b"A").digest(4000))
+    b.write_bytes(hashlib.shake_256(b"B").digest(4000))
+    seq_a, seq_b = dev.outbox.add_file(a), dev.outbox.add_file(b)
+    item_a, item_b = dev.outbox.get(seq_a), dev.outbox.get(seq_b)
+    assert item_a is not None and item_b is not None
+    item_b.path.write_bytes(item_a.path.read_bytes())
+    dev.db.execute("UPDATE media SET state = 'receipted' WHERE seq = ?", [seq_a])
+    gw = DataDir.open(tmp_path / "gw")
+    ingest = Ingest(gw, open_gateway_db(gw.db_path), gw.signing_key())
+    transport = Recorder()
+    relay = relay_for(dev, transport)
+    relay._handle(Connected())
+    for _ in range(300):  # in-process: device and gateway take turns, no broker between
+        relay._pump()
+        replies = []
+        while transport.sent:
+            topic, payload = transport.sent.pop(0)
+            replies += ingest.handle(topic, payload)
+        replies += ingest.flush()
+        for reply in replies:
+            relay._handle(Message(reply.topic, reply.payload))
+        if dev.outbox.state(seq_b) != "pending":
+            break
+        time.sleep(0.003)  # lets the relay's ack timeout expire
+    assert dev.outbox.state(seq_b) == "rejected"
+    kinds = {k for (k,) in ingest.db.execute("SELECT kind FROM alarms").fetchall()}
+    assert "hash_mismatch" in kinds
+    assert ingest.db.execute("SELECT count(*) FROM evidence").fetchone() == (0,)
+    relay.uploads.clear()
+    ingest.close()
+    dev.close()
+
+
+@pytest.mark.parametrize("how", ["refused", "absent"])
+def test_dropping_cached_pages_is_only_a_hint(tmp_path, monkeypatch, how) -> None:
+    if how == "absent":
+        monkeypatch.delattr(uploads.os, "posix_fadvise")
+    else:
+
+        def refuse(*args: object) -> None:
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr(uploads.os, "posix_fadvise", refuse)
+    up = uploads.ActiveUpload("cam", 1, 10, b"\0" * 32, tmp_path / "1.part")
+    up.write(0, b"0123456789")
+    up.sync()
+    assert up.durable == ((0, 10),)
+    assert up.unsynced == 0
+    up.close()
