@@ -82,13 +82,14 @@ def _create_schema(db: sqlite_utils.Database) -> None:
             "reason": str,
             "chunk_size": int,  # the piece size chunk_hashes was computed for
             "chunk_hashes": bytes,  # sha256 of each piece, concatenated (protocol.upload)
+            "sealed_id": bytes,  # the sealed file's random id: ties the file to this row
         },
         pk="seq",
         if_not_exists=True,
     )
     media = Table(db, "media")
-    for column, kind in (("chunk_size", int), ("chunk_hashes", bytes)):
-        if column not in media.columns_dict:  # a database from before stored chunk hashes
+    for column, kind in (("chunk_size", int), ("chunk_hashes", bytes), ("sealed_id", bytes)):
+        if column not in media.columns_dict:  # a database from before these columns
             try:
                 media.add_column(column, kind)
             except sqlite3.OperationalError as exc:

@@ -30,7 +30,14 @@ import sqlite_utils
 from agent.db import get_counter, immediate
 from agent.errors import StoreError
 from agent.journal import Journal, now_ms
-from agent.sealed import CorruptMedia, MediaReader, open_media, seal_blocks
+from agent.sealed import (
+    CorruptMedia,
+    MediaReader,
+    SealedReader,
+    open_media,
+    seal_blocks,
+    sealed_file_id,
+)
 from protocol.journal import MEDIA_KINDS
 from protocol.receipt import Receipt
 from protocol.upload import ChunkHashes
@@ -55,6 +62,17 @@ class MediaItem:
     sha256: bytes
     marked: bool
     acked_bytes: int
+
+
+@dataclass(frozen=True)
+class Written:
+    """A media file made durable in ``media/``, with what the outbox row records of it."""
+
+    path: Path
+    size: int
+    sha256: bytes  # of the plaintext
+    chunk_hashes: bytes = b""  # see ``Outbox._write_durably``
+    sealed_id: bytes | None = None  # the sealed file's random id (its header), or None
 
 
 @dataclass(frozen=True)
@@ -96,12 +114,29 @@ class Outbox:
     # -- capture -------------------------------------------------------------------------
 
     def open_media(self, item: MediaItem) -> MediaReader:
-        """A reader of the plaintext (authenticated block by block when sealed)."""
-        return open_media(item.path, self.data_key)
+        """A reader of the plaintext (authenticated block by block when sealed).
 
-    def _write_durably(self, blocks: Iterable[bytes]) -> tuple[Path, int, bytes, bytes]:
-        """Write blocks to media/ via temp + fsync + rename; return (path, size, sha256,
-        chunk hashes).
+        Authentication proves the data key, not which capture a sealed file belongs to: a
+        file swapped for another one sealed on this device would read back without error.
+        So the row records the file's random id at capture, and a file that carries
+        another one is refused here (``CorruptMedia``), before a byte of it is uploaded.
+        """
+        reader = open_media(item.path, self.data_key)
+        if isinstance(reader, SealedReader):
+            row = self.db.execute(
+                "SELECT sealed_id FROM media WHERE seq = ?", [item.seq]
+            ).fetchone()
+            recorded = bytes(row[0]) if row is not None and row[0] is not None else None
+            if recorded is not None and recorded != reader.info.file_id:
+                reader.close()
+                raise CorruptMedia(
+                    f"{item.path.name}: sealed for another capture than seq {item.seq} "
+                    "(its file id differs from the one recorded: swapped or replaced)"
+                )
+        return reader
+
+    def _write_durably(self, blocks: Iterable[bytes]) -> Written:
+        """Write blocks to media/ via temp + fsync + rename.
 
         The sha256, size and chunk hashes are of the plaintext: that is what the manifest
         promises and what the gateway will check. Hashing the chunks here, while the bytes
@@ -130,15 +165,19 @@ class Outbox:
                 yield block
 
         stored = plaintext() if self.data_key is None else seal_blocks(self.data_key, plaintext())
+        header = b""
         with open(tmp, "xb") as out:
             for block in stored:
+                header = header or block  # a sealed file's first piece is its header
                 out.write(block)
             out.flush()
             os.fsync(out.fileno())
         final = self.media_dir / f"{uuid.uuid4().hex}.bin"
         os.rename(tmp, final)
         fsync_dir(self.media_dir)
-        return final, size, digest.digest(), chunks.digests() if chunks is not None else b""
+        if chunks is None:
+            return Written(final, size, digest.digest())
+        return Written(final, size, digest.digest(), chunks.digests(), sealed_file_id(header))
 
     def add_blocks(
         self,
@@ -154,12 +193,8 @@ class Outbox:
         runs in the transaction that makes it captured."""
         if kind not in MEDIA_KINDS:
             raise StoreError(f"{kind!r} is not a media record kind ({sorted(MEDIA_KINDS)})")
-        path, size, sha, chunk_hashes = self._write_durably(blocks)
         return self._commit(
-            path,
-            size,
-            sha,
-            chunk_hashes,
+            self._write_durably(blocks),
             kind=kind,
             media_type=media_type,
             marked=marked,
@@ -186,10 +221,7 @@ class Outbox:
 
     def _commit(
         self,
-        path: Path,
-        size: int,
-        sha: bytes,
-        chunk_hashes: bytes,
+        written: Written,
         *,
         kind: str,
         media_type: str,
@@ -197,27 +229,29 @@ class Outbox:
         body: Mapping[str, Any],
         also: Callable[[sqlite3.Connection, int], None] | None = None,
     ) -> int:
+        w = written
         manifest = dict(body)
         manifest.update(
-            {"sha256": sha.hex(), "size": size, "media_type": media_type, "marked": marked}
+            {"sha256": w.sha256.hex(), "size": w.size, "media_type": media_type, "marked": marked}
         )
 
         def insert_row(conn: sqlite3.Connection, seq: int) -> None:
             conn.execute(
                 "INSERT INTO media(seq, path, size, sha256, media_type, kind, marked, state, "
-                "acked_bytes, added_ms, chunk_size, chunk_hashes) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+                "acked_bytes, added_ms, chunk_size, chunk_hashes, sealed_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?)",
                 [
                     seq,
-                    path.name,
-                    size,
-                    sha.hex(),
+                    w.path.name,
+                    w.size,
+                    w.sha256.hex(),
                     media_type,
                     kind,
                     int(marked),
                     now_ms(),
-                    self.chunk_size if chunk_hashes else None,
-                    chunk_hashes or None,
+                    self.chunk_size if w.chunk_hashes else None,
+                    w.chunk_hashes or None,
+                    w.sealed_id,
                 ],
             )
             if also is not None:
@@ -370,16 +404,15 @@ class Outbox:
                     for block in reader.blocks():
                         digest.update(block)
                     size = reader.size
+                    sealed_id = reader.info.file_id if isinstance(reader, SealedReader) else None
                 finally:
                     reader.close()
             except CorruptMedia as exc:
                 log.error("cannot adopt %s: %s; left in place", orphan.name, exc)
                 continue
+            # Rare: the relay hashes this one's chunks as it sends them.
             self._commit(
-                orphan,
-                size,
-                digest.digest(),
-                b"",  # rare: the relay hashes this one's chunks as it sends them
+                Written(orphan, size, digest.digest(), sealed_id=sealed_id),
                 kind="file",
                 media_type="application/octet-stream",
                 marked=False,

@@ -40,6 +40,14 @@ class CorruptMedia(Exception):
     """A buffered file failed authentication: altered, truncated, or not ours."""
 
 
+def sealed_file_id(header: bytes) -> bytes:
+    """The random id in a sealed file's header (what ties the file to its capture)."""
+    magic, file_id, _ = HEADER.unpack(header[: HEADER.size])
+    if magic != MAGIC:
+        raise CorruptMedia("not a sealed media header")
+    return bytes(file_id)
+
+
 def _aad(header: bytes, index: int, final: bool) -> bytes:
     return header + struct.pack(">I?", index, final)
 

@@ -179,7 +179,7 @@ def test_files_captured_before_chunk_hashes_were_stored_still_upload(tmp_path: P
     conn.commit()
     conn.close()
     db = open_db(path)
-    assert {"chunk_size", "chunk_hashes"} <= set(db["media"].columns_dict)
+    assert {"chunk_size", "chunk_hashes", "sealed_id"} <= set(db["media"].columns_dict)
     row = db.execute("SELECT path, chunk_size, chunk_hashes FROM media").fetchone()
     assert row == ("old.bin", None, None)
     outbox = Outbox(db, Journal(db, "cam-old", SigningKey.generate()), tmp_path)
@@ -216,13 +216,10 @@ def test_files_over_the_cap_store_no_hashes(tmp_path, monkeypatch, size, stored)
     dev.close()
 
 
-def test_a_swapped_sealed_file_ends_in_hash_mismatch_not_a_resend_loop(tmp_path) -> None:
-    """Authentication proves the data key, not which row a sealed file belongs to. A file
-    swapped for another one sealed with the same key reads back without error, and its
-    stored hashes then disagree with its bytes: the gateway drops those chunks as damaged
-    and asks again, and after its three rounds it drops them on arrival. The relay must
-    stop trusting stored hashes at the first resend, or it repeats them forever."""
-    dev = device(tmp_path, 1024, ack_timeout=0.01)
+def swapped(dev: Device, tmp_path: Path) -> int:
+    """Capture two files, then put the first one's sealed file in place of the second's
+    (both sealed with the device's key, so each reads back without error); returns the
+    second's seq, the only one left to upload."""
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(hashlib.shake_256(b"A").digest(4000))
     b.write_bytes(hashlib.shake_256(b"B").digest(4000))
@@ -231,6 +228,39 @@ def test_a_swapped_sealed_file_ends_in_hash_mismatch_not_a_resend_loop(tmp_path)
     assert item_a is not None and item_b is not None
     item_b.path.write_bytes(item_a.path.read_bytes())
     dev.db.execute("UPDATE media SET state = 'receipted' WHERE seq = ?", [seq_a])
+    return seq_b
+
+
+def test_a_swapped_sealed_file_is_refused_on_the_device(tmp_path) -> None:
+    # AES-GCM proves the data key, not which capture a file belongs to; the row's
+    # recorded file id does.
+    dev = device(tmp_path, 1024)
+    seq = swapped(dev, tmp_path)
+    dev.db.execute("UPDATE journal SET acked = 1")  # the gateway accepted the manifests
+    transport = Recorder()
+    relay = relay_for(dev, transport)
+    relay.connected = True
+    relay._admit_uploads(0.0, 0)
+    relay.uploads[seq].phase = "sending"
+    relay._send_holes(relay.uploads[seq], [(0, 4000)], budget=10, now=0.0)
+    assert transport.chunks("cam-hash") == [], "not a byte of it leaves the device"
+    assert dev.outbox.state(seq) == "rejected"
+    [reason] = dev.db.execute("SELECT reason FROM media WHERE seq = ?", [seq]).fetchone()
+    assert reason.startswith("corrupt_on_device") and "another capture" in reason
+    assert dev.journal.db.execute(
+        "SELECT count(*) FROM journal WHERE kind = 'media_corrupt'"
+    ).fetchone() == (1,)
+    dev.close()
+
+
+def test_stored_hashes_that_disagree_end_in_hash_mismatch_not_a_resend_loop(tmp_path) -> None:
+    """A row from before file ids were recorded cannot tell a swapped file, whose stored
+    hashes then disagree with its bytes: the gateway drops those chunks as damaged and asks
+    again, and after its three rounds it drops them on arrival. The relay must stop
+    trusting stored hashes at the first resend, or it repeats them forever."""
+    dev = device(tmp_path, 1024, ack_timeout=0.01)
+    seq_b = swapped(dev, tmp_path)
+    dev.db.execute("UPDATE media SET sealed_id = NULL")
     gw = DataDir.open(tmp_path / "gw")
     ingest = Ingest(gw, open_gateway_db(gw.db_path), gw.signing_key())
     transport = Recorder()
