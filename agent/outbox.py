@@ -164,7 +164,13 @@ class Outbox:
                 size += len(block)
                 yield block
 
-        stored = plaintext() if self.data_key is None else seal_blocks(self.data_key, plaintext())
+        # Sealed in blocks of one chunk: the relay then reads and decrypts each chunk it
+        # sends in one piece, with no copy to join blocks (``SealedReader.pread``).
+        stored = (
+            plaintext()
+            if self.data_key is None
+            else seal_blocks(self.data_key, plaintext(), self.chunk_size)
+        )
         header = b""
         with open(tmp, "xb") as out:
             for block in stored:

@@ -9,6 +9,7 @@ No I/O here: loading and storing keys is the caller's business (agent/keys, gate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -40,10 +41,15 @@ class VerifyKey:
     def hex(self) -> str:
         return self.raw.hex()
 
+    @cached_property
+    def _key(self) -> Ed25519PublicKey:
+        # Parsed once: a device verifies every ack and receipt with the same gateway key.
+        return Ed25519PublicKey.from_public_bytes(self.raw)
+
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raise ``SignatureError`` unless ``signature`` is valid for ``message``."""
         try:
-            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
+            self._key.verify(signature, message)
         except InvalidSignature as exc:
             raise SignatureError("signature does not verify") from exc
         except ValueError as exc:
