@@ -203,6 +203,14 @@ class Recorder:
             raise AgentError(f"unknown recording reason {reason!r}; known: {sorted(REASONS)}")
         self._controls.put((what, reason, detail))
 
+    def behind(self) -> bool:
+        """True while frames wait for the encoder: half the hand-over queue or more.
+
+        The relay sends no new chunks then (``Relay._pump_uploads``): on a device the
+        upload and the encoder share the CPU, and footage must never be what gives way.
+        """
+        return self._frames.qsize() * 2 >= self.settings.frame_queue
+
     @property
     def dropped_frames(self) -> int:
         return self.stats.dropped + (self.source.dropped if self.source is not None else 0)

@@ -126,7 +126,13 @@ class Relay:
         self.commands = CommandGate(journal, config.device_id, self.gateway_key)
         self.to_purge: list[Path] = []
         self.purge_at = 0.0
-        self.counters = {"chunks_sent": 0, "bytes_sent": 0, "receipts": 0, "resumes": 0}
+        self.counters = {
+            "chunks_sent": 0,
+            "bytes_sent": 0,
+            "receipts": 0,
+            "resumes": 0,
+            "yields_to_capture": 0,  # pumps that sent no new chunk because capture was behind
+        }
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -475,6 +481,11 @@ class Relay:
     def _pump_uploads(self, now: float) -> None:
         timeout = self.config.ack_timeout_s
         budget = self.config.window - sum(len(u.inflight) for u in self.uploads.values())
+        # Capture first: no new chunks while frames wait for the encoder. What is in flight
+        # stays in flight; sending resumes at the next pump (POLL_S at most).
+        capture_first = self.recorder is not None and self.recorder.behind()
+        if capture_first:
+            self.counters["yields_to_capture"] += 1
         busy = 0  # uploads that still have bytes not yet sent
         for up in sorted(self.uploads.values(), key=lambda u: (not u.item.marked, u.item.seq)):
             if up.phase in ("init", "fin"):
@@ -495,7 +506,7 @@ class Relay:
                     up.phase = "fin"
                     self._send_control(up, now)
                 continue
-            unsent = self._send_holes(up, holes, budget, now)
+            unsent = self._send_holes(up, holes, 0 if capture_first else budget, now)
             budget = self.config.window - sum(len(u.inflight) for u in self.uploads.values())
             busy += unsent
         self._admit_uploads(now, busy)

@@ -15,11 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import agent.outbox
-from agent.config import load_config
 from agent.db import open_db
 from agent.journal import Journal
 from agent.outbox import Outbox
-from agent.relay import Relay
 from agent.service import Device
 from agent.transport import Connected, Message
 from agent.uploading import Upload
@@ -27,10 +25,9 @@ from gateway import uploads
 from gateway.datadir import DataDir
 from gateway.db import open_db as open_gateway_db
 from gateway.ingest import Ingest
-from gateway.registry import enroll
 from protocol.signing import SigningKey
-from protocol.topics import DeviceTopic, device_topic
-from protocol.upload import Chunk, ChunkHashes, stored_chunk_hash
+from protocol.upload import ChunkHashes, stored_chunk_hash
+from tests.inprocess import Wire, device, relay_for
 
 
 def pieces(data: bytes, size: int) -> bytes:
@@ -69,45 +66,6 @@ def test_chunk_hashes_match_hashing_each_piece_whatever_the_blocks(data, chunk, 
     assert stored_chunk_hash(b"", 0, len(data), 0, 1) is None
 
 
-class Recorder:
-    """A transport that keeps what the relay publishes."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    def start(self, on_event: object) -> None: ...
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
-        self.sent.append((topic, payload))
-        return True
-
-    def stop(self) -> None: ...
-
-    def chunks(self, device_id: str) -> list[Chunk]:
-        topic = device_topic(device_id, DeviceTopic.UPLOAD_CHUNK)
-        return [Chunk.decode(p, verify=False) for t, p in self.sent if t == topic]
-
-
-def device(
-    tmp_path: Path, chunk_size: int, *, sealed: bool = True, ack_timeout: float = 5.0
-) -> Device:
-    gw = tmp_path / "gw"
-    DataDir.open(gw)
-    config_path = enroll("cam-hash", gw, tmp_path / "dev", "mqtt://127.0.0.1:1")
-    if not sealed:  # enrolled before encryption at rest: media kept in the clear
-        text = config_path.read_text()
-        config_path.write_text(text.replace('data_key_file = "data.key"\n', ""))
-    env = {
-        "CUSTODY_AGENT_CHUNK_SIZE": str(chunk_size),
-        "CUSTODY_AGENT_ACK_TIMEOUT_S": str(ack_timeout),
-    }
-    return Device(load_config(config_path, environ=env))
-
-
-def relay_for(dev: Device, transport: Recorder) -> Relay:
-    return Relay(dev.config, dev.journal, dev.outbox, transport, dev.key)
-
-
 def test_capture_stores_chunk_hashes_and_the_relay_sends_them(tmp_path: Path) -> None:
     dev = device(tmp_path, 1024)
     data = hashlib.shake_256(b"chunk hashes").digest(5000)  # 4 full pieces and a short one
@@ -122,7 +80,7 @@ def test_capture_stores_chunk_hashes_and_the_relay_sends_them(tmp_path: Path) ->
     stored[32:64] = marker
     dev.db.execute("UPDATE media SET chunk_hashes = ? WHERE seq = ?", [bytes(stored), seq])
     dev.db.execute("UPDATE journal SET acked = 1")  # the gateway accepted the manifest
-    transport = Recorder()
+    transport = Wire()
     relay = relay_for(dev, transport)
     relay.connected = True
     relay._admit_uploads(0.0, 0)
@@ -147,7 +105,7 @@ def test_a_chunk_that_is_not_a_stored_piece_is_hashed_when_sent(tmp_path: Path) 
     dev.db.execute("UPDATE media SET chunk_hashes = ? WHERE seq = ?", [b"\x5a" * 96, seq])
     item = dev.outbox.get(seq)
     assert item is not None
-    transport = Recorder()
+    transport = Wire()
     relay = relay_for(dev, transport)
     up = Upload(item, phase="sending")
     up.chunk_size, up.chunk_hashes = dev.outbox.chunk_hashes(seq)
@@ -237,7 +195,7 @@ def test_a_swapped_sealed_file_is_refused_on_the_device(tmp_path) -> None:
     dev = device(tmp_path, 1024)
     seq = swapped(dev, tmp_path)
     dev.db.execute("UPDATE journal SET acked = 1")  # the gateway accepted the manifests
-    transport = Recorder()
+    transport = Wire()
     relay = relay_for(dev, transport)
     relay.connected = True
     relay._admit_uploads(0.0, 0)
@@ -263,7 +221,7 @@ def test_stored_hashes_that_disagree_end_in_hash_mismatch_not_a_resend_loop(tmp_
     dev.db.execute("UPDATE media SET sealed_id = NULL")
     gw = DataDir.open(tmp_path / "gw")
     ingest = Ingest(gw, open_gateway_db(gw.db_path), gw.signing_key())
-    transport = Recorder()
+    transport = Wire()
     relay = relay_for(dev, transport)
     relay._handle(Connected())
     for _ in range(300):  # in-process: device and gateway take turns, no broker between

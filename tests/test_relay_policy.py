@@ -1,14 +1,18 @@
 """Relay policies that the evidence path promises: a bandwidth cap that holds, jittered
-exponential reconnects (no fleet stampede), and a Last Will when a device dies."""
+exponential reconnects (no fleet stampede), a Last Will when a device dies, and uploads
+that give way to capture."""
 
 from __future__ import annotations
 
 import random
 import time
 
+from agent.recorder import Recorder, RecorderSettings
 from agent.transport import backoff_delay
 from agent.uploading import TokenBucket
+from simulators.camera import SyntheticCamera
 from tests.conftest import wait_for
+from tests.inprocess import Wire, device, relay_for
 
 
 def test_bandwidth_cap_is_never_exceeded():
@@ -50,3 +54,34 @@ def test_last_will_marks_a_killed_device_offline(tmp_path, gateway, make_agent):
     wait_for(lambda: online() is True, 30, "birth")
     agent.kill()  # no clean disconnect: only the broker's Last Will can tell
     wait_for(lambda: online() is False, 30, "the Last Will (1.5 x keepalive)")
+
+
+def test_uploads_give_way_while_frames_wait_for_the_encoder(tmp_path) -> None:
+    dev = device(tmp_path, 1024)
+    src = tmp_path / "clip.bin"
+    src.write_bytes(bytes(5000))
+    seq = dev.outbox.add_file(src)
+    dev.db.execute("UPDATE journal SET acked = 1")  # the gateway accepted the manifest
+    recorder = Recorder(
+        RecorderSettings(device_id="cam-hash", frame_queue=8),
+        dev.journal,
+        dev.outbox,
+        lambda: SyntheticCamera(64, 36, 5.0),
+    )
+    wire = Wire()
+    relay = relay_for(dev, wire, recorder=recorder)
+    relay.connected = True
+    relay._admit_uploads(0.0, 0)  # init goes out
+    relay.uploads[seq].phase = "sending"  # as if the gateway had answered it
+    for _ in range(4):  # half the hand-over queue: the encoder is behind
+        recorder._frames.put_nowait(None)
+    assert recorder.behind()
+    relay._pump_uploads(0.0)
+    assert wire.chunks("cam-hash") == [], "no new chunk while capture is behind"
+    assert relay.counters["yields_to_capture"] == 1
+    recorder._frames.get_nowait()  # the encoder caught up a little
+    assert not recorder.behind()
+    relay._pump_uploads(0.0)
+    assert [c.offset for c in wire.chunks("cam-hash")] == [0, 1024, 2048, 3072, 4096]
+    relay.uploads[seq].close()
+    dev.close()
