@@ -49,6 +49,10 @@ DEFAULT_CHUNK_SIZE = 256 * 1024
 #: Chunk hashes are kept for files of up to this many chunks (512 KiB of hashes); the
 #: relay hashes the chunks of a bigger file as it sends them.
 MAX_STORED_CHUNKS = 16384
+#: Largest sealed block. AES-GCM holds the GIL for a whole block and sealing buffers one:
+#: at 1 MiB that is ~1 ms with AES instructions (longer on a small ARM core without them)
+#: and a few MiB of memory, where 8 MiB chunks would stall capture threads and cost tens.
+MAX_SEAL_BLOCK = 1024 * 1024
 #: ``recover`` leaves younger files alone: they may belong to a ``custody agent add`` that
 #: is still between its rename and its commit in another process.
 SETTLE_S = 60.0
@@ -164,12 +168,12 @@ class Outbox:
                 size += len(block)
                 yield block
 
-        # Sealed in blocks of one chunk: the relay then reads and decrypts each chunk it
-        # sends in one piece, with no copy to join blocks (``SealedReader.pread``).
+        # Sealed in blocks of one chunk (at most MAX_SEAL_BLOCK): the relay then reads and
+        # decrypts each chunk it sends in one piece, with no copy to join blocks.
         stored = (
             plaintext()
             if self.data_key is None
-            else seal_blocks(self.data_key, plaintext(), self.chunk_size)
+            else seal_blocks(self.data_key, plaintext(), min(self.chunk_size, MAX_SEAL_BLOCK))
         )
         header = b""
         with open(tmp, "xb") as out:

@@ -166,6 +166,7 @@ class Recorder:
         self._last_recording_id = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._encode_thread: threading.Thread | None = None
         self.started = threading.Event()
 
     # -- public controls (any thread) ----------------------------------------------------
@@ -204,12 +205,17 @@ class Recorder:
         self._controls.put((what, reason, detail))
 
     def behind(self) -> bool:
-        """True while frames wait for the encoder: half the hand-over queue or more.
+        """True while frames wait for a running encoder: half the hand-over queue or more.
 
-        The relay sends no new chunks then (``Relay._pump_uploads``): on a device the
-        upload and the encoder share the CPU, and footage must never be what gives way.
+        The relay holds new chunks back then (``Relay._pump_uploads``, for a bounded
+        time): on a device the upload and the encoder share the CPU, and footage must
+        never be what gives way. A dead encode thread drains nothing, so holding uploads
+        back for it would only withhold evidence: then this is False.
         """
-        return self._frames.qsize() * 2 >= self.settings.frame_queue
+        encoder = self._encode_thread
+        if encoder is None or not encoder.is_alive():
+            return False
+        return self._frames.qsize() * 2 >= max(2, self.settings.frame_queue)
 
     @property
     def dropped_frames(self) -> int:
@@ -257,6 +263,8 @@ class Recorder:
             t.daemon = True
             t.start()
             self._threads.append(t)
+            if name == "encode":
+                self._encode_thread = t
         self.started.set()
 
     def stop(self) -> None:

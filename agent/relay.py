@@ -78,6 +78,8 @@ MAX_TRACKED = 8
 CLOCK_MAX_RTT_MS = 2000
 CLOCK_DRIFT_MS = 1000
 CLOCK_EVERY_S = 600.0
+#: Longest stretch the relay holds new chunks back while capture is behind.
+MAX_YIELD_S = 0.5
 
 
 class Relay:
@@ -131,8 +133,9 @@ class Relay:
             "bytes_sent": 0,
             "receipts": 0,
             "resumes": 0,
-            "yields_to_capture": 0,  # pumps that sent no new chunk because capture was behind
+            "yields_to_capture": 0,  # pumps that held new chunks back for capture
         }
+        self.yield_since: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -481,11 +484,7 @@ class Relay:
     def _pump_uploads(self, now: float) -> None:
         timeout = self.config.ack_timeout_s
         budget = self.config.window - sum(len(u.inflight) for u in self.uploads.values())
-        # Capture first: no new chunks while frames wait for the encoder. What is in flight
-        # stays in flight; sending resumes at the next pump (POLL_S at most).
-        capture_first = self.recorder is not None and self.recorder.behind()
-        if capture_first:
-            self.counters["yields_to_capture"] += 1
+        capture_first = self._capture_first(now)
         busy = 0  # uploads that still have bytes not yet sent
         for up in sorted(self.uploads.values(), key=lambda u: (not u.item.marked, u.item.seq)):
             if up.phase in ("init", "fin"):
@@ -510,6 +509,25 @@ class Relay:
             budget = self.config.window - sum(len(u.inflight) for u in self.uploads.values())
             busy += unsent
         self._admit_uploads(now, busy)
+
+    def _capture_first(self, now: float) -> bool:
+        """True when this pump sends no new chunks because frames wait for the encoder.
+
+        What is in flight stays in flight, and sending resumes at the next pump (POLL_S
+        at most). Never for longer than ``MAX_YIELD_S`` at a stretch: an encoder slower
+        than its camera on its own is not helped by withheld evidence, so after that one
+        pump sends a full window, and the next stretch begins.
+        """
+        if self.recorder is None or not self.recorder.behind():
+            self.yield_since = None
+            return False
+        if self.yield_since is None:
+            self.yield_since = now
+        elif now - self.yield_since >= MAX_YIELD_S:
+            self.yield_since = now
+            return False
+        self.counters["yields_to_capture"] += 1
+        return True
 
     def _send_holes(
         self, up: Upload, holes: list[tuple[int, int]], budget: int, now: float

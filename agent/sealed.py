@@ -15,9 +15,10 @@ do not collide (64 random bits per file) and a file has < 2**32 blocks — so a 
 never reused. Each block's associated data is the header, ``i``, and a final-block flag,
 so blocks cannot be reordered, moved between files, or cut off at the end unnoticed.
 Blocks let the relay decrypt exactly the chunk it is about to send (random access),
-with memory bounded by one block. The outbox seals in blocks of the upload chunk size, so
-a chunk is one read and one decryption; the block size is in the header, so files sealed
-with another size (64 KiB before, or a chunk size since changed) read the same way.
+with memory bounded by one block. The outbox seals in blocks of the upload chunk size (at most
+1 MiB), so a chunk is one read and one decryption; the block size is in the header, so
+files sealed with another size (64 KiB before, or a chunk size since changed) read the
+same way, and the reader keeps its last block for reads smaller than one.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class SealedReader:
         self.path = path
         self._aes = AESGCM(key)
         self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._last: tuple[int, bytes] | None = None
         try:
             self.info = self._read_info()
         except BaseException:
@@ -125,6 +127,15 @@ class SealedReader:
         return self.info.size
 
     def _block(self, index: int) -> bytes:
+        # The last block read is kept: reads smaller than a block (a chunk size lowered
+        # since the file was sealed, a resume mid-block) then decrypt each block once.
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
+        block = self._decrypt_block(index)
+        self._last = (index, block)
+        return block
+
+    def _decrypt_block(self, index: int) -> bytes:
         info = self.info
         start = HEADER.size + index * (info.block_size + TAG)
         data = os.pread(self._file.fileno(), info.block_size + TAG, start)
@@ -159,6 +170,7 @@ class SealedReader:
             yield self._block(index)
 
     def close(self) -> None:
+        self._last = None
         self._file.close()
 
     def __enter__(self) -> SealedReader:
@@ -174,6 +186,7 @@ class PlainReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._last: tuple[int, bytes] | None = None
         self.size = os.fstat(self._file.fileno()).st_size
 
     def pread(self, length: int, offset: int) -> bytes:

@@ -9,7 +9,7 @@ No I/O here: loading and storing keys is the caller's business (agent/keys, gate
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import lru_cache
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -21,6 +21,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from protocol.encoding import canonical, from_hex
 from protocol.errors import SignatureError
+
+
+@lru_cache(maxsize=4096)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    """Parsed once per key: a device checks every ack and receipt with the gateway's key,
+    the gateway every batch with a device's. (Kept out of ``VerifyKey`` so it stays a
+    plain value: comparable, hashable, picklable.)"""
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 @dataclass(frozen=True)
@@ -41,15 +49,10 @@ class VerifyKey:
     def hex(self) -> str:
         return self.raw.hex()
 
-    @cached_property
-    def _key(self) -> Ed25519PublicKey:
-        # Parsed once: a device verifies every ack and receipt with the same gateway key.
-        return Ed25519PublicKey.from_public_bytes(self.raw)
-
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raise ``SignatureError`` unless ``signature`` is valid for ``message``."""
         try:
-            self._key.verify(signature, message)
+            _public_key(self.raw).verify(signature, message)
         except InvalidSignature as exc:
             raise SignatureError("signature does not verify") from exc
         except ValueError as exc:

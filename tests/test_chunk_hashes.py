@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import agent.outbox
 from agent.db import open_db
 from agent.journal import Journal
 from agent.outbox import Outbox
+from agent.sealed import SealedReader
 from agent.service import Device
 from agent.transport import Connected, Message
 from agent.uploading import Upload
@@ -261,3 +263,57 @@ def test_dropping_cached_pages_is_only_a_hint(tmp_path, monkeypatch, how) -> Non
     assert up.durable == ((0, 10),)
     assert up.unsynced == 0
     up.close()
+
+
+@pytest.mark.parametrize(("chunk", "block"), [(1024, 1024), (16 * 1024 * 1024, 1024 * 1024)])
+def test_media_is_sealed_in_blocks_of_one_chunk_up_to_a_mebibyte(tmp_path, chunk, block):
+    dev = device(tmp_path, 1024)
+    dev.outbox.chunk_size = chunk  # 16 MiB is past the config's limit: set on the outbox
+    src = tmp_path / "clip.bin"
+    src.write_bytes(hashlib.shake_256(b"blocks").digest(3000))
+    seq = dev.outbox.add_file(src)
+    item = dev.outbox.get(seq)
+    assert item is not None
+    reader = dev.outbox.open_media(item)
+    assert isinstance(reader, SealedReader)
+    assert reader.info.block_size == block
+    reader.close()
+    dev.close()
+
+
+def test_reads_smaller_than_a_block_decrypt_it_once(tmp_path, monkeypatch) -> None:
+    # A file sealed under a larger chunk size, read back in smaller chunks.
+    dev = device(tmp_path, 4096)
+    data = hashlib.shake_256(b"small reads").digest(8192)
+    src = tmp_path / "clip.bin"
+    src.write_bytes(data)
+    item = dev.outbox.get(dev.outbox.add_file(src))
+    assert item is not None
+    reader = dev.outbox.open_media(item)
+    assert isinstance(reader, SealedReader)
+    calls = []
+    decrypt = reader._decrypt_block
+    monkeypatch.setattr(reader, "_decrypt_block", lambda i: calls.append(i) or decrypt(i))
+    got = b"".join(reader.pread(1024, off) for off in range(0, 8192, 1024))
+    assert got == data
+    assert calls == [0, 1]
+    reader.close()
+    dev.close()
+
+
+def test_an_adopted_sealed_orphan_records_its_own_file_id(tmp_path) -> None:
+    # Renamed into media/ but never committed (a crash in between): adopted on recovery,
+    # it must still upload, so its row records the id its header carries.
+    dev = device(tmp_path, 1024)
+    written = dev.outbox._write_durably([hashlib.shake_256(b"orphan").digest(3000)])
+    old = time.time() - agent.outbox.SETTLE_S - 5
+    os.utime(written.path, (old, old))
+    assert dev.outbox.recover().adopted_orphans == 1
+    [(seq, sealed_id)] = dev.db.execute("SELECT seq, sealed_id FROM media").fetchall()
+    assert bytes(sealed_id) == written.sealed_id
+    item = dev.outbox.get(seq)
+    assert item is not None
+    reader = dev.outbox.open_media(item)  # not refused as another capture's file
+    assert reader.pread(3000, 0) == hashlib.shake_256(b"orphan").digest(3000)
+    reader.close()
+    dev.close()

@@ -5,9 +5,11 @@ that give way to capture."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 from agent.recorder import Recorder, RecorderSettings
+from agent.relay import MAX_YIELD_S
 from agent.transport import backoff_delay
 from agent.uploading import TokenBucket
 from simulators.camera import SyntheticCamera
@@ -73,15 +75,53 @@ def test_uploads_give_way_while_frames_wait_for_the_encoder(tmp_path) -> None:
     relay.connected = True
     relay._admit_uploads(0.0, 0)  # init goes out
     relay.uploads[seq].phase = "sending"  # as if the gateway had answered it
-    for _ in range(4):  # half the hand-over queue: the encoder is behind
+    for _ in range(4):  # half the hand-over queue
         recorder._frames.put_nowait(None)
-    assert recorder.behind()
-    relay._pump_uploads(0.0)
-    assert wire.chunks("cam-hash") == [], "no new chunk while capture is behind"
-    assert relay.counters["yields_to_capture"] == 1
-    recorder._frames.get_nowait()  # the encoder caught up a little
-    assert not recorder.behind()
-    relay._pump_uploads(0.0)
-    assert [c.offset for c in wire.chunks("cam-hash")] == [0, 1024, 2048, 3072, 4096]
+    assert not recorder.behind(), "no encode thread drains the queue: nothing to wait for"
+    done = threading.Event()
+    recorder._encode_thread = threading.Thread(target=done.wait)  # a live encoder
+    recorder._encode_thread.start()
+    try:
+        assert recorder.behind()
+        relay._pump_uploads(0.0)
+        assert wire.chunks("cam-hash") == [], "no new chunk while capture is behind"
+        assert relay.counters["yields_to_capture"] == 1
+        recorder._frames.get_nowait()  # the encoder caught up a little
+        assert not recorder.behind()
+        relay._pump_uploads(0.1)
+        assert [c.offset for c in wire.chunks("cam-hash")] == [0, 1024, 2048, 3072, 4096]
+    finally:
+        done.set()
+        recorder._encode_thread.join()
+    relay.uploads[seq].close()
+    dev.close()
+
+
+def test_uploads_never_wait_for_capture_for_long(tmp_path) -> None:
+    # An encoder slower than its camera on its own stays behind however long the relay
+    # waits; withholding evidence would not help it, so the wait has a bound.
+    dev = device(tmp_path, 1024)
+    src = tmp_path / "clip.bin"
+    src.write_bytes(bytes(40 * 1024))
+    seq = dev.outbox.add_file(src)
+    dev.db.execute("UPDATE journal SET acked = 1")
+
+    class AlwaysBehind:
+        def behind(self) -> bool:
+            return True
+
+    wire = Wire()
+    relay = relay_for(dev, wire, recorder=AlwaysBehind())
+    relay.connected = True
+    relay._admit_uploads(0.0, 0)
+    relay.uploads[seq].phase = "sending"
+    for now in (0.0, 0.2, 0.4):
+        relay._pump_uploads(now)
+    assert wire.chunks("cam-hash") == []
+    relay._pump_uploads(MAX_YIELD_S)  # the stretch is over: one pump sends a window
+    sent = len(wire.chunks("cam-hash"))
+    assert sent == dev.config.window
+    relay._pump_uploads(MAX_YIELD_S + 0.1)  # and the next stretch begins
+    assert len(wire.chunks("cam-hash")) == sent
     relay.uploads[seq].close()
     dev.close()
