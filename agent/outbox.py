@@ -66,6 +66,7 @@ class MediaItem:
     sha256: bytes
     marked: bool
     acked_bytes: int
+    sealed_id: bytes | None = None  # the sealed file's random id recorded at capture
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,12 @@ class Outbox:
 
     # -- capture -------------------------------------------------------------------------
 
+    @property
+    def seal_block(self) -> int:
+        """Plaintext bytes per sealed block: one upload chunk (at most ``MAX_SEAL_BLOCK``),
+        so the relay reads and decrypts each chunk it sends in one piece, no join."""
+        return min(self.chunk_size, MAX_SEAL_BLOCK)
+
     def open_media(self, item: MediaItem) -> MediaReader:
         """A reader of the plaintext (authenticated block by block when sealed).
 
@@ -126,17 +133,12 @@ class Outbox:
         another one is refused here (``CorruptMedia``), before a byte of it is uploaded.
         """
         reader = open_media(item.path, self.data_key)
-        if isinstance(reader, SealedReader):
-            row = self.db.execute(
-                "SELECT sealed_id FROM media WHERE seq = ?", [item.seq]
-            ).fetchone()
-            recorded = bytes(row[0]) if row is not None and row[0] is not None else None
-            if recorded is not None and recorded != reader.info.file_id:
-                reader.close()
-                raise CorruptMedia(
-                    f"{item.path.name}: sealed for another capture than seq {item.seq} "
-                    "(its file id differs from the one recorded: swapped or replaced)"
-                )
+        if isinstance(reader, SealedReader) and item.sealed_id not in (None, reader.info.file_id):
+            reader.close()
+            raise CorruptMedia(
+                f"{item.path.name}: sealed for another capture than seq {item.seq} "
+                "(its file id differs from the one recorded: swapped or replaced)"
+            )
         return reader
 
     def _write_durably(self, blocks: Iterable[bytes]) -> Written:
@@ -168,12 +170,10 @@ class Outbox:
                 size += len(block)
                 yield block
 
-        # Sealed in blocks of one chunk (at most MAX_SEAL_BLOCK): the relay then reads and
-        # decrypts each chunk it sends in one piece, with no copy to join blocks.
         stored = (
             plaintext()
             if self.data_key is None
-            else seal_blocks(self.data_key, plaintext(), min(self.chunk_size, MAX_SEAL_BLOCK))
+            else seal_blocks(self.data_key, plaintext(), self.seal_block)
         )
         header = b""
         with open(tmp, "xb") as out:
@@ -273,15 +273,22 @@ class Outbox:
     # -- upload bookkeeping --------------------------------------------------------------
 
     def _item(self, row: tuple[Any, ...]) -> MediaItem:
-        seq, path, size, sha, marked, acked = row
+        seq, path, size, sha, marked, acked, sealed_id = row
         return MediaItem(
-            int(seq), self.media_dir / path, int(size), bytes.fromhex(sha), bool(marked), int(acked)
+            int(seq),
+            self.media_dir / path,
+            int(size),
+            bytes.fromhex(sha),
+            bool(marked),
+            int(acked),
+            bytes(sealed_id) if sealed_id is not None else None,
         )
 
     def next_uploads(self, exclude: set[int], limit: int) -> list[MediaItem]:
         """Pending media whose manifest the gateway has accepted: marked first, then oldest."""
         rows = self.db.execute(
-            "SELECT m.seq, m.path, m.size, m.sha256, m.marked, m.acked_bytes FROM media m "
+            "SELECT m.seq, m.path, m.size, m.sha256, m.marked, m.acked_bytes, m.sealed_id "
+            "FROM media m "
             "JOIN journal j ON j.seq = m.seq WHERE m.state = 'pending' AND j.acked = 1 "
             "ORDER BY m.marked DESC, m.seq LIMIT ?",
             [limit + len(exclude)],
@@ -291,15 +298,15 @@ class Outbox:
 
     def get(self, seq: int) -> MediaItem | None:
         row = self.db.execute(
-            "SELECT seq, path, size, sha256, marked, acked_bytes FROM media WHERE seq = ?", [seq]
+            "SELECT seq, path, size, sha256, marked, acked_bytes, sealed_id FROM media "
+            "WHERE seq = ?",
+            [seq],
         ).fetchone()
         return self._item(row) if row else None
 
     def chunk_hashes(self, seq: int) -> tuple[int, bytes]:
         """(chunk size, concatenated sha256s) stored at capture; (0, b"") if none were
         or the media is kept in the clear (see ``_write_durably``)."""
-        if self.data_key is None:
-            return 0, b""
         row = self.db.execute(
             "SELECT chunk_size, chunk_hashes FROM media WHERE seq = ?", [seq]
         ).fetchone()

@@ -230,8 +230,8 @@ class Recorder:
                 "SELECT coalesce(sum(size), 0) FROM media WHERE state != 'receipted'"
             ).fetchone()
             # Sealed files are a little larger than their plaintext: a 16-byte tag per block
-            # of one upload chunk (0.006 % at 256 KiB, 1.6 % at the smallest, 1 KiB).
-            overhead = 1 + (TAG / self.outbox.chunk_size if self.outbox.data_key else 0)
+            # (0.006 % at 256 KiB, 1.6 % at the smallest, 1 KiB).
+            overhead = 1 + (TAG / self.outbox.seal_block if self.outbox.data_key else 0)
             used = int(int(row[0]) * overhead) + self._queued_bytes
             free = min(free, s.storage_quota_bytes - used)
         return max(0, int(free))

@@ -496,9 +496,8 @@ class Relay:
                 if now - sent >= timeout:  # lost somewhere: forget it, it will be resent
                     del up.inflight[off]
                     budget += 1
-                    if up.chunk_hashes:
-                        # Lost, or dropped by a gateway that found it failing its hash.
-                        up.distrust_stored_hashes("a chunk went unacknowledged")
+                    # Lost, or dropped by a gateway that found it failing its hash.
+                    up.distrust_stored_hashes("a chunk went unacknowledged")
             holes = missing(up.acked, up.item.size)
             if not holes:
                 if not up.inflight:

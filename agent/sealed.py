@@ -15,10 +15,11 @@ do not collide (64 random bits per file) and a file has < 2**32 blocks — so a 
 never reused. Each block's associated data is the header, ``i``, and a final-block flag,
 so blocks cannot be reordered, moved between files, or cut off at the end unnoticed.
 Blocks let the relay decrypt exactly the chunk it is about to send (random access),
-with memory bounded by one block. The outbox seals in blocks of the upload chunk size (at most
-1 MiB), so a chunk is one read and one decryption; the block size is in the header, so
-files sealed with another size (64 KiB before, or a chunk size since changed) read the
-same way, and the reader keeps its last block for reads smaller than one.
+with memory bounded by one block. The outbox seals in blocks of the upload chunk size
+(at most 1 MiB, ``Outbox.seal_block``), so a chunk is one read and one decryption; the
+block size is in the header, so files sealed with another size (64 KiB before, or a chunk
+size since changed) read the same way, and the reader keeps its last block for reads
+smaller than one.
 """
 
 from __future__ import annotations
