@@ -104,13 +104,16 @@ class Ingest:
 
     # -- entry point ---------------------------------------------------------------------
 
-    def handle(self, topic: str, payload: bytes) -> list[Outgoing]:
+    def handle(self, topic: str, payload: bytes | memoryview) -> list[Outgoing]:
+        """Act on one device message; ``payload`` may be a view into the received packet."""
         try:
             parsed = parse_device_topic(topic)
         except ProtocolError as exc:
             log.warning("ignored message on %s: %s", topic, exc)
             return []
         device_id, kind = parsed.device_id, parsed.kind
+        if kind is not DeviceTopic.UPLOAD_CHUNK:
+            payload = bytes(payload)  # small control messages; their decoders take bytes
         try:
             if kind is DeviceTopic.JOURNAL:
                 return self.on_journal(device_id, payload)

@@ -28,6 +28,7 @@ from gateway.datadir import DataDir
 from gateway.db import open_db
 from gateway.evidence import Verdict
 from gateway.ingest import Ingest, Outgoing
+from gateway.mqttwire import LeanClient
 from protocol.encoding import canonical
 from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker
 
@@ -65,7 +66,8 @@ class GatewayService:
         # ``session`` tells devices that this is a new gateway process.
         client_id = "custody-gateway-" + hashlib.sha256(str(data.root).encode()).hexdigest()[:12]
         self.session = uuid.uuid4().hex
-        self.client = mqtt.Client(
+        # Chunks arrive as views into the one buffer each packet was received into.
+        self.client = LeanClient(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
         if url.tls:
@@ -190,7 +192,7 @@ class GatewayService:
                     if callable(item):
                         replies = item()
                     else:
-                        replies = self.ingest.handle(item.topic, bytes(item.payload))
+                        replies = self.ingest.handle(item.topic, item.payload)
                 except Exception:  # a bug must not stop ingest for every other device
                     log.exception("ingest failed on %s", getattr(item, "topic", item))
                     self.ingest.log.reload()

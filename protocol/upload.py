@@ -148,7 +148,7 @@ class Chunk:
     device_id: str
     seq: int
     offset: int
-    data: bytes
+    data: bytes | memoryview
     sha256: bytes = b""
 
     def encode(self) -> bytes:
@@ -176,16 +176,22 @@ class Chunk:
             )
 
     @classmethod
-    def decode(cls, payload: bytes, *, verify: bool = True) -> Chunk:
-        if len(payload) < _HEADER_LEN.size:
-            raise EncodingError(f"chunk too short ({len(payload)} bytes) for its header length")
-        (hlen,) = _HEADER_LEN.unpack_from(payload)
-        if len(payload) < _HEADER_LEN.size + hlen:
-            raise EncodingError(f"chunk header length {hlen} exceeds payload {len(payload)}")
-        obj = decode(payload[_HEADER_LEN.size : _HEADER_LEN.size + hlen], what="chunk header")
+    def decode(cls, payload: bytes | memoryview, *, verify: bool = True) -> Chunk:
+        """Parse a chunk message; ``data`` is a view into ``payload``, never a copy.
+
+        A chunk is the one message that carries megabytes a second: copying its bytes
+        out of the received buffer cost the gateway more than writing them to disk.
+        """
+        view = memoryview(payload)
+        if len(view) < _HEADER_LEN.size:
+            raise EncodingError(f"chunk too short ({len(view)} bytes) for its header length")
+        (hlen,) = _HEADER_LEN.unpack_from(view)
+        if len(view) < _HEADER_LEN.size + hlen:
+            raise EncodingError(f"chunk header length {hlen} exceeds payload {len(view)}")
+        obj = decode(bytes(view[_HEADER_LEN.size : _HEADER_LEN.size + hlen]), what="chunk header")
         _version(obj, "chunk")
         _fields(obj, "chunk header", {"v", "device_id", "seq", "offset", "sha256"})
-        data = payload[_HEADER_LEN.size + hlen :]
+        data = view[_HEADER_LEN.size + hlen :]
         if len(data) > MAX_CHUNK_SIZE:
             raise MessageError(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_SIZE}")
         chunk = cls(

@@ -1,0 +1,156 @@
+"""The gateway's lean MQTT receive path, against a real mosquitto, plain and over TLS.
+
+``LeanClient`` replaces two of paho's private methods to receive each packet with one
+copy; these tests hold it to stock paho's behaviour on everything the gateway relies on
+(payload bytes, topic, QoS, retain, packet id, MQTT 5 properties), for payloads that
+arrive in one read and in hundreds, and show that a chunk's payload is a view into the
+received packet rather than a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import mqttwire
+from gateway.datadir import DataDir
+from gateway.mqttwire import LeanClient
+from tests.conftest import Broker, Identity, wait_for
+
+SIZES = [0, 1, 1000, 65_535, 65_536, 300_000, 3 * 1024 * 1024 + 7]
+
+
+def payload(i: int, size: int) -> bytes:
+    return hashlib.shake_256(f"wire/{i}".encode()).digest(size) if size else b""
+
+
+class Received:
+    def __init__(self) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.payloads: list[bytes] = []
+        self.kinds: list[type] = []
+        self.subscribed = threading.Event()
+
+    def on_message(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        self.kinds.append(type(msg.payload))
+        self.payloads.append(bytes(msg.payload))
+        self.messages.append(msg)
+
+
+def connect(
+    cls: type[mqtt.Client], broker: Broker, who: Identity | None, client_id: str
+) -> mqtt.Client:
+    client = cls(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if who is not None:
+        client.tls_set(ca_certs=str(who.ca), certfile=str(who.cert), keyfile=str(who.key))
+    return client
+
+
+def exchange(
+    cls: type[mqtt.Client], broker: Broker, who: Identity | None, topic: str
+) -> tuple[Received, list[tuple[str, bytes, int, bool]]]:
+    got = Received()
+    sub = connect(cls, broker, who, f"sub-{cls.__name__}")
+    sub.on_message = got.on_message
+    sub.on_subscribe = lambda *a: got.subscribed.set()
+    sub.on_connect = lambda c, *a: c.subscribe(f"{topic}/#", qos=1)
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    pub = connect(mqtt.Client, broker, who, f"pub-{cls.__name__}")
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    sent: list[tuple[str, bytes, int, bool]] = []
+    try:
+        assert got.subscribed.wait(10)
+        for i, size in enumerate(SIZES):
+            for qos in (0, 1):
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [("n", str(i))]
+                if i % 2:
+                    props.ContentType = "application/octet-stream"
+                body = payload(i * 2 + qos, size)
+                t = f"{topic}/{i}/{qos}"
+                pub.publish(t, body, qos=qos, properties=props).wait_for_publish(10)
+                sent.append((t, body, qos, False))
+        wait_for(lambda: len(got.messages) >= len(sent), 30, "every message")
+    finally:
+        for c in (pub, sub):
+            c.disconnect()
+            c.loop_stop()
+    return got, sent
+
+
+def check_same_as_sent(got: Received, sent: list[tuple[str, bytes, int, bool]]) -> None:
+    by_topic = {m.topic: (m, p) for m, p in zip(got.messages, got.payloads, strict=True)}
+    assert len(by_topic) == len(sent)
+    for topic, body, qos, retain in sent:
+        msg, data = by_topic[topic]
+        assert data == body, topic
+        assert msg.qos == qos and msg.retain is retain
+        assert (msg.mid != 0) == (qos == 1)
+        i = topic.split("/")[-2]
+        assert msg.properties is not None
+        assert msg.properties.UserProperty == [("n", i)]
+        if int(i) % 2:
+            assert msg.properties.ContentType == "application/octet-stream"
+        else:
+            assert not hasattr(msg.properties, "ContentType")
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_lean_client_receives_what_stock_paho_receives(tmp_path: Path, tls: bool) -> None:
+    assert mqttwire.LEAN, "the pinned paho is the one LeanClient was written against"
+    gateway_dir = tmp_path / "gateway"
+    who = None
+    if tls:
+        DataDir.open(gateway_dir)
+        who = Identity.gateway(gateway_dir)
+    broker = Broker(tmp_path / "broker", tls_dir=gateway_dir / "ca" if tls else None)
+    broker.start()
+    try:
+        topic = "custody/v1/dev/wire-test/up"
+        stock, sent = exchange(mqtt.Client, broker, who, topic + "/stock")
+        lean, lean_sent = exchange(LeanClient, broker, who, topic + "/lean")
+    finally:
+        broker.stop()
+    check_same_as_sent(stock, sent)
+    check_same_as_sent(lean, lean_sent)
+    # The point of it: the payload is a view into the packet it arrived in, not a copy.
+    assert set(lean.kinds) == {memoryview}
+    assert set(stock.kinds) == {bytes}
+
+
+def test_retained_message_and_reconnect(tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    try:
+        body = payload(99, 200_000)
+        pub = connect(mqtt.Client, broker, None, "retainer")
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        pub.publish("state/x", body, qos=1, retain=True).wait_for_publish(10)
+        pub.disconnect()
+        pub.loop_stop()
+        for attempt in range(2):  # a second client session reads the same retained state
+            got = Received()
+            sub = connect(LeanClient, broker, None, f"reader-{attempt}")
+            sub.on_message = got.on_message
+            sub.on_connect = lambda c, *a: c.subscribe("state/#", qos=1)
+            sub.connect("127.0.0.1", broker.port)
+            sub.loop_start()
+            try:
+                wait_for(lambda g=got: g.messages, 10, "the retained message")
+            finally:
+                sub.disconnect()
+                sub.loop_stop()
+            assert got.payloads == [body]
+            assert got.messages[0].retain is True
+    finally:
+        broker.stop()
