@@ -605,6 +605,7 @@ class Relay:
             recording=rec.recording if rec is not None else False,
             storage_headroom_min=rec.headroom_s() // 60 if rec is not None else None,
             dropped_frames=rec.dropped_frames if rec is not None else None,
+            yields_to_capture=self.counters["yields_to_capture"] if rec is not None else None,
             clock_offset_ms=self._clock_offset(),
             **asdict(hw),  # HardwareState's fields are Telemetry's MCU fields, by name
         )

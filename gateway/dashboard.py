@@ -76,6 +76,24 @@ class Forbidden(Exception):
         self.status = status
 
 
+def camera_health(t: dict[str, Any]) -> str:
+    """What a camera device says of its recording pipeline since its agent started.
+
+    Dropped frames are footage lost; uploads that waited for the encoder are the reason
+    none were (the relay holds new chunks back while frames queue). A count that keeps
+    growing names a device whose CPU is short while it uploads.
+    """
+    dropped, yields = t.get("dropped_frames"), t.get("yields_to_capture")
+    if dropped is None and yields is None:
+        return "—"  # no camera, or an agent too old to say
+    parts = []
+    if dropped is not None:
+        parts.append(f"{dropped} dropped frame{'' if dropped == 1 else 's'}")
+    if yields is not None:
+        parts.append(f"uploads waited for the encoder {yields}×")
+    return " · ".join(parts)
+
+
 def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, Any]]:
     """One row per device in scope: what an operator scans the fleet table for."""
     visible = visible_devices(conn.conn, who)
@@ -140,6 +158,7 @@ def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, An
                 "officer": officer or "—",
                 "firmware": t.get("firmware") or "—",
                 "recording": "yes ●" if t.get("recording") else "no",
+                "camera": camera_health(t),
                 "step": step or "—",
                 "gps": "—" if lat is None or lon is None else f"{lat / 1e6:.5f}, {lon / 1e6:.5f}",
                 "alarms": alarms.get(device_id, 0),

@@ -78,6 +78,9 @@ class Telemetry:
     # What a device with a camera reports.
     storage_headroom_min: int | None = None  # minutes of recording that still fit
     dropped_frames: int | None = None  # since the agent started
+    # Pumps in which uploads sent nothing new because frames waited for the encoder
+    # (since the agent started): a device whose camera keeps its uploads waiting.
+    yields_to_capture: int | None = None
     clock_offset_ms: int | None = None  # reference (GNSS, else gateway) minus device clock
     firmware: str | None = None  # "serial/firmware" as the device's MCU reports it
 

@@ -167,6 +167,7 @@ def test_the_dashboard_in_a_browser(
     shot(page, "case")
     page.goto(gateway.base + "/dashboard/devices/cam-hp")
     assert page.locator("svg[aria-label='telemetry history']").count() == 1
+    assert "dropped frame" in page.locator("[data-f=camera]").inner_text()
     shot(page, "device")
     page.goto(gateway.base + "/dashboard/alarms")
     shot(page, "alarms")

@@ -510,3 +510,19 @@ def test_telemetry_history_keeps_a_day(world: World) -> None:
     world.ingest.housekeeping()
     rows = world.db.execute("SELECT battery_pct FROM telemetry_log").fetchall()
     assert rows == [(50,)]
+
+
+def test_device_page_says_how_the_camera_fares(world: World) -> None:
+    """Dropped frames and uploads held back for the encoder, from telemetry to the page."""
+    a, x = world.devices["cam-a"], world.devices["cam-x"]
+    a.state(True)
+    x.state(True)
+    a.telemetry(recording=True, dropped_frames=1, yields_to_capture=37)
+    x.telemetry()  # no camera: says nothing of one
+    page = world.api.get("/dashboard/devices/cam-a", headers=world.admin).text
+    assert '<dd data-f="camera">1 dropped frame · uploads waited for the encoder 37×</dd>' in page
+    a.telemetry(dropped_frames=0, yields_to_capture=38)
+    page = world.api.get("/dashboard/devices/cam-a", headers=world.admin).text
+    assert "0 dropped frames · uploads waited for the encoder 38×" in page
+    page = world.api.get("/dashboard/devices/cam-x", headers=world.admin).text
+    assert '<dd data-f="camera">—</dd>' in page

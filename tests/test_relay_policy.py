@@ -86,6 +86,7 @@ def test_uploads_give_way_while_frames_wait_for_the_encoder(tmp_path) -> None:
         relay._pump_uploads(0.0)
         assert wire.chunks("cam-hash") == [], "no new chunk while capture is behind"
         assert relay.counters["yields_to_capture"] == 1
+        assert relay.telemetry().yields_to_capture == 1  # the operator sees it
         recorder._frames.get_nowait()  # the encoder caught up a little
         assert not recorder.behind()
         relay._pump_uploads(0.1)
