@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from html import escape
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import sqlite_utils
 from fastapi import Cookie, Depends, FastAPI, Form, Request
@@ -94,8 +95,10 @@ def camera_health(t: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, Any]]:
-    """One row per device in scope: what an operator scans the fleet table for."""
+def fleet_rows(
+    conn: sqlite_utils.Database, who: Principal, device_id: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per device in scope (or only ``device_id``'s): what an operator scans for."""
     visible = visible_devices(conn.conn, who)
     # Whole-fleet lookups once per request (not per device): the page and its live
     # updates stay cheap with thousands of devices.
@@ -121,14 +124,16 @@ def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, An
         ).fetchall()
     )
     rows = []
-    for device_id, online, last_seen, head_seq, telemetry in conn.execute(
-        "SELECT device_id, online, last_seen_ms, head_seq, telemetry FROM devices "
-        "WHERE status = 'active' ORDER BY device_id"
+    only = "AND device_id = ? " if device_id is not None else ""
+    for dev, online, last_seen, head_seq, telemetry in conn.execute(
+        f"SELECT device_id, online, last_seen_ms, head_seq, telemetry FROM devices "
+        f"WHERE status = 'active' {only}ORDER BY device_id",
+        [device_id] if device_id is not None else [],
     ).fetchall():
-        if visible is not None and device_id not in visible:
+        if visible is not None and dev not in visible:
             continue
         t = json.loads(telemetry) if telemetry else {}
-        officer = officers.get(device_id)
+        officer = officers.get(dev)
         step = open_steps.get(officer) if officer else None
         battery = t.get("battery_pct", -1)
         headroom = t.get("storage_headroom_min")
@@ -137,15 +142,16 @@ def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, An
             (not online and backlog)
             or (0 <= battery <= 15)
             or (headroom is not None and headroom < 60)
-            or alarms.get(device_id)
+            or alarms.get(dev)
         )
         lat, lon = t.get("gps_lat_e6"), t.get("gps_lon_e6")
         rows.append(
             {
-                "device_id": device_id,
+                "device_id": dev,
                 "online": bool(online),
                 "state": "online" if online else "offline",
                 "last_seen": ago(last_seen),
+                "last_seen_ms": last_seen or 0,  # live updates format it in the browser
                 "battery": "—"
                 if battery < 0
                 else f"{battery}%" + (" ⚡" if t.get("charging") else ""),
@@ -161,7 +167,7 @@ def fleet_rows(conn: sqlite_utils.Database, who: Principal) -> list[dict[str, An
                 "camera": camera_health(t),
                 "step": step or "—",
                 "gps": "—" if lat is None or lon is None else f"{lat / 1e6:.5f}, {lon / 1e6:.5f}",
-                "alarms": alarms.get(device_id, 0),
+                "alarms": alarms.get(dev, 0),
                 "attention": attention,
                 "head_seq": head_seq,
             }
@@ -363,27 +369,52 @@ def add_dashboard(
         return response
 
     @app.get("/dashboard/fleet", include_in_schema=False)
-    def fleet(request: Request, conn: Db, who: Who, q: str = "", state: str = "") -> HTMLResponse:
-        return render(request, "fleet.html", who, conn, page="fleet", rows=fleet_rows(conn, who),
-                      q=q, state=state)  # fmt: skip
+    def fleet(
+        request: Request, conn: Db, who: Who, q: str = "", state: str = "", page: int = 1
+    ) -> HTMLResponse:
+        view = FleetView(q, state, page)
+        everything = fleet_rows(conn, who)
+        rows, matching, pages = view.select(everything)
+        return render(
+            request,
+            "fleet.html",
+            who,
+            conn,
+            page="fleet",
+            rows=rows,
+            total=len(everything),
+            matching=matching,
+            view=view,
+            pages=pages,
+            first=(view.page - 1) * PAGE_ROWS + 1,
+            now_ms=now_ms(),
+        )
 
     @app.get("/dashboard/events", include_in_schema=False)
-    async def events(request: Request, who: Who) -> Response:
-        """The fleet table's rows whenever they change (server-sent events)."""
+    async def events(
+        request: Request, who: Who, q: str = "", state: str = "", page: int = 1
+    ) -> Response:
+        """Live updates of one fleet page (server-sent events): the rows that changed since
+        the last event, and the page's device ids whenever they change (a device that
+        starts or stops matching the filter, a new device), so the browser reloads then.
+
+        The first event carries every row of the page. Sending only changes keeps an
+        operator watching a large fleet from receiving the whole page every second.
+        """
 
         async def stream() -> AsyncIterator[str]:
-            last = ""
+            feed = FleetFeed(FleetView(q, state, page))
             idle = 0.0
             while not await request.is_disconnected():
                 conn = connect(data.db_path)
                 try:
-                    rows = await asyncio.to_thread(fleet_rows, conn, who)
+                    everything = await asyncio.to_thread(fleet_rows, conn, who)
                 finally:
                     conn.conn.close()
-                payload = json.dumps(rows, ensure_ascii=False)
-                if payload != last:
-                    last, idle = payload, 0.0
-                    yield f"event: fleet\ndata: {payload}\n\n"
+                event = feed.update(everything)
+                if event is not None:
+                    idle = 0.0
+                    yield f"event: fleet\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
                 elif idle >= 15:
                     idle = 0.0
                     yield ": keep-alive\n\n"
@@ -394,7 +425,7 @@ def add_dashboard(
 
     @app.get("/dashboard/devices/{device_id}", include_in_schema=False)
     def device(request: Request, device_id: str, conn: Db, who: Who) -> HTMLResponse:
-        row = next((r for r in fleet_rows(conn, who) if r["device_id"] == device_id), None)
+        row = next(iter(fleet_rows(conn, who, device_id)), None)
         if row is None:
             raise Forbidden(f"No device {device_id} in your scope.")
         history = conn.execute(
@@ -562,6 +593,86 @@ def add_dashboard(
         ]
         return render(request, "audit.html", who, conn, page="audit", entries=entries,
                       intact=not audit.verify_chain(conn.conn))  # fmt: skip
+
+
+PAGE_ROWS = 200  # fleet rows per page: thousands of devices stay a quick page
+STATES = ("online", "offline", "recording", "attention")
+# What the text filter searches: the fields the table shows.
+SHOWN = ("device_id", "state", "battery", "storage", "backlog", "oldest", "clock",
+         "firmware", "officer", "recording", "step", "gps")  # fmt: skip
+
+
+def filter_rows(rows: list[dict[str, Any]], q: str, state: str) -> list[dict[str, Any]]:
+    """The rows a fleet filter keeps: ``q`` in any shown field, and the chosen state."""
+    needle = q.strip().lower()
+    out = []
+    for r in rows:
+        if state == "online" and not r["online"]:
+            continue
+        if state == "offline" and r["online"]:
+            continue
+        if state == "recording" and not r["recording"].startswith("yes"):
+            continue
+        if state == "attention" and not r["attention"]:
+            continue
+        if needle and not any(needle in str(r[f]).lower() for f in SHOWN):
+            continue
+        out.append(r)
+    return out
+
+
+class FleetView:
+    """One page of the fleet table as an operator asked for it (filter, state, page)."""
+
+    def __init__(self, q: str = "", state: str = "", page: int = 1) -> None:
+        self.q = q.strip()[:200]
+        self.state = state if state in STATES else ""
+        self.page = max(1, page)
+
+    def query(self, page: int | None = None) -> str:
+        params = {"q": self.q, "state": self.state, "page": page or self.page}
+        return urlencode({k: v for k, v in params.items() if v})
+
+    def select(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+        """(this page's rows, rows matching, pages); a page past the end shows the last."""
+        matching = filter_rows(rows, self.q, self.state)
+        pages = max(1, -(-len(matching) // PAGE_ROWS))
+        self.page = min(self.page, pages)
+        start = (self.page - 1) * PAGE_ROWS
+        return matching[start : start + PAGE_ROWS], len(matching), pages
+
+
+def live_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as live updates send it: the age text is the browser's to keep current, so
+    a row changes when the device does, not every second."""
+    return {k: v for k, v in row.items() if k != "last_seen"}
+
+
+class FleetFeed:
+    """What one open fleet page needs to hear: the rows of its page that changed since
+    the last event, and the page's device ids whenever they change."""
+
+    def __init__(self, view: FleetView) -> None:
+        self.view = view
+        self.sent: dict[str, str] = {}
+        self.ids: list[str] | None = None
+
+    def update(self, everything: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The next event for the fleet as it is now, or None when the page is unchanged."""
+        rows, _, _ = self.view.select(everything)
+        changed = []
+        for row in rows:
+            live = live_row(row)
+            text = json.dumps(live, ensure_ascii=False, sort_keys=True)
+            if self.sent.get(row["device_id"]) != text:
+                self.sent[row["device_id"]] = text
+                changed.append(live)
+        event: dict[str, Any] = {"now_ms": now_ms(), "rows": changed}
+        ids = [r["device_id"] for r in rows]
+        if ids != self.ids:
+            self.ids = event["ids"] = ids
+            self.sent = {k: v for k, v in self.sent.items() if k in set(ids)}
+        return event if changed or "ids" in event else None
 
 
 def _sse(stream: AsyncIterator[str]) -> Response:

@@ -1,0 +1,139 @@
+"""The fleet page at scale: filtered and paged by the server, live updates that carry only
+what changed, and a device page that looks up one device, not the fleet.
+
+Real parts in one process (``tests/field.py``): enrolled devices with real signed state
+and telemetry through the real ingest, the real FastAPI app with its scopes. The page
+size is lowered for the test so that a handful of devices make several pages.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import dashboard
+from gateway.access import Principal
+from gateway.dashboard import FleetFeed, FleetView, fleet_rows
+from gateway.db import connect
+from tests.field import O1, O2, O3, FieldWorld
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FieldWorld]:
+    monkeypatch.setattr(dashboard, "PAGE_ROWS", 3)
+    # Heping: cam-a, cam-b, cam-c, cam-d, cam-e (O1 and O2); Hexi: cam-x (O3).
+    w = FieldWorld(
+        tmp_path,
+        {"cam-a": O1, "cam-b": O1, "cam-c": O2, "cam-d": O2, "cam-e": O2, "cam-x": O3},
+    )
+    yield w
+    w.close()
+
+
+ADMIN = Principal("admin", "admin")
+
+
+def rows_on(page: str) -> list[str]:
+    return re.findall(r'<tr id="dev-([^"]+)"', page)
+
+
+def test_pages_and_filters_are_the_servers(world: FieldWorld) -> None:
+    for name in ("cam-a", "cam-c", "cam-x"):
+        world.devices[name].state(True)
+    world.devices["cam-c"].telemetry(recording=True, battery_pct=9)  # needs attention
+
+    page = world.get("/dashboard/fleet")
+    assert rows_on(page) == ["cam-a", "cam-b", "cam-c"]
+    assert "6 devices" in page and "page 1 of 2" in page
+    assert 'href="/dashboard/fleet?page=2"' in page and 'rel="prev"' not in page
+    page = world.get("/dashboard/fleet", page=2)
+    assert rows_on(page) == ["cam-d", "cam-e", "cam-x"] and "rows 4–6 of 6" in page
+    assert rows_on(world.get("/dashboard/fleet", page=99)) == ["cam-d", "cam-e", "cam-x"]
+
+    page = world.get("/dashboard/fleet", state="online")
+    assert rows_on(page) == ["cam-a", "cam-c", "cam-x"] and "3 of 6 devices" in page
+    assert 'rel="next"' not in page  # one page
+    assert rows_on(world.get("/dashboard/fleet", state="offline")) == ["cam-b", "cam-d", "cam-e"]
+    assert rows_on(world.get("/dashboard/fleet", state="recording")) == ["cam-c"]
+    assert rows_on(world.get("/dashboard/fleet", state="attention")) == ["cam-c"]
+    # Text matches any shown field: the device, its officer, …
+    assert rows_on(world.get("/dashboard/fleet", q=O3)) == ["cam-x"]
+    page = world.get("/dashboard/fleet", q=O2)
+    assert rows_on(page) == ["cam-c", "cam-d", "cam-e"]
+    page = world.get("/dashboard/fleet", q="CAM-", state="offline", page=1)
+    assert rows_on(page) == ["cam-b", "cam-d", "cam-e"]
+    # The filters travel with the pages and the live updates.
+    page = world.get("/dashboard/fleet", q="cam")
+    assert 'href="/dashboard/fleet?q=cam&amp;page=2"' in page
+    assert 'data-live="/dashboard/events?q=cam&amp;page=1"' in page
+    page = world.get("/dashboard/fleet", q="nothing like it")
+    assert rows_on(page) == [] and "No device matches this filter." in page
+    # An unknown state is no filter rather than an error.
+    assert len(rows_on(world.get("/dashboard/fleet", state="bogus"))) == 3
+
+
+def test_a_district_user_pages_through_their_own_devices_only(world: FieldWorld) -> None:
+    clerk = world.user("hx-clerk", "district_agency", agency_id="hx-ue")
+    page = world.get("/dashboard/fleet", who=clerk)
+    assert rows_on(page) == ["cam-x"] and "1 device<" in page and "page 1 of" not in page
+    assert rows_on(world.get("/dashboard/fleet", who=clerk, q="cam-a")) == []
+    r = world.api.get("/dashboard/devices/cam-a", headers=clerk)
+    assert r.status_code == 404
+    assert "cam-x" in world.get("/dashboard/devices/cam-x", who=clerk)
+
+
+def test_the_device_page_reads_one_device(world: FieldWorld) -> None:
+    world.devices["cam-d"].state(True)
+    world.devices["cam-d"].telemetry(battery_pct=55)
+    conn = connect(world.gw.db_path)
+    try:
+        admin = ADMIN
+        (row,) = fleet_rows(conn, admin, "cam-d")
+        assert row["device_id"] == "cam-d" and row["battery"] == "55%" and row["online"]
+        assert fleet_rows(conn, admin, "cam-nope") == []
+    finally:
+        conn.conn.close()
+    page = world.get("/dashboard/devices/cam-d")
+    assert "55%" in page
+    assert world.api.get("/dashboard/devices/cam-nope", headers=world.admin).status_code == 404
+
+
+def test_live_updates_carry_only_what_changed(world: FieldWorld) -> None:
+    conn = connect(world.gw.db_path)
+    admin = ADMIN
+
+    def rows() -> list[dict[str, Any]]:
+        return fleet_rows(conn, admin)
+
+    try:
+        feed = FleetFeed(FleetView(state="", page=1))
+        first = feed.update(rows())
+        assert first is not None
+        assert first["ids"] == ["cam-a", "cam-b", "cam-c"]
+        assert [r["device_id"] for r in first["rows"]] == ["cam-a", "cam-b", "cam-c"]
+        assert all("last_seen" not in r and "last_seen_ms" in r for r in first["rows"])
+        assert feed.update(rows()) is None  # nothing changed: nothing sent
+
+        world.devices["cam-b"].state(True)
+        world.devices["cam-b"].telemetry(battery_pct=42)
+        world.devices["cam-e"].telemetry(battery_pct=41)  # on another page: not this one's
+        event = feed.update(rows())
+        assert event is not None and "ids" not in event
+        assert [(r["device_id"], r["battery"]) for r in event["rows"]] == [("cam-b", "42%")]
+
+        # A page filtered to online devices hears when its membership changes.
+        online = FleetFeed(FleetView(state="online"))
+        assert online.update(rows())["ids"] == ["cam-b"]  # type: ignore[index]
+        world.devices["cam-a"].state(True)
+        event = online.update(rows())
+        assert event is not None and event["ids"] == ["cam-a", "cam-b"]
+        assert [r["device_id"] for r in event["rows"]] == ["cam-a"]
+        world.devices["cam-a"].state(False)
+        event = online.update(rows())
+        assert event is not None and event["ids"] == ["cam-b"] and event["rows"] == []
+    finally:
+        conn.conn.close()
