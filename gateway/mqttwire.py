@@ -8,10 +8,12 @@ measured here, stock paho spent ≈ 5 ms of CPU per MiB received where the socke
 spent 0.5, and the gateway then copied the chunk twice more (``bytes(payload)``,
 ``Chunk.decode``'s slice) before writing it.
 
-``LeanClient`` reads each packet with ``recv_into`` into one buffer of exactly its
+``LeanClient`` reads each large packet with ``recv_into`` into one buffer of exactly its
 remaining length, and gives a PUBLISH's payload as a ``memoryview`` into that buffer: the
 chunk's bytes go from the kernel to the part file and the running hash without being
 copied again (a new buffer per packet, so a view never sees its bytes overwritten).
+Packets under ``LEAN_FROM`` (acks, telemetry, journal batches: thousands a second from a
+large fleet) take paho's own path, which is a few microseconds quicker for them.
 Everything else (CONNACK, SUBACK, PUBACK, QoS 2, the callbacks, keepalive) is paho's own
 code: only two private methods are replaced, and only on the paho version they were
 written against; on any other version the client is stock paho (``LEAN`` says which).
@@ -36,6 +38,8 @@ log = logging.getLogger("custody.gateway.mqttwire")
 #: The paho releases whose ``_in_packet`` layout and ``_handle_publish`` this mirrors.
 SUPPORTED = ("2.1.0",)
 LEAN = paho.mqtt.__version__ in SUPPORTED
+#: Packets from this size on take the one-copy path; smaller ones are paho's (bytes).
+LEAN_FROM = 16 * 1024
 
 
 def _fresh_packet() -> dict[str, Any]:
@@ -52,7 +56,8 @@ def _fresh_packet() -> dict[str, Any]:
 
 
 class LeanClient(mqtt.Client):
-    """A paho ``Client`` whose PUBLISH payloads are ``memoryview``s, received with one copy."""
+    """A paho ``Client`` that receives a large PUBLISH with one copy; its payload is then a
+    ``memoryview`` (``bytes`` for packets under ``LEAN_FROM``, as paho gives them)."""
 
     if LEAN:
 
@@ -64,6 +69,10 @@ class LeanClient(mqtt.Client):
                 rc = self._read_fixed_header(p)
                 if rc is not None:
                     return rc
+            if p["remaining_length"] < LEAN_FROM:
+                # Small packets (acks, telemetry, journal batches) gain nothing from this
+                # path and lose a few microseconds to it: paho reads their bodies itself.
+                return super()._packet_read()
             buf = p["packet"]
             if len(buf) != p["remaining_length"]:
                 buf = p["packet"] = bytearray(p["remaining_length"])
@@ -124,7 +133,6 @@ class LeanClient(mqtt.Client):
                 if not value & 128:
                     p["have_remaining"] = 1
                     p["to_process"] = p["remaining_length"]
-                    p["packet"] = bytearray(p["remaining_length"])
             return None
 
         def _sock_recv_into(self, view: memoryview) -> int:
@@ -142,9 +150,9 @@ class LeanClient(mqtt.Client):
         def _handle_publish(self) -> MQTTErrorCode:
             header = self._in_packet["command"]
             qos = (header & 0x06) >> 1
-            if qos == 2 or self._protocol != mqtt.MQTTv5:
-                return super()._handle_publish()
             buf: bytearray = self._in_packet["packet"]
+            if qos == 2 or self._protocol != mqtt.MQTTv5 or len(buf) < LEAN_FROM:
+                return super()._handle_publish()
             view = memoryview(buf)
             if len(view) < 2:
                 return MQTTErrorCode.MQTT_ERR_PROTOCOL

@@ -92,9 +92,9 @@ def test_the_device_page_reads_one_device(world: FieldWorld) -> None:
     conn = connect(world.gw.db_path)
     try:
         admin = ADMIN
-        (row,) = fleet_rows(conn, admin, "cam-d")
+        (row,) = fleet_rows(conn, admin, ["cam-d"])
         assert row["device_id"] == "cam-d" and row["battery"] == "55%" and row["online"]
-        assert fleet_rows(conn, admin, "cam-nope") == []
+        assert fleet_rows(conn, admin, ["cam-nope"]) == []
     finally:
         conn.conn.close()
     page = world.get("/dashboard/devices/cam-d")
@@ -104,36 +104,67 @@ def test_the_device_page_reads_one_device(world: FieldWorld) -> None:
 
 def test_live_updates_carry_only_what_changed(world: FieldWorld) -> None:
     conn = connect(world.gw.db_path)
-    admin = ADMIN
-
-    def rows() -> list[dict[str, Any]]:
-        return fleet_rows(conn, admin)
-
     try:
-        feed = FleetFeed(FleetView(state="", page=1))
-        first = feed.update(rows())
+        everyone, online = FleetView(), FleetView(state="online")
+
+        def page(view: FleetView) -> list[dict[str, Any]]:
+            return view.rows(conn, ADMIN).rows
+
+        feed = FleetFeed()
+        first = feed.update(page(everyone))
         assert first is not None
         assert first["ids"] == ["cam-a", "cam-b", "cam-c"]
         assert [r["device_id"] for r in first["rows"]] == ["cam-a", "cam-b", "cam-c"]
         assert all("last_seen" not in r and "last_seen_ms" in r for r in first["rows"])
-        assert feed.update(rows()) is None  # nothing changed: nothing sent
+        assert feed.update(page(everyone)) is None  # nothing changed: nothing sent
 
         world.devices["cam-b"].state(True)
         world.devices["cam-b"].telemetry(battery_pct=42)
         world.devices["cam-e"].telemetry(battery_pct=41)  # on another page: not this one's
-        event = feed.update(rows())
+        event = feed.update(page(everyone))
         assert event is not None and "ids" not in event
         assert [(r["device_id"], r["battery"]) for r in event["rows"]] == [("cam-b", "42%")]
 
         # A page filtered to online devices hears when its membership changes.
-        online = FleetFeed(FleetView(state="online"))
-        assert online.update(rows())["ids"] == ["cam-b"]  # type: ignore[index]
+        watching = FleetFeed()
+        assert watching.update(page(online))["ids"] == ["cam-b"]  # type: ignore[index]
         world.devices["cam-a"].state(True)
-        event = online.update(rows())
+        event = watching.update(page(online))
         assert event is not None and event["ids"] == ["cam-a", "cam-b"]
         assert [r["device_id"] for r in event["rows"]] == ["cam-a"]
         world.devices["cam-a"].state(False)
-        event = online.update(rows())
+        event = watching.update(page(online))
         assert event is not None and event["ids"] == ["cam-b"] and event["rows"] == []
+    finally:
+        conn.conn.close()
+
+
+def test_an_unfiltered_page_builds_only_its_own_rows(
+    world: FieldWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open fleet page refreshes every second: with thousands of devices it must not
+    build every device's row to show 200 of them."""
+    built: list[int] = []
+    real = dashboard.fleet_rows
+
+    def counting(conn: Any, who: Principal, only: Any = None) -> list[dict[str, Any]]:
+        rows = real(conn, who, only)
+        built.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(dashboard, "fleet_rows", counting)
+    conn = connect(world.gw.db_path)
+    try:
+        shown = FleetView(page=2).rows(conn, ADMIN)
+        assert [r["device_id"] for r in shown.rows] == ["cam-d", "cam-e", "cam-x"]
+        assert (shown.matching, shown.total, shown.pages, shown.first) == (6, 6, 2, 4)
+        assert built == [3]
+        built.clear()
+        clerk = Principal("hx-clerk", "district_agency", agency_id="hx-ue")
+        shown = FleetView().rows(conn, clerk)
+        assert [r["device_id"] for r in shown.rows] == ["cam-x"] and built == [1]
+        built.clear()
+        shown = FleetView(q="cam").rows(conn, ADMIN)  # a filter looks at every row
+        assert len(shown.rows) == 3 and shown.matching == 6 and built == [6]
     finally:
         conn.conn.close()
