@@ -18,9 +18,10 @@ device's latest stored state is older than 2 intervals at the window's end. The 
 stops at the first step that does not hold, or at the largest fleet the open-file limit
 allows (mosquitto holds one socket per device and inherits this process's limit).
 
-Fleet page: ``GET /dashboard/fleet`` with the admin token, wall time on localhost, median
-of ``--page-requests`` after one untimed request, taken after each step's window while
-the fleet keeps publishing (an operator looks at the page while the fleet runs).
+Fleet page: ``GET /dashboard/fleet`` with the admin token (its first page: 200 rows, no
+filter, as an operator first sees it), wall time on localhost, median of
+``--page-requests`` after one untimed request, taken after each step's window while the
+fleet keeps publishing (an operator looks at the page while the fleet runs).
 
 Prints a line per step, the largest N held and, last, ``fleet_page_ratio: X`` (page time
 at that N / at N=10). Nothing is asserted.

@@ -13,7 +13,8 @@ remaining length, and gives a PUBLISH's payload as a ``memoryview`` into that bu
 chunk's bytes go from the kernel to the part file and the running hash without being
 copied again (a new buffer per packet, so a view never sees its bytes overwritten).
 Packets under ``LEAN_FROM`` (acks, telemetry, journal batches: thousands a second from a
-large fleet) take paho's own path, which is a few microseconds quicker for them.
+large fleet) take paho's own path: for them the lean one saved nothing and cost ≈ 2 %
+more instructions (callgrind).
 Everything else (CONNACK, SUBACK, PUBACK, QoS 2, the callbacks, keepalive) is paho's own
 code: only two private methods are replaced, and only on the paho version they were
 written against; on any other version the client is stock paho (``LEAN`` says which).
@@ -21,7 +22,6 @@ written against; on any other version the client is stock paho (``LEAN`` says wh
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 import time
@@ -32,8 +32,6 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
-
-log = logging.getLogger("custody.gateway.mqttwire")
 
 #: The paho releases whose ``_in_packet`` layout and ``_handle_publish`` this mirrors.
 SUPPORTED = ("2.1.0",)
