@@ -164,7 +164,19 @@ def test_an_unfiltered_page_builds_only_its_own_rows(
         shown = FleetView().rows(conn, clerk)
         assert [r["device_id"] for r in shown.rows] == ["cam-x"] and built == [1]
         built.clear()
-        shown = FleetView(q="cam").rows(conn, ADMIN)  # a filter looks at every row
+        world.devices["cam-e"].state(True)
+        shown = FleetView(state="online").rows(conn, ADMIN)  # online is a column
+        assert [r["device_id"] for r in shown.rows] == ["cam-e"] and built == [1]
+        assert (shown.matching, shown.total, shown.pages) == (1, 6, 1)
+        built.clear()
+        shown = FleetView(state="offline", page=2).rows(conn, ADMIN)
+        assert [r["device_id"] for r in shown.rows] == ["cam-d", "cam-x"] and built == [2]
+        assert (shown.matching, shown.total, shown.first) == (5, 6, 4)
+        built.clear()
+        shown = FleetView(q="cam").rows(conn, ADMIN)  # text looks at what rows show
         assert len(shown.rows) == 3 and shown.matching == 6 and built == [6]
+        built.clear()
+        shown = FleetView(state="attention").rows(conn, ADMIN)
+        assert shown.rows == [] and built == [6]
     finally:
         conn.conn.close()
