@@ -38,7 +38,6 @@ from gateway.translog import TransparencyLog
 from gateway.uploads import ActiveUploads
 from gateway.watch import watch
 from protocol.command import Command
-from protocol.encoding import decode
 from protocol.errors import MessageError, ProtocolError, SignatureError
 from protocol.journal import GENESIS, Link, check_link
 from protocol.receipt import JournalAck, record_leaf
@@ -444,9 +443,12 @@ class Ingest:
             raise MessageError(f"telemetry names {tele.device_id} on {device_id}'s topic")
         now = now_ms()
         with transaction(self.db, durable=False) as conn:
+            # The message as the device sent it: decoded and checked above, so
+            # its text is valid JSON (parsing it again to store it cost ≈ 30 µs a message,
+            # thousands of messages a second from a large fleet).
             conn.execute(
                 "UPDATE devices SET telemetry = ?, last_seen_ms = ? WHERE device_id = ?",
-                [json.dumps(decode(payload, what="telemetry")), now, device_id],
+                [payload.decode("utf-8"), now, device_id],
             )
             # History for the dashboard's charts and GPS track (pruned to a day by
             # ``housekeeping``, not here: this runs for every message of every device).
