@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ from protocol.upload import Chunk, JournalBatch, UploadFin, UploadInit
 
 __all__ = ["Device", "Ingest", "Outgoing"]
 
+TELEMETRY_BATCH = 256  # telemetry messages written at most in one transaction
 log = logging.getLogger("custody.gateway.ingest")
 
 STATUS_TTL_S = 1.0
@@ -89,6 +91,8 @@ class Ingest:
         self.key = key
         self.log = TransparencyLog(db, key)
         self._status_cache: dict[str, tuple[bool, float]] = {}
+        # Telemetry accepted but not yet written: (device, message text, received, decoded).
+        self._telemetry: list[tuple[str, str, int, Telemetry]] = []
         self.evidence = EvidenceIntake(
             db,
             key,
@@ -111,6 +115,8 @@ class Ingest:
             log.warning("ignored message on %s: %s", topic, exc)
             return []
         device_id, kind = parsed.device_id, parsed.kind
+        if self._telemetry and kind is not DeviceTopic.TELEMETRY:
+            self.write_telemetry()  # what came before this message is stored before it
         if kind is not DeviceTopic.UPLOAD_CHUNK:
             payload = bytes(payload)  # small control messages; their decoders take bytes
         try:
@@ -441,39 +447,61 @@ class Ingest:
         tele = Telemetry.decode(payload)
         if tele.device_id != device_id:
             raise MessageError(f"telemetry names {tele.device_id} on {device_id}'s topic")
-        now = now_ms()
-        with transaction(self.db, durable=False) as conn:
-            # The message as the device sent it: decoded and checked above, so
-            # its text is valid JSON (parsing it again to store it cost ≈ 30 µs a message,
-            # thousands of messages a second from a large fleet).
-            conn.execute(
-                "UPDATE devices SET telemetry = ?, last_seen_ms = ? WHERE device_id = ?",
-                [payload.decode("utf-8"), now, device_id],
-            )
-            # History for the dashboard's charts and GPS track (pruned to a day by
-            # ``housekeeping``, not here: this runs for every message of every device).
-            conn.execute(
-                "INSERT INTO telemetry_log(device_id, at_ms, battery_pct, backlog_items, "
-                "backlog_bytes, headroom_min, lat_e6, lon_e6, recording) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    device_id,
-                    now,
-                    tele.battery_pct,
-                    tele.backlog_items,
-                    tele.backlog_bytes,
-                    tele.storage_headroom_min,
-                    tele.gps_lat_e6,
-                    tele.gps_lon_e6,
-                    int(tele.recording),
-                ],
-            )
+        self._telemetry.append((device_id, payload.decode("utf-8"), now_ms(), tele))
+        if len(self._telemetry) >= TELEMETRY_BATCH:
+            self.write_telemetry()
         return []
+
+    def write_telemetry(self) -> None:
+        """Store the telemetry accepted since the last write, in one transaction.
+
+        A fleet sends thousands of telemetry messages a second, and a transaction of its
+        own for each (two pragmas, BEGIN, COMMIT) cost more than the rows. They are
+        written when the service has drained its queue (``flush``), before any other
+        kind of message is handled (so order is kept), before housekeeping reads them,
+        and every ``TELEMETRY_BATCH``. Telemetry is not evidence: a gateway crash loses
+        at most the last batch, as a non-durable commit could.
+        """
+        pending, self._telemetry = self._telemetry, []
+        if not pending:
+            return
+        try:
+            with transaction(self.db, durable=False) as conn:
+                # The message as the device sent it: decoded and checked already, so its
+                # text is valid JSON (parsing it again to store it cost ≈ 30 µs).
+                conn.executemany(
+                    "UPDATE devices SET telemetry = ?, last_seen_ms = ? WHERE device_id = ?",
+                    [(text, at, device_id) for device_id, text, at, _ in pending],
+                )
+                # History for the dashboard's charts and GPS track (pruned to a day by
+                # ``housekeeping``, not here).
+                conn.executemany(
+                    "INSERT INTO telemetry_log(device_id, at_ms, battery_pct, backlog_items, "
+                    "backlog_bytes, headroom_min, lat_e6, lon_e6, recording) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            device_id,
+                            at,
+                            t.battery_pct,
+                            t.backlog_items,
+                            t.backlog_bytes,
+                            t.storage_headroom_min,
+                            t.gps_lat_e6,
+                            t.gps_lon_e6,
+                            int(t.recording),
+                        )
+                        for device_id, _, at, t in pending
+                    ],
+                )
+        except sqlite3.Error:  # never stop ingest over telemetry
+            log.exception("storing %d telemetry messages failed; they are dropped", len(pending))
 
     def housekeeping(self) -> None:
         """Periodic work on the ingest thread: bind newly accepted manifests to case steps,
         and put the audit chain's head into the transparency log (this thread is the
         log's only writer)."""
+        self.write_telemetry()  # the watch below reads it
         now = now_ms()
         try:
             with transaction(self.db) as conn:
@@ -524,7 +552,10 @@ class Ingest:
         return out
 
     def flush(self, *, idle: bool = True) -> list[Outgoing]:
+        """Called when a batch of messages is done: pending telemetry, coalesced acks."""
+        self.write_telemetry()
         return self.evidence.flush(idle=idle)
 
     def close(self) -> None:
+        self.write_telemetry()
         self.evidence.close()

@@ -141,6 +141,7 @@ class FieldDevice:
             device_topic(self.device_id, DeviceTopic.TELEMETRY),
             Telemetry(self.device_id, now(), **fields).encode(),
         )
+        self.ingest.flush()  # as the gateway's service does after each batch of messages
 
 
 O1, O2, O3 = "12010001", "12010002", "12020001"

@@ -526,3 +526,53 @@ def test_device_page_says_how_the_camera_fares(world: World) -> None:
     assert "0 dropped frames · uploads waited for the encoder 38×" in page
     page = world.api.get("/dashboard/devices/cam-x", headers=world.admin).text
     assert '<dd data-f="camera">—</dd>' in page
+
+
+def test_telemetry_is_written_in_batches_and_in_order(world: World, monkeypatch) -> None:
+    """A burst of telemetry is one transaction, written before any other kind of message
+    is handled and when the service's batch is done (``flush``)."""
+    import gateway.ingest as ingest_mod
+    from protocol.state import DeviceState, Telemetry
+
+    a, x = world.devices["cam-a"], world.devices["cam-x"]
+    a.state(True)
+    x.state(True)
+    transactions = []
+    real = ingest_mod.transaction
+
+    def counting(db: Any, **kw: Any) -> Any:
+        transactions.append(kw)
+        return real(db, **kw)
+
+    monkeypatch.setattr(ingest_mod, "transaction", counting)
+
+    def tele(device_id: str, battery: int) -> bytes:
+        return Telemetry(device_id, now(), 0, 0, 0, 0, 0, 10**9, battery_pct=battery).encode()
+
+    def stored(device_id: str) -> Any:
+        (text,) = world.db.execute(
+            "SELECT telemetry FROM devices WHERE device_id = ?", [device_id]
+        ).fetchone()
+        return decode(text.encode())["battery_pct"] if text else None
+
+    logged = world.db.execute("SELECT count(*) FROM telemetry_log").fetchone()[0]
+    for battery in range(50, 60):
+        for d in ("cam-a", "cam-x"):
+            world.ingest.handle(device_topic(d, DeviceTopic.TELEMETRY), tele(d, battery))
+    assert transactions == [] and stored("cam-a") is None  # not yet written
+    # Another kind of message: what came before it is stored first, in one transaction.
+    world.ingest.handle(
+        device_topic("cam-x", DeviceTopic.STATE), DeviceState("cam-x", False, 1, now()).encode()
+    )
+    assert transactions[0] == {"durable": False} and len(transactions) == 2  # + the state's
+    assert (stored("cam-a"), stored("cam-x")) == (59, 59)  # the latest of each device
+    assert world.db.execute("SELECT count(*) FROM telemetry_log").fetchone()[0] == logged + 20
+    world.ingest.handle(device_topic("cam-a", DeviceTopic.TELEMETRY), tele("cam-a", 7))
+    assert stored("cam-a") == 59
+    world.ingest.flush()  # the service's batch is done
+    assert stored("cam-a") == 7
+    # A long burst is written every TELEMETRY_BATCH messages, not held without bound.
+    transactions.clear()
+    for i in range(ingest_mod.TELEMETRY_BATCH):
+        world.ingest.handle(device_topic("cam-a", DeviceTopic.TELEMETRY), tele("cam-a", i % 90))
+    assert len(transactions) == 1 and stored("cam-a") == (ingest_mod.TELEMETRY_BATCH - 1) % 90
