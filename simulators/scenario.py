@@ -31,7 +31,7 @@ import itertools
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,9 @@ from firmware_bridge.messages import (
     TemperatureEvent,
 )
 from simulators.mcu import McuSimulator
+
+#: How long a scenario waits for its device to be ready before it starts anyway.
+READY_WAIT_S = 30.0
 
 
 class ScenarioError(ValueError):
@@ -195,9 +198,17 @@ def timeline(scenario: Scenario, until: float) -> list[tuple[float, Event]]:
 class ScenarioRunner:
     """Plays a scenario on an MCU simulator in (sped-up) real time, on its own thread."""
 
-    def __init__(self, scenario: Scenario, mcu: McuSimulator) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        mcu: McuSimulator,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        """``ready``, when given, says when the scenario's clock may start (polled for up
+        to ``READY_WAIT_S``)."""
         self.scenario = scenario
         self.mcu = mcu
+        self.ready = ready
         self.sent: list[Event] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -208,6 +219,11 @@ class ScenarioRunner:
         self._thread.start()
 
     def _run(self, until: float) -> None:
+        if self.ready is not None:
+            deadline = time.monotonic() + READY_WAIT_S
+            while not self.ready() and time.monotonic() < deadline:
+                if self._stop.wait(0.05):
+                    return
         start = time.monotonic()
         for at, event in timeline(self.scenario, until):
             if self._stop.wait(max(0.0, start + at / self.scenario.speedup - time.monotonic())):

@@ -445,7 +445,17 @@ def test_a_crash_mid_segment_loses_at_most_about_a_second(gateway: Gateway, tmp_
     device = SimDevice(config, scenario, tmp_path / "work", env=env, camera=(W, H, FPS))
     device.start()
     try:
-        time.sleep(8.5)  # recording since ~1 s: the first segment is ~7 s along
+        # Recording starts at 1 s of the scenario (whose clock starts when the agent
+        # listens to its MCU): wait for the start to reach the gateway, then let ~6 s of
+        # the 10 s segment be spooled (a fragment a second), whatever the machine's load.
+        wait_for(
+            lambda: any(
+                r["kind"] == "recording_started" for r in gateway_journal(gateway, "cam-crash")
+            ),
+            60,
+            "the recording's start at the gateway",
+        )
+        time.sleep(5.5)
         killed_ms = int(time.time() * 1000)
         device.kill()
         device.boot()
