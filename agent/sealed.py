@@ -187,7 +187,6 @@ class PlainReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self._last: tuple[int, bytes] | None = None
         self.size = os.fstat(self._file.fileno()).st_size
 
     def pread(self, length: int, offset: int) -> bytes:

@@ -375,21 +375,8 @@ def add_dashboard(
         request: Request, conn: Db, who: Who, q: str = "", state: str = "", page: int = 1
     ) -> HTMLResponse:
         view = FleetView(q, state, page)
-        shown = view.rows(conn, who)
-        return render(
-            request,
-            "fleet.html",
-            who,
-            conn,
-            page="fleet",
-            rows=shown.rows,
-            total=shown.total,
-            matching=shown.matching,
-            view=view,
-            pages=shown.pages,
-            first=shown.first,
-            now_ms=now_ms(),
-        )
+        return render(request, "fleet.html", who, conn, page="fleet", view=view,
+                      shown=view.rows(conn, who), now_ms=now_ms())  # fmt: skip
 
     @app.get("/dashboard/events", include_in_schema=False)
     async def events(

@@ -100,29 +100,27 @@ class LeanClient(mqtt.Client):
                 self._last_msg_in = time.monotonic()
             return rc
 
+        def _recv_byte(self) -> int | MQTTErrorCode:
+            """One byte of the fixed header, or what stopped it (as paho reads them)."""
+            try:
+                data = self._sock_recv(1)
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as err:
+                self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            return data[0] if data else MQTTErrorCode.MQTT_ERR_CONN_LOST
+
         def _read_fixed_header(self, p: dict[str, Any]) -> MQTTErrorCode | None:
             if p["command"] == 0:
-                try:
-                    command = self._sock_recv(1)
-                except BlockingIOError:
-                    return MQTTErrorCode.MQTT_ERR_AGAIN
-                except OSError as err:
-                    self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                if not command:
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                p["command"] = command[0]
+                command = self._recv_byte()
+                if isinstance(command, MQTTErrorCode):
+                    return command
+                p["command"] = command
             while p["have_remaining"] == 0:
-                try:
-                    byte = self._sock_recv(1)
-                except BlockingIOError:
-                    return MQTTErrorCode.MQTT_ERR_AGAIN
-                except OSError as err:
-                    self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                if not byte:
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                value = byte[0]
+                value = self._recv_byte()
+                if isinstance(value, MQTTErrorCode):
+                    return value
                 p["remaining_count"].append(value)
                 if len(p["remaining_count"]) > 4:
                     return MQTTErrorCode.MQTT_ERR_PROTOCOL

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import load_config
-from firmware_bridge.messages import BatteryEvent, FrameType
+from firmware_bridge.messages import BatteryEvent
 from simulators.mcu import McuSimulator
 from simulators.scenario import Scenario, ScenarioRunner
 
@@ -150,15 +150,11 @@ class SimDevice:
     def start(self) -> None:
         self.mcu = McuSimulator(Path(self.env["CUSTODY_AGENT_MCU_PORT"]))
         self.boot()
-        # The scenario's clock starts when the agent listens on its serial port (it asks
-        # the MCU for GET_INFO then): pyserial flushes whatever arrived before the port
-        # was open, so a button pressed at 1 s during a slow boot was simply lost.
-        self.runner = ScenarioRunner(self.scenario, self.mcu, ready=self._agent_listening)
+        # The scenario's clock starts when the agent listens on its serial port: pyserial
+        # flushes whatever arrived before the port was open, so a button pressed at 1 s
+        # during a slow boot was simply lost.
+        self.runner = ScenarioRunner(self.scenario, self.mcu, ready=self.mcu.listening.is_set)
         self.runner.start()
-
-    def _agent_listening(self) -> bool:
-        mcu = self.mcu
-        return mcu is not None and any(f.type == FrameType.GET_INFO for f in list(mcu.commands))
 
     def boot(self) -> None:
         with self._lock:

@@ -33,6 +33,9 @@ class McuSimulator:
         self.path = path
         self.info = DeviceInfo(serial, firmware)
         self.commands: list[Frame] = []
+        # Set once the agent has asked GET_INFO: it has its port open and reads events
+        # (anything sent before that is flushed when pyserial opens the port).
+        self.listening = threading.Event()
         self._seq = 0
         self._master = -1
         self._slave = -1
@@ -102,3 +105,4 @@ class McuSimulator:
                 self.send(CommandAck(frame.seq, True))
                 if frame.type == FrameType.GET_INFO:
                     self.send(self.info)
+                    self.listening.set()

@@ -149,10 +149,12 @@ def test_link_over_a_real_pty_with_garbage_unplug_and_commands(tmp_path: Path):
         assert link.decoder_stats.skipped_bytes > 0
         # Commands reach the MCU and come back acknowledged.
         seq = link.send(Led(color=1, blink_ms=250))
+        assert not mcu.listening.is_set()  # a scenario would still be waiting to start
         link.send(GetInfo())
         wait_for(lambda: CommandAck(seq, True) in got.events, 10, "ack")
         wait_for(lambda: DeviceInfo("SIM-0001", "sim-1.0") in got.events, 10, "device info")
         assert [f.type for f in mcu.commands][:2] == [0x81, 0x84]
+        assert mcu.listening.is_set()
         # The cable is pulled, then plugged back in.
         mcu.unplug()
         wait_for(lambda: not link.connected.is_set(), 10, "link notices the unplug")
