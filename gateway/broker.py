@@ -163,9 +163,15 @@ class BrokerProcess:
 def start(
     data_dir: Path, port: int, host: str = "127.0.0.1", tls_dir: Path | None = None
 ) -> BrokerProcess:
-    """Start mosquitto in the background and wait until it accepts connections."""
+    """Start mosquitto in the background and wait until it accepts connections.
+
+    mosquitto gets a process group of its own, so a Ctrl-C in the terminal reaches only
+    its parent: custody stops its devices and gateway first and the broker last (before,
+    the broker died with everyone else and the gateway logged "lost the broker" while
+    the devices were still saying goodbye). Whoever calls this stops the broker.
+    """
     config = write_config(data_dir, port, host, tls_dir)
-    proc = subprocess.Popen([find_mosquitto(), "-c", str(config)])
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(config)], process_group=0)
     try:
         wait_for_port(host, port)
     except BrokerError:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -155,3 +159,40 @@ def test_demo_runs_and_stops_by_itself(tmp_path):
     assert "cam-01" in out and "cam-02" in out
     assert " receipt seq=" in out and " evidence seq=" in out
     assert "alarms: 0" in out
+
+
+def test_ctrl_c_stops_the_demo_in_order(tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group. The demo must
+    still stop devices, then gateway, then broker: the broker is not in that group."""
+    from tests.conftest import ROOT, custody_cmd
+
+    proc = subprocess.Popen(
+        custody_cmd(
+            "demo", "--devices", "1", "--data", str(tmp_path / "demo"), "--http", "127.0.0.1:0"
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own group, as a shell gives a foreground job
+    )
+    assert proc.stdout is not None
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if " receipt seq=" in line:
+                break
+        else:
+            raise AssertionError("no receipt within 60 s:\n" + "".join(lines))
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "alarms: 0" in out, out
+    assert "lost the broker" not in out, out
