@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import sqlite_utils
-from fastapi import Cookie, Depends, FastAPI, HTTPException, Query
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi import Cookie, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -66,6 +68,27 @@ def create_app(data: DataDir) -> FastAPI:
         version="1",
         description="Evidence from enforcement devices with its chain of custody intact.",
     )
+
+    @app.exception_handler(RequestValidationError)
+    async def body_not_json(request: Request, exc: RequestValidationError) -> Response:
+        """A JSON body sent as a form (``curl -d`` without a content type) fails model
+        validation with "Input should be a valid dictionary", which names neither the
+        cause nor the cure; say both."""
+        ctype = request.headers.get("content-type", "")
+        if (
+            request.url.path.startswith("/api/")
+            and "json" not in ctype
+            and any(tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors())
+        ):
+            return JSONResponse(
+                status_code=415,
+                content={
+                    "detail": "the request body must be JSON, sent with Content-Type: "
+                    f"application/json (this request said {ctype or 'nothing'!r}); with "
+                    "curl: -H 'Content-Type: application/json' -d '{...}'"
+                },
+            )
+        return await request_validation_exception_handler(request, exc)
 
     def db() -> Iterator[sqlite_utils.Database]:
         conn = connect(data.db_path)

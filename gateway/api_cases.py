@@ -551,20 +551,30 @@ def add_case_routes(
     def export(case_id: str, conn: Db, who: Caller) -> FileResponse:
         """The case file as a bundle anyone can verify offline (``custody verify``)."""
         visible_case(conn, who, case_id, "export")
-        from gateway.export import export_bundle
+        from gateway.export import ExportError, export_bundle
 
         report = cases.case_report(conn.conn, case_id, now_ms())
         items = export_items(report)
+        if not items:
+            # As the CLI says it; a bundle of nothing would prove nothing.
+            raise HTTPException(409, f"case {case_id} has no received evidence to export yet")
         tmp = Path(tempfile.mkdtemp(prefix="custody-export-"))
         out = tmp / f"{safe_name(case_id)}.zip"
-        export_bundle(
-            data, conn, items, out, case=report_case(report), coverage=report,
-            coverage_html=coverage_html(report), actor=who.name,
-        )  # fmt: skip
 
         def cleanup() -> None:
             out.unlink(missing_ok=True)
             tmp.rmdir()
+
+        try:
+            export_bundle(
+                data, conn, items, out, case=report_case(report), coverage=report,
+                coverage_html=coverage_html(report), actor=who.name,
+            )  # fmt: skip
+        except ExportError as exc:
+            # Evidence the gateway lists but cannot vouch for (a blob gone or damaged):
+            # say which, and leave no half-written bundle behind.
+            cleanup()
+            raise HTTPException(409, str(exc)) from exc
 
         return FileResponse(
             out, media_type="application/zip", filename=out.name, background=BackgroundTask(cleanup)

@@ -354,14 +354,22 @@ def test_a_case_exported_through_the_api_and_the_cli_verifies_offline(
     world: World, tmp_path: Path
 ) -> None:
     import subprocess
+    import tempfile
     import zipfile
 
+    from gateway.blobs import BlobStore
     from protocol.bundle import verify_bundle
     from protocol.signing import VerifyKey
     from tests.conftest import ROOT, custody_cmd
 
     a = world.devices["cam-a"]
     small_case(world, "HP-3", "hp-ue", O1)
+    # Nothing received for it yet: a clear refusal, not a 500 and a stray temp directory.
+    tmp_root = Path(tempfile.gettempdir())
+    before = set(tmp_root.glob("custody-export-*"))
+    r = world.api.get("/api/v1/cases/HP-3/export", headers=world.admin)
+    assert r.status_code == 409 and "no received evidence" in r.json()["detail"], r.text
+    assert set(tmp_root.glob("custody-export-*")) == before
     a.segment(at("2025-09-30T10:00"), at("2025-09-30T10:20"))
     a.record(at("2025-09-30T10:20:01"), "recording_stopped", reason="button", recording_id=1)
     a.segment(at("2025-09-30T11:00"), at("2025-09-30T11:30"))
@@ -398,6 +406,12 @@ def test_a_case_exported_through_the_api_and_the_cli_verifies_offline(
     assert {"export", "export_item"} <= {e["action"] for e in log["entries"]}
     # The API's export is the caller's, item by item.
     assert {e["actor"] for e in log["entries"] if e["action"] == "export_item"} >= {"admin"}
+    # A blob that went missing from the store is named, and no partial bundle is left.
+    sha = world.get("/api/v1/evidence", device_id="cam-a")[0]["sha256"]
+    BlobStore(world.gw.blobs).path(sha).unlink()
+    r = world.api.get("/api/v1/cases/HP-3/export", headers=world.admin)
+    assert r.status_code == 409 and "cam-a seq 1 is missing" in r.text, r.text
+    assert set(tmp_root.glob("custody-export-*")) == before
 
 
 def test_the_audit_chain_is_covered_by_the_transparency_log(world: World) -> None:
@@ -416,3 +430,27 @@ def test_the_audit_chain_is_covered_by_the_transparency_log(world: World) -> Non
     db.execute("UPDATE audit SET actor = 'someone else' WHERE id = 1")
     log = world.get("/api/v1/audit")
     assert not log["chain_intact"] and "audit row 1" in log["problems"][0]
+
+
+def test_a_json_body_sent_as_a_form_is_told_what_to_send(world: World) -> None:
+    body = '{"id": "xq-ue", "name": "Xiqing UM", "level": "city"}'
+    # What `curl -d` does without -H 'Content-Type: application/json'.
+    r = world.api.post(
+        "/api/v1/agencies",
+        content=body,
+        headers={**world.admin, "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 415, r.text
+    assert "Content-Type: application/json" in r.json()["detail"]
+    assert "application/x-www-form-urlencoded" in r.json()["detail"]
+    # Nothing was created; the same body as JSON is taken.
+    assert "xq-ue" not in {a["id"] for a in world.get("/api/v1/agencies")}
+    r = world.api.post(
+        "/api/v1/agencies",
+        content=body,
+        headers={**world.admin, "Content-Type": "application/json"},
+    )
+    assert r.status_code in (200, 201), r.text
+    # A JSON body that is wrong keeps FastAPI's own field-by-field 422.
+    r = world.api.post("/api/v1/agencies", json={"id": "x"}, headers=world.admin)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body"
