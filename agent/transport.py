@@ -19,6 +19,7 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,8 @@ class MqttTransport:
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
         self._on_event: Callable[[Event], None] = lambda e: None
+        self._problem_logged = (0.0, "")  # (when, what) was last logged at WARNING
+        self._refused = False  # the broker answered this attempt with a failing CONNACK
 
     @property
     def connected(self) -> bool:
@@ -181,7 +184,8 @@ class MqttTransport:
         props: Properties | None,
     ) -> None:
         if reason.is_failure:
-            log.warning("broker refused connection: %s", reason)
+            self._refused = True
+            self._problem(f"the broker at {self._host}:{self._port} refused this device: {reason}")
             return
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
@@ -203,28 +207,52 @@ class MqttTransport:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self._on_event(Message(msg.topic, bytes(msg.payload)))
 
+    def _problem(self, problem: str) -> None:
+        """Log why the broker cannot be reached: the first time, when the reason changes,
+        and then once a minute (a device in a dead zone fails every few seconds)."""
+        now = time.monotonic()
+        at, last = self._problem_logged
+        if problem != last or now - at >= 60:
+            self._problem_logged = (now, problem)
+            log.warning("%s (retrying with backoff)", problem)
+        else:
+            log.debug("%s", problem)
+
     def _run(self) -> None:
         attempt = 0
         lo, hi = self._backoff
+        where = f"{self._host}:{self._port}"
         while not self._stop.is_set():
             client = self._make_client()
             self._client = client
             try:
                 client.connect(self._host, self._port, keepalive=self._keepalive, clean_start=True)
             except ssl.SSLError as exc:
-                log.warning("TLS handshake with %s:%d failed: %s", self._host, self._port, exc)
+                self._problem(f"TLS handshake with the broker at {where} failed: {exc}")
             except OSError as exc:
-                log.info("broker %s:%d unreachable: %s", self._host, self._port, exc)
+                self._problem(f"broker {where} unreachable: {exc}")
             else:
+                accepted = False
                 while not self._stop.is_set():
                     rc = client.loop(timeout=0.05)
                     if rc != mqtt.MQTT_ERR_SUCCESS:
                         break
                     if self._connected.is_set():
                         attempt = 0
+                        accepted = True
                 if self._connected.is_set():
                     self._connected.clear()
                     self._on_event(Disconnected("connection lost"))
+                elif not accepted and not self._stop.is_set() and not self._refused:
+                    # With TLS 1.3 a broker refuses a client certificate only after the
+                    # handshake looked done: the connection just closes before CONNACK.
+                    self._problem(
+                        f"the broker at {where} closed the connection before accepting this "
+                        "device: is its certificate revoked, expired, or from another CA?"
+                    )
+                if accepted:
+                    self._problem_logged = (0.0, "")
+                self._refused = False
                 with contextlib.suppress(OSError):
                     client.disconnect()
             if self._stop.is_set():

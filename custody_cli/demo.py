@@ -79,7 +79,9 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
         taken, http_port = http_port, broker.free_port(host)
         print(f"port {taken} is in use; the API listens on {http_port} instead", flush=True)
     server = uvicorn.Server(
-        uvicorn.Config(create_app(gw_data), host=host, port=http_port, log_level="warning")
+        uvicorn.Config(
+            create_app(gw_data, service.health), host=host, port=http_port, log_level="warning"
+        )
     )
     web = threading.Thread(target=server.run, name="http", daemon=True)
     web.start()

@@ -62,7 +62,9 @@ def run_fleet(
     server = None
     if http is not None:
         server = uvicorn.Server(
-            uvicorn.Config(create_app(gw_data), host=http[0], port=http[1], log_level="warning")
+            uvicorn.Config(
+                create_app(gw_data, service.health), host=http[0], port=http[1], log_level="warning"
+            )
         )
         threading.Thread(target=server.run, name="http", daemon=True).start()
         print(f"gateway API http://{http[0]}:{http[1]}/api/v1/ token {gw_data.admin_token()}")

@@ -213,7 +213,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     service = GatewayService(data, args.broker)
     host, port = args.http
     server = uvicorn.Server(
-        uvicorn.Config(create_app(data), host=host, port=port, log_level="warning")
+        uvicorn.Config(create_app(data, service.health), host=host, port=port, log_level="warning")
     )
     service.start()
     print(

@@ -12,7 +12,7 @@ Reads use their own SQLite connection per request, so the API never blocks inges
 import datetime as dt
 import hmac
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import sqlite_utils
@@ -59,7 +59,9 @@ def iso(ms: int | None) -> str | None:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
-def create_app(data: DataDir) -> FastAPI:
+def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None) -> FastAPI:
+    """The API over ``data``; ``health`` (the running gateway service's) adds the broker
+    connection to ``/healthz``."""
     token = data.admin_token()
     key = data.signing_key()
     blobs = BlobStore(data.blobs)
@@ -127,7 +129,9 @@ def create_app(data: DataDir) -> FastAPI:
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+        """Always 200 while the API answers; ``status`` is ``degraded`` (with the reason in
+        ``broker``) while the gateway cannot reach its broker."""
+        return health() if health is not None else {"status": "ok"}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:

@@ -55,7 +55,23 @@ def _fresh_packet() -> dict[str, Any]:
 
 class LeanClient(mqtt.Client):
     """A paho ``Client`` that receives a large PUBLISH with one copy; its payload is then a
-    ``memoryview`` (``bytes`` for packets under ``LEAN_FROM``, as paho gives them)."""
+    ``memoryview`` (``bytes`` for packets under ``LEAN_FROM``, as paho gives them).
+
+    It also keeps why the last connection attempt failed (``last_connect_error``): paho's
+    ``on_connect_fail`` says only that it failed, and "connection refused" (wrong port,
+    broker down) and "certificate verify failed" (another CA) call for different fixes.
+    """
+
+    last_connect_error: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            rc = super().reconnect()
+        except OSError as exc:  # ssl.SSLError and socket errors alike
+            self.last_connect_error = exc
+            raise
+        self.last_connect_error = None
+        return rc
 
     if LEAN:
 

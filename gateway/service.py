@@ -13,6 +13,7 @@ import hashlib
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -83,9 +84,14 @@ class GatewayService:
         self.client.will_set(GATEWAY_STATE, self._state(False), 1, retain=True)
         self.client.on_socket_open = _no_delay
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._stopping = False
+        # Why the broker is not connected, for the log and /healthz (None: connected, or
+        # not tried yet); repeated failures are logged once a minute, not at every retry.
+        self.broker_problem: str | None = "not connected yet"
+        self._problem_logged = (0.0, "")
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
 
     def _background(
@@ -130,13 +136,39 @@ class GatewayService:
         props: Properties | None,
     ) -> None:
         if reason.is_failure:
-            log.error("broker refused the gateway: %s", reason)
+            self._problem(f"the broker at {self.host}:{self.port} refused the gateway: {reason}")
             return
+        self.broker_problem = None
+        self._problem_logged = (0.0, "")
         for topic in gateway_subscriptions(self.shared):
             client.subscribe(topic, qos=1)
         client.publish(GATEWAY_STATE, self._state(True), 1, retain=True)
         self.connected.set()
         log.info("gateway connected to %s:%d", self.host, self.port)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        exc = self.client.last_connect_error
+        problem = f"cannot connect to the broker at {self.host}:{self.port}: {exc}"
+        if isinstance(exc, ssl.SSLError):
+            problem += (
+                " (a TLS failure: the broker must use this gateway's CA, "
+                f"{self.data.ca_dir / 'ca.crt'}, and the URL must be mqtts://)"
+            )
+        self._problem(problem)
+
+    def _problem(self, problem: str) -> None:
+        self.broker_problem = problem
+        now = time.monotonic()
+        at, last = self._problem_logged
+        if problem != last or now - at >= 60:
+            self._problem_logged = (now, problem)
+            log.warning("%s (retrying)", problem)
+
+    def health(self) -> dict[str, str]:
+        """For ``GET /healthz``: ``degraded`` while devices cannot reach this gateway."""
+        if self.connected.is_set():
+            return {"status": "ok", "broker": "connected"}
+        return {"status": "degraded", "broker": self.broker_problem or "not connected"}
 
     def _on_disconnect(
         self,
@@ -146,10 +178,20 @@ class GatewayService:
         reason: ReasonCode,
         props: Properties | None,
     ) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
         if self._stopping:
             return
-        log.warning("gateway lost the broker: %s (reconnecting)", reason)
+        if was_connected:
+            self.broker_problem = f"lost the broker: {reason}"
+            log.warning("gateway lost the broker: %s (reconnecting)", reason)
+        else:
+            # Closed during login: with TLS 1.3 a broker refuses a client certificate
+            # only after the handshake looked done.
+            self._problem(
+                f"the broker at {self.host}:{self.port} closed the connection before "
+                f"accepting the gateway ({reason}): is its certificate from this CA?"
+            )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self.inbox.put(msg)  # blocks when ingest is behind: back-pressure, not growth

@@ -196,3 +196,38 @@ def test_ctrl_c_stops_the_demo_in_order(tmp_path):
     assert proc.returncode == 0, out
     assert "alarms: 0" in out, out
     assert "lost the broker" not in out, out
+
+
+def test_a_gateway_that_cannot_reach_its_broker_says_why(tmp_path: Path, gateway_dir: Path):
+    from gateway.datadir import DataDir
+    from tests.conftest import Broker, Gateway
+
+    def health(g: Gateway) -> dict[str, str]:
+        result: dict[str, str] = httpx.get(g.base + "/healthz", timeout=5).json()
+        return result
+
+    # Nothing listens on the broker's port yet: the API answers, and says what is wrong.
+    b = Broker(tmp_path / "broker", tls_dir=gateway_dir / "ca")
+    g = Gateway(gateway_dir, b, tmp_path / "gateway.log")
+    g.start()
+    try:
+        wait_for(lambda: "cannot connect" in health(g)["broker"], 20, "a degraded /healthz")
+        assert health(g)["status"] == "degraded"
+        wait_for(lambda: "cannot connect to the broker" in g.log.read_text(), 20, "a warning")
+        b.start()
+        wait_for(lambda: health(g) == {"status": "ok", "broker": "connected"}, 30, "connected")
+    finally:
+        g.stop()
+        b.stop()
+    # A broker whose certificates come from another gateway's CA: a TLS failure, named.
+    other = DataDir.open(tmp_path / "other-gateway")
+    b2 = Broker(tmp_path / "broker2", tls_dir=other.ca_dir)
+    b2.start()
+    g2 = Gateway(gateway_dir, b2, tmp_path / "gateway2.log")
+    g2.start()
+    try:
+        wait_for(lambda: "TLS" in health(g2)["broker"], 20, "a TLS problem in /healthz")
+        assert "certificate verify failed" in health(g2)["broker"]
+    finally:
+        g2.stop()
+        b2.stop()

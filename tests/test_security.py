@@ -168,6 +168,15 @@ def test_revocation_cuts_a_running_device_off(tmp_path, gateway, make_agent):
     wait_for(lambda: len(gateway.evidence("cam-kept")) == 1, 30, "other devices keep working")
     assert len(gateway.evidence("cam-lost")) == 1
     assert agent.status()["backlog_items"] >= 1, "the revoked device keeps its evidence"
+    # Restarted, it cannot get back in, and its log says why rather than nothing.
+    agent.stop()
+    agent.start()
+    wait_for(
+        lambda: "is its certificate revoked" in agent.log.read_text(),
+        20,
+        "the agent's warning that the broker does not accept it",
+    )
+    assert len(gateway.evidence("cam-lost")) == 1
     # And if something of it reaches ingest anyway (here via the gateway's own identity),
     # ingest refuses it with an alarm.
     publish(
