@@ -2,16 +2,22 @@
 
 Unknown keys are errors (a typo must not silently fall back to a default on a device in
 the field). Every field can be overridden by ``CUSTODY_AGENT_<FIELD>`` (upper case), which
-is how a systemd unit or a test changes one value without rewriting the file. Relative
-paths are relative to the directory holding the config file.
+is how a systemd unit or a test changes one value without rewriting the file; any other
+``CUSTODY_AGENT_*`` variable is an error too, for the same reason. Relative paths are
+relative to the directory holding the config file. ``data_dir`` is created when missing,
+but its parent must exist (a typo must not grow a new tree somewhere).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,15 +26,20 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from agent.errors import ConfigError
+from protocol.errors import ProtocolError
+from protocol.journal import check_device_id
+from protocol.signing import VerifyKey
 from protocol.topics import parse_broker, parse_broker_url
 
 ENV_PREFIX = "CUSTODY_AGENT_"
+PATH_FIELDS = ("data_dir", "key_file", "data_key_file", "tls_ca", "tls_cert", "tls_key")
 
 
 class AgentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     device_id: str = Field(description="This device's id, as enrolled at the gateway.")
     data_dir: Path = Field(description="Where the journal, outbox and buffered media live.")
@@ -95,6 +106,33 @@ class AgentConfig(BaseModel):
     reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect backoff.")
     keepalive_s: int = Field(15, ge=5, le=600, description="MQTT keepalive.")
 
+    @field_validator(*PATH_FIELDS, mode="before")
+    @classmethod
+    def _path_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty path: name a file or directory, or leave the key out")
+        return value
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        try:
+            return check_device_id(value)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("gateway_public_key")
+    @classmethod
+    def _gateway_key(cls, value: str) -> str:
+        try:
+            Ed25519PublicKey.from_public_bytes(VerifyKey.from_hex(value).raw)
+        except ValueError as exc:  # ProtocolError is a ValueError too
+            raise ValueError(
+                f"not an Ed25519 public key ({exc}): use the 64 hex digits of the "
+                "gateway's gateway.pub, as `custody enroll` writes them"
+            ) from exc
+        return value
+
     @field_validator("video_preset")
     @classmethod
     def _preset(cls, value: str) -> str:
@@ -117,6 +155,15 @@ class AgentConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _backoff_order(self) -> AgentConfig:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s:g}) is greater than reconnect_max_s "
+                f"({self.reconnect_max_s:g}): the first backoff cannot exceed the longest"
+            )
+        return self
+
     @property
     def broker_address(self) -> tuple[str, int]:
         return parse_broker_url(self.broker)
@@ -126,33 +173,88 @@ class AgentConfig(BaseModel):
         return parse_broker(self.broker).tls
 
 
-def load_config(path: Path, environ: dict[str, str] | None = None) -> AgentConfig:
+def _env_overrides(env: Mapping[str, str]) -> dict[str, str]:
+    """``{field: variable}`` for every ``CUSTODY_AGENT_*`` variable set; any other variable
+    under the prefix (a typo, a removed key) is an error naming it."""
+    fields = {ENV_PREFIX + name.upper(): name for name in AgentConfig.model_fields}
+    found: dict[str, str] = {}
+    for key in sorted(env):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(key.upper(), fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown environment variable {key}{hint}: only CUSTODY_AGENT_<KEY> for a "
+                "key of agent.toml is allowed; unset it"
+            )
+        found[fields[key]] = key
+    return found
+
+
+def _problem(err: ErrorDetails, from_env: dict[str, str]) -> str:
+    loc = err["loc"]
+    field = str(loc[0]) if loc else ""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if field in from_env:
+        return f"environment variable {from_env[field]} (sets {field}): {msg}"
+    if not loc:
+        env_note = ", ".join(from_env[name] for name in sorted(from_env))
+        return f"{msg} (with environment overrides {env_note})" if env_note else msg
+    return f"{'.'.join(str(p) for p in loc)}: {msg}"
+
+
+def _check_data_dir(config: AgentConfig, path: Path, from_env: dict[str, str]) -> None:
+    where = (
+        f"environment variable {from_env['data_dir']}"
+        if "data_dir" in from_env
+        else f"data_dir in {path}"
+    )
+    data_dir = config.data_dir
+    if data_dir.exists():
+        if not data_dir.is_dir():
+            raise ConfigError(f"{where}: {data_dir} is not a directory")
+        return
+    parent = data_dir.parent
+    if not parent.is_dir():
+        state = "is not a directory" if parent.exists() else "does not exist"
+        raise ConfigError(
+            f"{where}: {data_dir} cannot be created: its parent {parent} {state} "
+            "(fix the path, or create the parent first)"
+        )
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read, override from the environment, resolve paths, validate."""
     env = os.environ if environ is None else environ
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"agent config {path} does not exist (run `custody enroll`)") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"agent config {path} is a directory, not a file") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"agent config {path} is not UTF-8 text") from exc
     except OSError as exc:
         raise ConfigError(f"agent config {path} cannot be read: {exc.strerror}") from exc
-    for name in AgentConfig.model_fields:
-        key = ENV_PREFIX + name.upper()
-        if key in env:
-            raw[name] = env[key]
+    from_env = _env_overrides(env)
+    for name, key in from_env.items():
+        raw[name] = env[key]
     base = path.resolve().parent
-    for name in ("data_dir", "key_file", "data_key_file", "tls_ca", "tls_cert", "tls_key"):
-        if isinstance(raw.get(name), str):
-            p = Path(raw[name])
+    for name in PATH_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, str) and value.strip():
+            p = Path(value)
             raw[name] = p if p.is_absolute() else base / p
     try:
-        return AgentConfig.model_validate(raw)
+        config = AgentConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"agent config {path} is invalid: {problems}") from exc
+        problems = [_problem(err, from_env) for err in exc.errors()]
+        only_env = all(p.startswith("environment variable ") for p in problems)
+        what = "the environment overrides for agent config" if only_env else "agent config"
+        what += f" {path} {'are' if only_env else 'is'} invalid"
+        raise ConfigError(f"{what}: {'; '.join(problems)}") from exc
+    _check_data_dir(config, path, from_env)
+    return config

@@ -270,6 +270,8 @@ class Relay:
         restarted = self.gateway_online is False or (
             self.gateway_session is not None and session != self.gateway_session
         )
+        if not online and self.gateway_online is not False:
+            log.info("the gateway says it is offline (its retained state): uploads wait for it")
         if online and restarted:
             # The gateway restarted: whatever it acknowledged but had not made durable is
             # gone, so start every upload again from ``init`` (cheap: it answers with the

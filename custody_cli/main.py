@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -45,6 +46,21 @@ def _host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
     return host, int(port)
+
+
+def _cert_days(value: str) -> int:
+    from gateway.ca import MAX_DEVICE_DAYS
+
+    try:
+        days = int(value)
+    except ValueError:
+        days = 0
+    if not 1 <= days <= MAX_DEVICE_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a certificate lifetime: give whole days from 1 to "
+            f"{MAX_DEVICE_DAYS} (default 365)"
+        )
+    return days
 
 
 def _broker_url(value: str) -> str:
@@ -88,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="device directory to create")
     e.add_argument("--broker", type=_broker_url, help="mqtts://HOST:PORT (mqtt:// = no TLS)")
     e.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds")
-    e.add_argument("--cert-days", type=int, default=365, help="certificate lifetime (days)")
+    e.add_argument(
+        "--cert-days", type=_cert_days, default=365, help="certificate lifetime (days, 1-3650)"
+    )
     e.add_argument(
         "--renew", action="store_true", help="new certificate and TLS key; the old are revoked"
     )
@@ -183,6 +201,21 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+class UsageError(Exception):
+    """A wrong argument found after parsing (a path that is a file, say): exit status 2."""
+
+
+def _directory_arg(path: Path, option: str) -> None:
+    """Refuse ``option``'s ``path`` when it (or the nearest thing above it that exists)
+    is not a directory, before anything is created there."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is" if p == path else f"cannot be created there: {p} is"
+                raise UsageError(f"{option} {path} {what} a file, not a directory")
+            return
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from gateway.broker import run_foreground
 
@@ -191,7 +224,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if args.tls:
         from gateway.datadir import DataDir
 
-        tls_dir = DataDir.open(args.tls).ca_dir
+        # An existing gateway only: a typo must not grow a new CA the devices don't trust.
+        tls_dir = DataDir.open(args.tls, create=False).ca_dir
+    _directory_arg(args.data, "--data")
+    try:
+        args.data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--data {args.data} cannot be created: {exc.strerror}") from exc
     print(f"custody broker: {scheme}://{args.host}:{args.port} (config in {args.data})", flush=True)
     return run_foreground(args.data, args.port, args.host, tls_dir)
 
@@ -203,6 +242,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.datadir import DataDir
     from gateway.service import GatewayService
 
+    _directory_arg(args.data, "--data")
     if args.check_config:
         data = DataDir.open(args.data, create=False)
         data.signing_key()
@@ -231,6 +271,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_enroll(args: argparse.Namespace) -> int:
     from gateway.registry import enroll, renew
 
+    _directory_arg(args.gateway_data, "--gateway-data")
+    _directory_arg(args.out, "--out")
     if args.renew:
         renew(args.device_id, args.gateway_data, args.out, cert_days=args.cert_days)
         print(f"renewed {args.device_id}: new certificate in {args.out / 'device.crt'}")
@@ -483,8 +525,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (AgentError, GatewayError) as exc:
+    except (AgentError, GatewayError, UsageError) as exc:
         print(f"custody {args.command}: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.DatabaseError as exc:
+        logging.getLogger("custody").debug("database error", exc_info=True)
+        print(f"custody {args.command}: database error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # Whatever the specific checks above did not foresee: the file and the reason,
+        # not a traceback (-v logs that).
+        logging.getLogger("custody").debug("I/O error", exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"custody {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

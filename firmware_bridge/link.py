@@ -5,7 +5,10 @@
 ``FrameDecoder`` and hands parsed events to a callback. When the port vanishes (cable,
 USB re-enumeration, MCU reset) the link closes it, forgets the half frame, and reopens
 with backoff until it is back. Garbage, CRC errors, unknown or malformed frames and lost
-sequence numbers are counted in ``stats``, never raised.
+sequence numbers are counted in ``stats``, never raised: nothing one frame carries may end
+the reader thread. A port that cannot be opened is a WARNING the first time and whenever
+the reason changes, then at most every ``OPEN_WARNING_EVERY_S`` (a device running without
+its MCU must be visible in the logs, without a line per retry).
 
 Exceptions:
     LinkError — only from ``send`` when the port is not open (callers may retry).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +30,8 @@ from firmware_bridge.messages import BadPayload, Event, McuCommand, encode_comma
 
 log = logging.getLogger("custody.firmware_bridge")
 
+OPEN_WARNING_EVERY_S = 60.0
+
 
 class LinkError(RuntimeError):
     pass
@@ -34,6 +40,7 @@ class LinkError(RuntimeError):
 @dataclass
 class LinkStats:
     opened: int = 0
+    open_failures: int = 0
     disconnects: int = 0
     bad_payloads: int = 0
     lost_frames: int = 0
@@ -48,11 +55,15 @@ class SerialLink:
         *,
         baudrate: int = 115200,
         backoff: tuple[float, float] = (0.1, 5.0),
+        open_warning_every: float = OPEN_WARNING_EVERY_S,
     ) -> None:
         self.url = url
         self.on_event = on_event
         self.baudrate = baudrate
         self.backoff = backoff
+        self.open_warning_every = open_warning_every
+        # Why the port last failed to open, and when that was last logged as a WARNING.
+        self._open_failure: tuple[str, float] | None = None
         self.decoder = FrameDecoder()
         self.stats = LinkStats()
         self._port: serial.SerialBase | None = None
@@ -102,10 +113,23 @@ class SerialLink:
                 self.url, baudrate=self.baudrate, timeout=0.1, write_timeout=1.0
             )
         except (serial.SerialException, OSError, ValueError) as exc:
-            log.debug("cannot open %s yet: %s", self.url, exc)
+            self._open_failed(str(exc))
             return None
         self.stats.opened += 1
+        if self._open_failure is not None:
+            log.info("MCU serial port %s is open now", self.url)
+            self._open_failure = None
         return port
+
+    def _open_failed(self, reason: str) -> None:
+        self.stats.open_failures += 1
+        now = time.monotonic()
+        last = self._open_failure
+        if last is None or last[0] != reason or now - last[1] >= self.open_warning_every:
+            self._open_failure = (reason, now)
+            log.warning("MCU serial port %s cannot be opened: %s (retrying)", self.url, reason)
+        else:
+            log.debug("MCU serial port %s still cannot be opened: %s", self.url, reason)
 
     def _close(self) -> None:
         with self._write_lock:
@@ -143,7 +167,11 @@ class SerialLink:
                 return
             if data:
                 for frame in self.decoder.feed(data):
-                    self._deliver(frame)
+                    try:
+                        self._deliver(frame)
+                    except Exception:  # last resort: a parser bug must not end the reader
+                        self.stats.bad_payloads += 1
+                        log.exception("could not handle frame %s from the MCU", frame)
 
     def _deliver(self, frame: Frame) -> None:
         if self._rx_seq is not None:

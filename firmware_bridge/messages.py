@@ -10,6 +10,7 @@ and goes on: a device never crashes on a bad frame).
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -163,20 +164,54 @@ def parse_event(frame: Frame) -> Event:
     raise BadPayload(f"frame type {kind.name} is a command, not an event")
 
 
+# Degrees then two-digit minutes (``DDMM.mmmm``, ``DDDMM.mmmm``): ASCII digits only, so
+# no sign, exponent, ``nan`` or ``inf`` can get through to a float.
+_DEGREES_MINUTES = re.compile(r"(\d{1,3})([0-5]\d\.\d+)", re.ASCII)
+
+
 def parse_nmea(payload: bytes) -> GpsFix:
+    """A GPS event from an NMEA sentence (GGA, RMC, GLL …), or ``BadPayload``.
+
+    pynmea2 parses lazily: a field is only converted when it is read, and then raises
+    (or falls back to the raw text). So every field is read inside this function and
+    checked here, never left for the caller to trip over.
+    """
     try:
         text = payload.decode("ascii").strip()
         msg = pynmea2.parse(text, check=True)
+        fields = [getattr(msg, name, None) for name in ("lat", "lat_dir", "lon", "lon_dir")]
+        quality = getattr(msg, "gps_qual", None)
+        status = getattr(msg, "status", None)
     except (UnicodeDecodeError, pynmea2.ParseError, ValueError, AttributeError) as exc:
         raise BadPayload(f"GPS: not a valid NMEA sentence: {exc}") from exc
-    lat = getattr(msg, "latitude", None)
-    lon = getattr(msg, "longitude", None)
-    if not isinstance(lat, float) or not isinstance(lon, float):
+    lat, lat_dir, lon, lon_dir = fields
+    if not (isinstance(lat, str) and isinstance(lat_dir, str)) or not (
+        isinstance(lon, str) and isinstance(lon_dir, str)
+    ):
         raise BadPayload(f"GPS: {type(msg).__name__} sentence carries no position")
-    quality = getattr(msg, "gps_qual", None)
-    status = getattr(msg, "status", None)
-    fix = (quality not in (None, "", "0", 0)) if quality is not None else status == "A"
-    return GpsFix(round(lat * 1_000_000), round(lon * 1_000_000), fix, text)
+    if quality is not None and not isinstance(quality, int):
+        raise BadPayload(f"GPS: fix quality {quality!r} is not a number in {text!r}")
+    fix = quality > 0 if quality is not None else status == "A"
+    if not fix and not (lat or lat_dir or lon or lon_dir):
+        return GpsFix(0, 0, False, text)  # still searching: no position, and it says so
+    lat_deg = _degrees(lat, lat_dir, "NS", 90, text)
+    lon_deg = _degrees(lon, lon_dir, "EW", 180, text)
+    return GpsFix(round(lat_deg * 1_000_000), round(lon_deg * 1_000_000), fix, text)
+
+
+def _degrees(value: str, hemisphere: str, signs: str, limit: int, sentence: str) -> float:
+    """Signed degrees from an NMEA ``DDDMM.mmmm`` field and its hemisphere letter."""
+    what = "latitude" if signs == "NS" else "longitude"
+    match = _DEGREES_MINUTES.fullmatch(value)
+    if match is None or hemisphere not in (signs[0], signs[1]):
+        raise BadPayload(
+            f"GPS: {what} {value!r} {hemisphere!r} is not DDDMM.mmmm with {signs[0]} or "
+            f"{signs[1]} in {sentence!r}"
+        )
+    degrees = int(match[1]) + float(match[2]) / 60
+    if degrees > limit:
+        raise BadPayload(f"GPS: {what} {value!r} is beyond {limit} degrees in {sentence!r}")
+    return -degrees if hemisphere == signs[1] else degrees
 
 
 def encode_event(event: Event) -> tuple[FrameType, bytes]:

@@ -34,6 +34,7 @@ ALARM_KINDS = frozenset(
         "manifest_mismatch",
         "topic_mismatch",
         "media_corrupt",
+        "bad_record",
         "tamper",
         "storage_full",
         "battery_low",

@@ -12,11 +12,14 @@ Reads use their own SQLite connection per request, so the API never blocks inges
 import datetime as dt
 import hmac
 import json
+import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import sqlite_utils
 from fastapi import Cookie, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -33,7 +36,7 @@ from gateway.access import (
     principal_for_token,
     visible_devices,
 )
-from gateway.api_cases import add_case_routes
+from gateway.api_cases import INT64_MAX, Int64, add_case_routes
 from gateway.api_ops import add_ops_routes
 from gateway.blobs import BlobStore
 from gateway.catalogue import load_catalogue
@@ -41,10 +44,12 @@ from gateway.dashboard import add_dashboard
 from gateway.datadir import DataDir
 from gateway.db import connect, transaction
 from gateway.translog import TransparencyLog
-from protocol.command import COMMANDS
+from protocol.command import COMMAND_ARGS, COMMANDS, check_args
 from protocol.encoding import canonical
-from protocol.errors import EncodingError
+from protocol.errors import EncodingError, MessageError
 from protocol.merkle import MerkleError, verify_consistency
+
+log = logging.getLogger("custody.gateway.api")
 
 bearer = HTTPBearer(auto_error=False, description="The admin token from DIR/admin.token")
 
@@ -57,6 +62,18 @@ def iso(ms: int | None) -> str | None:
     if ms is None:
         return None
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity turned into its name (``"nan"``, ``"inf"``):
+    JSON has no such numbers, so a response holding one cannot be rendered at all."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None) -> FastAPI:
@@ -90,7 +107,23 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
                     "curl: -H 'Content-Type: application/json' -d '{...}'"
                 },
             )
-        return await request_validation_exception_handler(request, exc)
+        # A validation error echoes the offending input, which may be a NaN or 1e400 that
+        # Python's JSON parser accepted but no JSON response can hold.
+        safe = RequestValidationError(json_safe(jsonable_encoder(exc.errors())), body=exc.body)
+        return await request_validation_exception_handler(request, safe)
+
+    @app.exception_handler(OverflowError)
+    async def too_large(request: Request, exc: OverflowError) -> Response:
+        """The safety net behind the bounds every route declares: a number too large for
+        SQLite (or for a date) is the caller's, not the gateway's, fault."""
+        log.warning("%s %s: %s (answered 422)", request.method, request.url.path, exc)
+        return JSONResponse(
+            status_code=422,
+            content={
+                "detail": f"a number in the request is out of range ({exc}); integers must "
+                f"be at most {INT64_MAX}"
+            },
+        )
 
     def db() -> Iterator[sqlite_utils.Database]:
         conn = connect(data.db_path)
@@ -196,7 +229,7 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
         who: Caller,
         device_id: str | None = None,
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[Int64, Query(ge=0)] = 0,
     ) -> list[dict[str, Any]]:
         where, args = ("WHERE device_id = ?", [device_id]) if device_id else ("", [])
         rows = conn.execute(
@@ -227,11 +260,11 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
         return evidence_item(row)
 
     @app.get("/api/v1/evidence/{evidence_id}", tags=["evidence"])
-    def evidence_one(evidence_id: int, conn: Db, who: Caller) -> dict[str, Any]:
+    def evidence_one(evidence_id: Int64, conn: Db, who: Caller) -> dict[str, Any]:
         return one_evidence(conn, who, evidence_id, "view")
 
     @app.get("/api/v1/evidence/{evidence_id}/media", tags=["evidence"])
-    def evidence_media(evidence_id: int, conn: Db, who: Caller) -> FileResponse:
+    def evidence_media(evidence_id: Int64, conn: Db, who: Caller) -> FileResponse:
         item = one_evidence(conn, who, evidence_id, "download")
         return FileResponse(
             blobs.path(item["sha256"]),
@@ -244,7 +277,7 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
         conn: Db,
         who: Caller,
         device_id: str,
-        after_seq: Annotated[int, Query(ge=0)] = 0,
+        after_seq: Annotated[Int64, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     ) -> list[dict[str, Any]]:
         if not device_visible(conn, who, device_id):
@@ -327,7 +360,14 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
     class CommandRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         name: str = Field(description=f"one of {sorted(COMMANDS)}")
-        args: dict[str, Any] = Field(default_factory=dict)
+        args: dict[str, Any] = Field(
+            default_factory=dict,
+            description="what the command takes: "
+            + "; ".join(
+                f"{name}: " + ", ".join(arg.describe(key) for key, arg in spec.items())
+                for name, spec in sorted(COMMAND_ARGS.items())
+            ),
+        )
         ttl_s: int = Field(300, ge=1, le=86400, description="the device ignores it after this")
 
     @app.post("/api/v1/devices/{device_id}/commands", tags=["devices"], status_code=202)
@@ -339,6 +379,10 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
             canonical(body.args)  # what the signature will cover: integers, no floats
         except EncodingError as exc:
             raise HTTPException(422, f"command args cannot be signed: {exc}") from exc
+        try:
+            check_args(body.name, body.args)  # what the device will act on
+        except MessageError as exc:
+            raise HTTPException(422, str(exc)) from exc
         row = conn.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
         if row is None or not device_visible(conn, who, device_id):
             raise HTTPException(404, f"device {device_id} is not enrolled")
@@ -403,10 +447,10 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
 
     @app.get("/api/v1/log/proof/{log_index}", tags=["transparency log"])
     def proof(
-        log_index: int,
+        log_index: Int64,
         conn: Db,
         who: Caller,
-        tree_size: Annotated[int | None, Query(ge=1)] = None,
+        tree_size: Annotated[Int64 | None, Query(ge=1)] = None,
     ) -> dict[str, Any]:
         view = log_view(conn)
         size = view.size if tree_size is None else tree_size
@@ -430,8 +474,8 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
     def consistency(
         conn: Db,
         who: Caller,
-        first: Annotated[int, Query(ge=1)],
-        second: Annotated[int, Query(ge=1)],
+        first: Annotated[Int64, Query(ge=1)],
+        second: Annotated[Int64, Query(ge=1)],
     ) -> dict[str, Any]:
         view = log_view(conn)
         try:

@@ -17,8 +17,9 @@ from typing import Annotated, Any
 
 import sqlite_utils
 from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
 from gateway import audit, cases
@@ -39,10 +40,22 @@ from gateway.access import (
 from gateway.catalogue import Catalogue
 from gateway.datadir import DataDir
 from gateway.db import transaction
+from protocol.fields import INT_MAX, TIME_MS_MAX
 
 
 def now_ms() -> int:
     return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+
+
+#: SQLite's integers are signed 64-bit: a larger id, sequence number or offset would
+#: overflow in the driver (a 500), so every integer that reaches a query is declared with
+#: these bounds where it enters, and a wrong one answers 422 naming the field.
+INT64_MIN, INT64_MAX = -(2**63), INT_MAX
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+#: A time in Unix milliseconds: 1970 up to ``TIME_MS_MAX`` (see there).
+TimeMs = Annotated[
+    int, Field(ge=0, le=TIME_MS_MAX, description="Unix milliseconds, 1970 to 9999-01-01")
+]
 
 
 class Strict(BaseModel):
@@ -70,7 +83,7 @@ class OfficerRequest(Strict):
 
 class AssignmentRequest(Strict):
     officer_id: str
-    from_ms: int | None = Field(None, description="default: now")
+    from_ms: TimeMs | None = Field(None, description="default: now")
 
 
 class UserRequest(Strict):
@@ -84,8 +97,8 @@ class UserRequest(Strict):
 class StepRequest(Strict):
     step_type: str
     officers: list[str] = Field(default_factory=list)
-    start_ms: int | None = None
-    end_ms: int | None = None
+    start_ms: TimeMs | None = None
+    end_ms: TimeMs | None = None
 
 
 class CaseRequest(Strict):
@@ -97,8 +110,8 @@ class CaseRequest(Strict):
 
 
 class StepTimes(Strict):
-    start_ms: int | None = None
-    end_ms: int | None = None
+    start_ms: TimeMs | None = None
+    end_ms: TimeMs | None = None
 
 
 class AmendmentRequest(Strict):
@@ -107,13 +120,30 @@ class AmendmentRequest(Strict):
     reason: str
 
 
+class RebindPayload(Strict):
+    device_id: str
+    seq: Int64
+    step_id: Int64 | None = None
+
+
+class StepTimesPayload(Strict):
+    step_id: Int64
+    start_ms: TimeMs | None = None
+    end_ms: TimeMs | None = None
+
+
+#: What each kind of amendment carries (checked when it is asked for: it is carried out
+#: only later, when a reviewer approves it).
+PAYLOADS: dict[str, type[Strict]] = {"rebind": RebindPayload, "step_times": StepTimesPayload}
+
+
 class Decision(Strict):
     approve: bool
     note: str = ""
 
 
 class ReviewBinding(Strict):
-    step_id: int | None
+    step_id: Int64 | None
 
 
 def add_case_routes(
@@ -347,7 +377,7 @@ def add_case_routes(
 
     @app.patch("/api/v1/cases/{case_id}/steps/{step_id}", tags=["cases"])
     def update_step(
-        case_id: str, step_id: int, body: StepTimes, conn: Db, who: Caller
+        case_id: str, step_id: Int64, body: StepTimes, conn: Db, who: Caller
     ) -> dict[str, Any]:
         """Set a step's start or end. A time already set changes only by an approved
         amendment (409 here)."""
@@ -422,7 +452,7 @@ def add_case_routes(
 
     @app.post("/api/v1/review-queue/{device_id}/{seq}", tags=["cases"])
     def resolve_review(
-        device_id: str, seq: int, body: ReviewBinding, conn: Db, who: Caller
+        device_id: str, seq: Int64, body: ReviewBinding, conn: Db, who: Caller
     ) -> dict[str, Any]:
         """A reviewer binds an item the gateway could not (its first binding; changing a
         binding afterwards is an amendment)."""
@@ -453,10 +483,20 @@ def add_case_routes(
         ``step_times``: ``{"step_id", "start_ms"?, "end_ms"?}``) with a reason; nothing
         changes until a reviewer approves it."""
         visible_case(conn, who, case_id)
+        payload = body.payload
+        if body.kind in PAYLOADS:
+            try:
+                checked = PAYLOADS[body.kind].model_validate(payload)
+            except ValidationError as exc:
+                errors = exc.errors(include_url=False)
+                raise RequestValidationError(
+                    [{**e, "loc": ("body", "payload", *e["loc"])} for e in errors]
+                ) from exc
+            payload = checked.model_dump(exclude_unset=True)
         try:
             with transaction(conn) as c:
                 amendment_id = cases.request_amendment(
-                    c, who, case_id, body.kind, body.payload, body.reason, now_ms()
+                    c, who, case_id, body.kind, payload, body.reason, now_ms()
                 )
         except cases.CaseError as exc:
             raise refuse(exc) from exc
@@ -473,7 +513,7 @@ def add_case_routes(
         return [a for (i,) in ids if (a := cases.amendment_row(conn.conn, i)) is not None]
 
     @app.post("/api/v1/amendments/{amendment_id}/decision", tags=["cases"])
-    def decide(amendment_id: int, body: Decision, conn: Db, who: Caller) -> dict[str, Any]:
+    def decide(amendment_id: Int64, body: Decision, conn: Db, who: Caller) -> dict[str, Any]:
         try:
             with transaction(conn) as c:
                 return cases.decide_amendment(
@@ -521,7 +561,7 @@ def add_case_routes(
     def audit_log(
         conn: Db,
         who: Caller,
-        after_id: Annotated[int, Query(ge=0)] = 0,
+        after_id: Annotated[Int64, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     ) -> dict[str, Any]:
         """The hash-chained audit log (and whether the chain is intact)."""

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import audit, metrics
 from gateway.access import OPERATORS, Principal, visible_devices
+from gateway.api_cases import Int64
 from gateway.db import transaction
 from gateway.watch import record_event
 
@@ -143,7 +144,7 @@ def add_ops_routes(
     Caller = Annotated[Principal, Depends(caller)]
 
     @app.get("/api/v1/alarms/{alarm_id}", tags=["alarms"])
-    def alarm(alarm_id: int, conn: Db, who: Caller) -> dict[str, Any]:
+    def alarm(alarm_id: Int64, conn: Db, who: Caller) -> dict[str, Any]:
         """One alarm with every change of its state (who, when, why)."""
         try:
             return alarm_view(conn.conn, who, alarm_id)
@@ -159,12 +160,12 @@ def add_ops_routes(
             raise HTTPException(exc.status, str(exc)) from exc
 
     @app.post("/api/v1/alarms/{alarm_id}/acknowledge", tags=["alarms"])
-    def acknowledge(alarm_id: int, body: AlarmNote, conn: Db, who: Caller) -> dict[str, Any]:
+    def acknowledge(alarm_id: Int64, body: AlarmNote, conn: Db, who: Caller) -> dict[str, Any]:
         """Someone is on it (open → acknowledged)."""
         return change(conn, who, alarm_id, "acknowledge", body.note)
 
     @app.post("/api/v1/alarms/{alarm_id}/resolve", tags=["alarms"])
-    def resolve(alarm_id: int, body: AlarmNote, conn: Db, who: Caller) -> dict[str, Any]:
+    def resolve(alarm_id: Int64, body: AlarmNote, conn: Db, who: Caller) -> dict[str, Any]:
         """Dealt with (open or acknowledged → resolved); the note says how."""
         return change(conn, who, alarm_id, "resolve", body.note)
 

@@ -28,6 +28,7 @@ GATEWAY_IDENTITY = "custody-gateway"
 BROKER_IDENTITY = "custody-broker"
 CA_YEARS = 10
 DEFAULT_DEVICE_DAYS = 365
+MAX_DEVICE_DAYS = CA_YEARS * 365  # a device certificate outliving its CA is useless
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -33,8 +33,10 @@ from typing import Any
 
 from gateway import audit
 from gateway.access import Principal, visible_agencies
+from gateway.alarms import raise_alarm
 from gateway.calendar import due_date, lateness
 from gateway.catalogue import Catalogue
+from protocol.fields import TIME_MS_MAX
 from protocol.upload import union
 
 MEDIA_KINDS = ("segment", "photo", "file")
@@ -346,16 +348,41 @@ def apply_terminal_context(
 # -- binding ---------------------------------------------------------------------------------
 
 
-def _item(conn: sqlite3.Connection, device_id: str, seq: int, kind: str, record: str) -> Item:
+class MalformedRecord(ValueError):
+    """A signed media record whose body cannot be read as a manifest (a time that is not
+    a time). The journal keeps it (it is what the device signed, and the chain must go
+    on); binding does not guess: it goes to the review queue as ``malformed``."""
+
+
+def _ms(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= TIME_MS_MAX:
+        raise MalformedRecord(f"{name} is {value!r}, not a time in Unix ms")
+    return value
+
+
+def _item(
+    conn: sqlite3.Connection, device_id: str, seq: int, kind: str, record: str, strict: bool = True
+) -> Item:
+    """The media record as binding sees it. ``strict=False`` (for an item a reviewer bound
+    by hand) reads a malformed time as the record's own signed ``wall_ms``."""
     rec = json.loads(record)
     body = rec.get("body", {})
-    wall = int(rec.get("wall_ms", 0))
-    if kind == "segment":
-        start = int(body.get("start_wall_ms", wall))
-        end = int(body.get("end_wall_ms", start))
-    elif kind == "photo":
-        start = end = int(body.get("taken_wall_ms", wall))
-    else:
+    if not isinstance(body, dict):
+        raise MalformedRecord("its body is not an object")
+    wall = _ms(rec.get("wall_ms", 0), "wall_ms")
+    try:
+        if kind == "segment":
+            start = _ms(body.get("start_wall_ms", wall), "start_wall_ms")
+            end = _ms(body.get("end_wall_ms", start), "end_wall_ms")
+            if end < start:
+                raise MalformedRecord(f"end_wall_ms {end} is before start_wall_ms {start}")
+        elif kind == "photo":
+            start = end = _ms(body.get("taken_wall_ms", wall), "taken_wall_ms")
+        else:
+            start = end = wall
+    except MalformedRecord:
+        if strict:
+            raise
         start = end = wall
     case = body.get("case") if isinstance(body.get("case"), dict) else {}
     step = case.get("step_id") if case else None
@@ -432,11 +459,31 @@ def bind_pending(conn: sqlite3.Connection, now_ms: int) -> int:
         "('segment', 'photo', 'file') AND NOT EXISTS (SELECT 1 FROM bindings b WHERE "
         "b.device_id = j.device_id AND b.seq = j.seq) AND NOT EXISTS (SELECT 1 FROM "
         "review_queue q WHERE q.device_id = j.device_id AND q.seq = j.seq AND "
-        "q.reason = 'ambiguous')"
+        "q.reason IN ('ambiguous', 'malformed'))"
     ).fetchall()
     bound = 0
     for device_id, seq, kind, record in rows:
-        item = _item(conn, device_id, seq, kind, record)
+        try:
+            item = _item(conn, device_id, seq, kind, record)
+        except MalformedRecord as exc:
+            # One bad record must not stop binding for everyone (it did: every pass
+            # failed on it). A reviewer can still bind it by hand.
+            conn.execute(
+                "INSERT INTO review_queue(device_id, seq, reason, candidates, state, opened_ms) "
+                "VALUES (?, ?, 'malformed', '[]', 'open', ?) ON CONFLICT(device_id, seq) DO "
+                "UPDATE SET reason = 'malformed', candidates = '[]'",
+                [device_id, seq, now_ms],
+            )
+            raise_alarm(
+                conn,
+                "bad_record",
+                device_id,
+                f"{kind} record seq {seq} is signed but unreadable as a manifest ({exc}); kept "
+                "in the journal, not bound: see the review queue",
+                now_ms,
+                key=f"record {seq}",
+            )
+            continue
         if item.explicit_step is not None and step_row(conn, item.explicit_step) is not None:
             bind(conn, device_id, seq, item.explicit_step, "explicit", "gateway", now_ms)
             bound += 1
@@ -491,7 +538,7 @@ def bound_items(conn: sqlite3.Connection, step_id: int) -> list[tuple[Item, dict
             if ev
             else {}
         )
-        out.append((_item(conn, device_id, seq, j[0], j[1]), evidence))
+        out.append((_item(conn, device_id, seq, j[0], j[1], strict=False), evidence))
     return out
 
 

@@ -42,6 +42,7 @@ from gateway.access import (
     principal_for_token,
     visible_devices,
 )
+from gateway.api_cases import Int64
 from gateway.blobs import BlobStore
 from gateway.datadir import DataDir
 from gateway.db import connect, transaction
@@ -530,12 +531,12 @@ def add_dashboard(
         return str(row[2]), str(row[3])
 
     @app.get("/dashboard/media/{evidence_id}", include_in_schema=False)
-    def media(evidence_id: int, conn: Db, who: Who) -> FileResponse:
+    def media(evidence_id: Int64, conn: Db, who: Who) -> FileResponse:
         sha, media_type = evidence_row(conn, who, evidence_id, "play")
         return FileResponse(blobs.path(sha), media_type=media_type)
 
     @app.get("/dashboard/thumb/{evidence_id}.jpg", include_in_schema=False)
-    def thumb(evidence_id: int, conn: Db, who: Who) -> Response:
+    def thumb(evidence_id: Int64, conn: Db, who: Who) -> Response:
         sha, media_type = evidence_row(conn, who, evidence_id, "thumbnail")
         path = thumbs / f"{sha}.jpg"
         if not path.exists():

@@ -17,9 +17,12 @@ Secrets are written with O_EXCL and mode 0600 and never printed.
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+import sqlite_utils
 
 from gateway.errors import DataDirError
 from gateway.files import write_secret
@@ -67,31 +70,92 @@ class DataDir:
 
     @classmethod
     def open(cls, root: Path, *, create: bool = True) -> DataDir:
-        """Open ``root``, creating keys and token on first use."""
+        """Open ``root``, creating keys and token on first use (never with ``create=False``:
+        then ``root`` must already be a gateway's directory). An existing database that is
+        not a custody database, or is damaged, is refused and left exactly as it is."""
         data = cls(root.resolve())
+        if data.root.exists() and not data.root.is_dir():
+            raise DataDirError(f"{root} is not a directory: point it at a gateway data directory")
+        data.check_database()
         if not data.key_path.exists():
             if not create:
-                raise DataDirError(f"{root} is not a gateway data directory (no gateway.key)")
-            data.root.mkdir(parents=True, exist_ok=True)
+                raise DataDirError(
+                    f"{root} is not a gateway data directory (no gateway.key): run "
+                    "`custody gateway --data DIR` or `custody enroll ... --gateway-data DIR` "
+                    "there first, or fix the path"
+                )
+            data._mkdir(data.root, parents=True)
             key = SigningKey.generate()
             write_secret(data.key_path, key.seed())
             data.pub_path.write_text(key.verify_key.hex + "\n")
         if not data.token_path.exists():
             write_secret(data.token_path, (secrets.token_urlsafe(32) + "\n").encode())
-        data.blobs.mkdir(exist_ok=True)
-        data.partial.mkdir(exist_ok=True)
+        data._mkdir(data.blobs)
+        data._mkdir(data.partial)
         if not (data.ca_dir / "acl").exists():
             # Imported here: the CA and policy modules need the database schema.
             from gateway.ca import CertificateAuthority
-            from gateway.db import open_db
             from gateway.policy import write_broker_policy
 
-            db = open_db(data.db_path)
+            db = data.open_db()
             try:
                 write_broker_policy(db, CertificateAuthority.open(data.ca_dir))
             finally:
                 db.conn.close()
         return data
+
+    @staticmethod
+    def _mkdir(path: Path, *, parents: bool = False) -> None:
+        try:
+            path.mkdir(parents=parents, exist_ok=True)
+        except FileExistsError as exc:
+            raise DataDirError(f"{path} is in the way: it should be a directory") from exc
+        except OSError as exc:
+            raise DataDirError(f"cannot create {path}: {exc.strerror}") from exc
+
+    def _damaged(self, exc: sqlite3.Error) -> DataDirError:
+        return DataDirError(
+            f"{self.db_path} is not a custody database or is damaged ({exc}); it was left "
+            "untouched: restore it from a backup, or move it away to start an empty one"
+        )
+
+    def check_database(self) -> None:
+        """Refuse a ``custody.db`` that SQLite cannot read or that holds another program's
+        tables. Reads only; a missing file is fine (the first start creates it)."""
+        path = self.db_path
+        if not path.exists():
+            return
+        if not path.is_file():
+            raise DataDirError(f"{path} is not a file: move it away or restore the database")
+        try:
+            conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+        except sqlite3.Error as exc:
+            raise self._damaged(exc) from exc
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                return  # busy with a live writer, so readable: not damaged
+            raise self._damaged(exc) from exc
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
+        finally:
+            conn.close()
+        if tables and "devices" not in tables:
+            raise DataDirError(
+                f"{path} is an SQLite database but not a custody database (it has no devices "
+                "table); it was left untouched: point --data at the gateway's directory, or "
+                "restore custody.db from a backup"
+            )
+
+    def open_db(self) -> sqlite_utils.Database:
+        """``gateway.db.open_db`` on ``custody.db``, a damaged file reported as such."""
+        from gateway.db import open_db
+
+        try:
+            return open_db(self.db_path)
+        except sqlite3.DatabaseError as exc:
+            raise self._damaged(exc) from exc
 
     def signing_key(self) -> SigningKey:
         seed = _read_secret(self.key_path)

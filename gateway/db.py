@@ -364,7 +364,7 @@ def _create_case_schema(db: sqlite_utils.Database) -> None:
         {
             "device_id": str,
             "seq": int,
-            "reason": str,  # ambiguous | unmatched
+            "reason": str,  # ambiguous | unmatched | malformed
             "candidates": str,  # JSON list of step ids
             "state": str,  # open | resolved
             "opened_ms": int,

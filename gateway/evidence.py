@@ -189,15 +189,36 @@ class EvidenceIntake:
             return [self._upload_ack(device_id, seq, "rejected", reason=row[0])]
         return None
 
+    def _names_another(self, what: str, device_id: str, named: str) -> bool:
+        if named == device_id:
+            return False
+        self._alarm(
+            "topic_mismatch", device_id, f"upload {what} naming {named} on {device_id}'s topic"
+        )
+        return True
+
     def on_init(self, device_id: str, init: UploadInit) -> list[Outgoing]:
-        if init.device_id != device_id or not self._is_active(device_id):
+        if self._names_another("init", device_id, init.device_id):
+            return []
+        if not self._is_active(device_id):
             return []
         if (device_id, init.seq) in self._finalizing:
             return []
         settled = self._settled(device_id, init.seq)
         if settled is not None:
             return settled
-        found = self._manifest(device_id, init.seq)
+        try:
+            found = self._manifest(device_id, init.seq)
+        except MessageError as exc:
+            # Signed, in the journal, and unusable: refuse the upload (the device stops
+            # asking) rather than fail every chunk of it.
+            self._alarm(
+                "bad_record",
+                device_id,
+                f"media record seq {init.seq} is signed but its manifest is unusable: {exc}",
+                key=f"record {init.seq}",
+            )
+            return [self._upload_ack(device_id, init.seq, "rejected", reason="bad_manifest")]
         if found is None:
             return [self._upload_ack(device_id, init.seq, "unknown")]
         info, _ = found
@@ -289,7 +310,9 @@ class EvidenceIntake:
         return out
 
     def on_fin(self, device_id: str, fin: UploadFin) -> list[Outgoing]:
-        if fin.device_id != device_id or not self._is_active(device_id):
+        if self._names_another("fin", device_id, fin.device_id):
+            return []
+        if not self._is_active(device_id):
             return []
         if (device_id, fin.seq) in self._finalizing:
             return []

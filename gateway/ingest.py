@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -494,7 +493,7 @@ class Ingest:
                         for device_id, _, at, t in pending
                     ],
                 )
-        except sqlite3.Error:  # never stop ingest over telemetry
+        except Exception:  # never stop ingest over telemetry (sqlite, or a value it refuses)
             log.exception("storing %d telemetry messages failed; they are dropped", len(pending))
 
     def housekeeping(self) -> None:

@@ -13,17 +13,24 @@ connection from publishing (ACL), and ingest refuses anything that still arrives
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import secrets
 from pathlib import Path
 
-import sqlite_utils
-
-from gateway.ca import BROKER_IDENTITY, DEFAULT_DEVICE_DAYS, GATEWAY_IDENTITY, CertificateAuthority
+from gateway.ca import (
+    BROKER_IDENTITY,
+    DEFAULT_DEVICE_DAYS,
+    GATEWAY_IDENTITY,
+    MAX_DEVICE_DAYS,
+    CertificateAuthority,
+    Issued,
+)
 from gateway.datadir import DataDir
-from gateway.db import open_db, transaction
+from gateway.db import transaction
 from gateway.errors import EnrollmentError
-from gateway.files import write_secret
+from gateway.files import write_public, write_secret
 from gateway.policy import write_broker_policy
 from protocol.errors import MessageError
 from protocol.journal import check_device_id
@@ -62,19 +69,92 @@ def _check_id(device_id: str) -> None:
         raise EnrollmentError(f"{device_id!r} is reserved for the gateway's own identities")
 
 
-def _issue_certificate(
-    db: sqlite_utils.Database, ca: CertificateAuthority, device_id: str, out_dir: Path, days: int
-) -> None:
-    issued = ca.issue(device_id, days=days)
-    write_secret(out_dir / "tls.key", issued.key_pem, replace=True)
-    (out_dir / "device.crt").write_bytes(issued.cert_pem)
-    (out_dir / "ca.crt").write_bytes(ca.cert_path.read_bytes())
-    with transaction(db) as conn:
-        conn.execute(
-            "INSERT INTO certificates(serial, device_id, not_after, issued_at, revoked) "
-            "VALUES (?, ?, ?, ?, 0)",
-            [format(issued.serial, "x"), device_id, issued.not_after.isoformat(), _now()],
+def _check_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DEVICE_DAYS:
+        raise EnrollmentError(
+            f"certificate lifetime must be a whole number of days from 1 to {MAX_DEVICE_DAYS}, "
+            f"got {days!r}"
         )
+
+
+def _issue(ca: CertificateAuthority, device_id: str, days: int) -> Issued:
+    try:
+        return ca.issue(device_id, days=days)
+    except (ValueError, OverflowError) as exc:
+        raise EnrollmentError(f"cannot issue a certificate for {device_id}: {exc}") from exc
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EnrollmentError(f"{out_dir} is not a directory: --out must name a device directory")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EnrollmentError(f"{out_dir} cannot be created: {parent} is not a directory")
+            break
+
+
+class _Staged:
+    """Files written beside their final names first, put in place together by ``commit``
+    (``os.replace``, atomic each) or all removed by ``discard``: a failed enroll or renew
+    leaves the device directory as it was."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.created_dir = False
+        self.files: dict[Path, Path] = {}  # staged -> final
+        self.placed: list[Path] = []
+
+    def _stage(self, name: str) -> Path:
+        if not self.out_dir.exists():
+            self.out_dir.mkdir(parents=True)
+            self.created_dir = True
+        final = self.out_dir / name
+        staged = self.out_dir / f".{name}.staged"
+        self.files[staged] = final
+        return staged
+
+    def secret(self, name: str, data: bytes) -> None:
+        write_secret(self._stage(name), data, replace=True)
+
+    def public(self, name: str, data: bytes) -> None:
+        write_public(self._stage(name), data)
+
+    def commit(self) -> None:
+        for staged, final in list(self.files.items()):
+            os.replace(staged, final)
+            del self.files[staged]
+            self.placed.append(final)
+
+    def unplace(self) -> None:
+        """Remove what ``commit`` put in place (enroll only: those names were free)."""
+        for final in self.placed:
+            final.unlink(missing_ok=True)
+        self.placed.clear()
+
+    def discard(self) -> None:
+        for staged in self.files:
+            staged.unlink(missing_ok=True)
+            staged.with_name(staged.name + ".tmp").unlink(missing_ok=True)
+        self.files.clear()
+        if self.created_dir:
+            with contextlib.suppress(OSError):
+                self.out_dir.rmdir()  # only if empty: nothing of anyone else's goes
+
+
+def _write_failed(out_dir: Path, exc: OSError) -> EnrollmentError:
+    where = exc.filename or out_dir
+    return EnrollmentError(f"cannot write the device files in {out_dir}: {where}: {exc.strerror}")
+
+
+def _certificate_row(device_id: str, issued: Issued) -> list[str]:
+    return [format(issued.serial, "x"), device_id, issued.not_after.isoformat(), _now()]
+
+
+INSERT_CERTIFICATE = (
+    "INSERT INTO certificates(serial, device_id, not_after, issued_at, revoked) "
+    "VALUES (?, ?, ?, ?, 0)"
+)
 
 
 def enroll(
@@ -86,82 +166,121 @@ def enroll(
     telemetry_interval_s: float = 10.0,
     cert_days: int = DEFAULT_DEVICE_DAYS,
 ) -> Path:
-    """Enroll ``device_id``; return the path of the agent.toml written."""
+    """Enroll ``device_id``; return the path of the agent.toml written.
+
+    All or nothing: keys, certificate and agent.toml are made and written (under staging
+    names) before the device is registered, in one transaction, and put in place after;
+    if anything fails the device is not registered and its directory is left as it was.
+    """
     _check_id(device_id)
+    _check_days(cert_days)
+    _check_out_dir(out_dir)
+    for name in ("device.key", "data.key"):
+        if (out_dir / name).exists():
+            raise EnrollmentError(
+                f"{out_dir / name} already exists; enroll into an empty directory"
+            )
     data = DataDir.open(gateway_dir)
-    db = open_db(data.db_path)
+    db = data.open_db()
+    staged = _Staged(out_dir)
     try:
         if db.execute("SELECT 1 FROM devices WHERE device_id = ?", [device_id]).fetchone():
             raise EnrollmentError(
                 f"device {device_id} is already enrolled at {gateway_dir}; use "
                 "`custody enroll --renew` for a new certificate"
             )
-        for name in ("device.key", "data.key"):
-            if (out_dir / name).exists():
-                raise EnrollmentError(
-                    f"{out_dir / name} already exists; enroll into an empty directory"
-                )
-        out_dir.mkdir(parents=True, exist_ok=True)
+        ca = CertificateAuthority.open(data.ca_dir)
         key = SigningKey.generate()
-        write_secret(out_dir / "device.key", key.seed())
-        write_secret(out_dir / "data.key", secrets.token_bytes(32))
-        with transaction(db) as conn:
-            conn.execute(
-                "INSERT INTO devices(device_id, public_key, status, enrolled_at) "
-                "VALUES (?, ?, 'active', ?)",
-                [device_id, key.verify_key.hex, _now()],
-            )
-            conn.execute(
-                "INSERT INTO device_keys(device_id, from_seq, public_key, at_ms) "
-                "VALUES (?, 1, ?, ?)",
-                [device_id, key.verify_key.hex, int(dt.datetime.now(dt.UTC).timestamp() * 1000)],
-            )
-        _issue_certificate(
-            db, CertificateAuthority.open(data.ca_dir), device_id, out_dir, cert_days
-        )
-    finally:
-        db.conn.close()
-    config = out_dir / "agent.toml"
-    config.write_text(
-        AGENT_TOML.format(
+        issued = _issue(ca, device_id, cert_days)
+        agent_toml = AGENT_TOML.format(
             when=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             device_id=device_id,
             broker=broker,
             gateway_key=data.public_key_hex(),
             telemetry=telemetry_interval_s,
         )
-    )
-    return config
+        ca_pem = ca.cert_path.read_bytes()
+        now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+        try:
+            staged.secret("device.key", key.seed())
+            staged.secret("data.key", secrets.token_bytes(32))
+            staged.secret("tls.key", issued.key_pem)
+            staged.public("device.crt", issued.cert_pem)
+            staged.public("ca.crt", ca_pem)
+            staged.public("agent.toml", agent_toml.encode())
+            with transaction(db) as conn:
+                conn.execute(
+                    "INSERT INTO devices(device_id, public_key, status, enrolled_at) "
+                    "VALUES (?, ?, 'active', ?)",
+                    [device_id, key.verify_key.hex, _now()],
+                )
+                conn.execute(
+                    "INSERT INTO device_keys(device_id, from_seq, public_key, at_ms) "
+                    "VALUES (?, 1, ?, ?)",
+                    [device_id, key.verify_key.hex, now_ms],
+                )
+                conn.execute(INSERT_CERTIFICATE, _certificate_row(device_id, issued))
+                staged.commit()  # inside the transaction: a failure here rolls it back
+        except BaseException as exc:
+            staged.unplace()  # not registered, so no files either
+            if isinstance(exc, OSError):
+                raise _write_failed(out_dir, exc) from exc
+            raise
+    finally:
+        staged.discard()
+        db.conn.close()
+    return out_dir / "agent.toml"
 
 
 def renew(
     device_id: str, gateway_dir: Path, out_dir: Path, *, cert_days: int = DEFAULT_DEVICE_DAYS
 ) -> None:
-    """A new certificate and TLS key for an enrolled device; the old ones are revoked."""
+    """A new certificate and TLS key for an enrolled device; the old ones are revoked.
+
+    All or nothing, like ``enroll``: the new files are written under staging names first,
+    the old certificates are revoked in the transaction that records the new one, and the
+    files are put in place after it (if that fails, running renew again finishes it)."""
     _check_id(device_id)
+    _check_days(cert_days)
     data = DataDir.open(gateway_dir, create=False)
-    db = open_db(data.db_path)
+    db = data.open_db()
+    staged = _Staged(out_dir)
     try:
         row = db.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
         if row is None:
             raise EnrollmentError(f"device {device_id} is not enrolled; enroll it first")
         if row[0] != "active":
             raise EnrollmentError(f"device {device_id} is {row[0]}; it cannot be renewed")
-        if not (out_dir / "agent.toml").exists():
+        if not out_dir.is_dir() or not (out_dir / "agent.toml").is_file():
             raise EnrollmentError(f"{out_dir} is not {device_id}'s device directory")
+        ca = CertificateAuthority.open(data.ca_dir)
+        issued = _issue(ca, device_id, cert_days)
+        ca_pem = ca.cert_path.read_bytes()
+        try:
+            staged.secret("tls.key", issued.key_pem)
+            staged.public("device.crt", issued.cert_pem)
+            staged.public("ca.crt", ca_pem)
+        except OSError as exc:
+            raise _write_failed(out_dir, exc) from exc
         with transaction(db) as conn:
             conn.execute("UPDATE certificates SET revoked = 1 WHERE device_id = ?", [device_id])
-        ca = CertificateAuthority.open(data.ca_dir)
-        _issue_certificate(db, ca, device_id, out_dir, cert_days)
+            conn.execute(INSERT_CERTIFICATE, _certificate_row(device_id, issued))
+        # Recorded first: should putting the files in place fail, the device keeps its
+        # old certificate (the broker's CRL is rewritten only below) and renew can rerun.
+        try:
+            staged.commit()
+        except OSError as exc:
+            raise _write_failed(out_dir, exc) from exc
         write_broker_policy(db, ca)
     finally:
+        staged.discard()
         db.conn.close()
 
 
 def revoke(device_id: str, gateway_dir: Path) -> None:
     """Cut a device off at the broker (CRL + ACL, reloaded live) and at ingest."""
     data = DataDir.open(gateway_dir, create=False)
-    db = open_db(data.db_path)
+    db = data.open_db()
     try:
         with transaction(db) as conn:
             cur = conn.execute(

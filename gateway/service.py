@@ -10,6 +10,7 @@ workers can join the group; all state lives in the database and blob store.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import socket
@@ -142,6 +143,8 @@ class GatewayService:
         self._problem_logged = (0.0, "")
         for topic in gateway_subscriptions(self.shared):
             client.subscribe(topic, qos=1)
+        # Not shared: every running gateway hears who claims the gateway is offline.
+        client.subscribe(GATEWAY_STATE, qos=1)
         client.publish(GATEWAY_STATE, self._state(True), 1, retain=True)
         self.connected.set()
         log.info("gateway connected to %s:%d", self.host, self.port)
@@ -194,7 +197,27 @@ class GatewayService:
             )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == GATEWAY_STATE:
+            self._on_gateway_state(bytes(msg.payload))
+            return
         self.inbox.put(msg)  # blocks when ingest is behind: back-pressure, not growth
+
+    def _on_gateway_state(self, payload: bytes) -> None:
+        """Devices hold bulk uploads while the retained gateway state says offline. Another
+        gateway process on this broker (a worker that stopped, one that crashed and left
+        its Last Will, a second gateway started by mistake) leaves exactly that behind
+        while this one is running: say again that a gateway is here."""
+        try:
+            online = json.loads(payload or b"{}").get("online") is True
+        except (ValueError, AttributeError):
+            online = False
+        if online or self._stopping or not self.connected.is_set():
+            return
+        log.warning(
+            "another gateway process marked the gateway offline on this broker; this one is "
+            "running, so it says so again (devices hold uploads while it reads offline)"
+        )
+        self.client.publish(GATEWAY_STATE, self._state(True), 1, retain=True)
 
     def _ingest_loop(self) -> None:
         next_commands = next_housekeeping = 0.0
@@ -240,7 +263,10 @@ class GatewayService:
                     self.ingest.log.reload()
                     continue
                 self._publish(replies)
-            self._publish(self.ingest.flush(idle=self.inbox.empty()))
+            try:
+                self._publish(self.ingest.flush(idle=self.inbox.empty()))
+            except Exception:  # as above: the thread must outlive any one bad message
+                log.exception("flushing acks and telemetry failed")
 
     def _publish(self, replies: list[Outgoing]) -> None:
         for out in replies:

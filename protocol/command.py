@@ -40,6 +40,73 @@ COMMANDS = frozenset(
 CLOCK_SKEW_MS = 120_000
 
 
+@dataclass(frozen=True)
+class Arg:
+    """One argument a command takes: an integer (never a bool) or a string."""
+
+    base: type[int] | type[str]
+    required: bool = False
+    minimum: int | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.base is str:
+            return "a string"
+        return "an integer" + ("" if self.minimum is None else f" >= {self.minimum}")
+
+    def describe(self, name: str) -> str:
+        return f"{name} ({self.kind}{'' if self.required else ', optional'})"
+
+    def accepts(self, value: Any) -> bool:
+        if self.base is str:
+            return isinstance(value, str)
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and (self.minimum is None or value >= self.minimum)
+        )
+
+
+#: Every command may carry a ``note``, journalled with it (``command_executed``).
+_NOTE = {"note": Arg(str)}
+#: What each command takes, as the agent reads it (``agent.relay``): anything else would be
+#: carried out with the argument ignored or misread, so the gateway refuses it when queued.
+COMMAND_ARGS: dict[str, dict[str, Arg]] = {
+    "mark": _NOTE,
+    "telemetry": _NOTE,
+    # 0 lifts the cap.
+    "set_bandwidth": {"bytes_per_s": Arg(int, required=True, minimum=0), **_NOTE},
+    "resync": _NOTE,
+    "rotate_key": _NOTE,
+    "record_start": _NOTE,
+    "record_stop": _NOTE,
+    "photo": _NOTE,
+    # Both (the step being worked on), or neither (the step has ended).
+    "case_context": {"case_id": Arg(str), "step_id": Arg(int, minimum=1), **_NOTE},
+}
+#: Arguments that are given together or not at all.
+_TOGETHER = {"case_context": ("case_id", "step_id")}
+
+
+def check_args(name: str, args: dict[str, Any]) -> None:
+    """Raise ``MessageError`` (naming the command and what it takes) unless ``args`` are
+    what the device understands for the known command ``name``."""
+    spec = COMMAND_ARGS[name]
+    problems = [f"{key!r} is not one of its arguments" for key in args if key not in spec]
+    problems += [f"{key} is missing" for key, a in spec.items() if a.required and key not in args]
+    problems += [
+        f"{key} must be {arg.kind}, not {args[key]!r:.80}"
+        for key, arg in spec.items()
+        if key in args and not arg.accepts(args[key])
+    ]
+    together = _TOGETHER.get(name, ())
+    if together and 0 < sum(key in args for key in together) < len(together):
+        problems.append(f"{' and '.join(together)} go together")
+    if problems:
+        takes = ", ".join(arg.describe(key) for key, arg in spec.items())
+        raise MessageError(f"command {name} takes {takes}: {'; '.join(problems)}")
+
+
 class StaleCommand(ProtocolError):
     reason = "stale"
 

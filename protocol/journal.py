@@ -25,12 +25,16 @@ from typing import Any
 
 from protocol.encoding import canonical, from_hex
 from protocol.errors import ChainError, MessageError, SignatureError, VersionError
-from protocol.fields import check_fields
+from protocol.fields import INT_MAX, check_fields
 from protocol.signing import SigningKey, VerifyKey
 
 VERSION = 1
 GENESIS = bytes(32)
-SEQ_MAX = 2**64 - 1
+SEQ_MAX = INT_MAX  # "64-bit sequence numbers", signed as every store holds them
+#: The largest file a manifest may announce: far past any recording or document, and a
+#: part file that size still fits the filesystems a gateway runs on (a manifest of 2**62
+#: bytes made every chunk fail with "File too large").
+MEDIA_SIZE_MAX = 2**40
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -89,7 +93,7 @@ class MediaInfo:
             raise MessageError("media record body field marked must be a boolean")
         return cls(
             sha256=from_hex(body.get("sha256"), field="body.sha256", length=32),
-            size=_int(body.get("size"), "body.size"),
+            size=_int(body.get("size"), "body.size", hi=MEDIA_SIZE_MAX),
             media_type=media_type,
             marked=marked,
         )

@@ -63,8 +63,11 @@ class JournalBatch:
         """Keys that ``key_rotation`` records in the batch hand over to, counting only
         hand-over records that verify under ``current`` (the key the receiver trusts)."""
         obj = decode(data, what="journal batch")
+        records = obj.get("records")
+        if not isinstance(records, list):
+            return []  # ``decode`` names the fault; there is nothing to hand over to
         keys = []
-        for wire in obj.get("records") or []:
+        for wire in records:
             if not isinstance(wire, dict) or wire.get("kind") != "key_rotation":
                 continue
             try:

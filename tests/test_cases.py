@@ -454,3 +454,30 @@ def test_a_json_body_sent_as_a_form_is_told_what_to_send(world: World) -> None:
     # A JSON body that is wrong keeps FastAPI's own field-by-field 422.
     r = world.api.post("/api/v1/agencies", json={"id": "x"}, headers=world.admin)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_a_signed_segment_with_a_time_that_is_not_a_time_does_not_stop_binding(
+    world: World,
+) -> None:
+    """Found by a tester: a signed segment with ``start_wall_ms: "abc"`` was accepted (it is
+    what the device signed) and then made every binding pass fail, for every device, for
+    good. It now waits in the review queue as ``malformed`` with a ``bad_record`` alarm."""
+    a, b = world.devices["cam-a"], world.devices["cam-c"]  # both O1's
+    small_case(world, "HP-9", "hp-ue", O1)
+    bad = a.segment(at("2025-09-30T10:01"), at("2025-09-30T10:05"), start_wall_ms="abc")
+    a.deliver()
+    good = b.segment(at("2025-09-30T10:02"), at("2025-09-30T10:06"))
+    b.deliver()
+    world.ingest.housekeeping()
+    queue = {(q["device_id"], q["seq"]): q for q in world.get("/api/v1/review-queue")}
+    assert queue[("cam-a", bad)]["reason"] == "malformed"
+    alarms = world.get("/api/v1/alarms", kind="bad_record", device_id="cam-a")
+    assert alarms and "start_wall_ms is 'abc'" in alarms[0]["detail"]
+    # The journal kept the record, and binding went on for everyone else.
+    assert any(r["seq"] == bad for r in world.get("/api/v1/journal", device_id="cam-a"))
+    db = world.ingest.db
+    assert db.execute(
+        "SELECT 1 FROM bindings WHERE device_id = 'cam-c' AND seq = ?", [good]
+    ).fetchone(), "cam-c's segment was not bound"
+    world.ingest.housekeeping()  # and the next pass neither fails nor raises it again
+    assert world.get("/api/v1/alarms", kind="bad_record")[0]["count"] == 1

@@ -166,7 +166,6 @@ def test_environment_overrides_paths_and_floats(tmp_path: Path) -> None:
             "CUSTODY_AGENT_DATA_DIR": "other-data",
             "CUSTODY_AGENT_ACK_TIMEOUT_S": "0.25",
             "CUSTODY_AGENT_BROKER": "mqtt://10.0.0.1:1884",
-            "CUSTODY_AGENT_UNRELATED": "ignored",
             "CHUNK_SIZE": "9",
         },
     )
@@ -249,3 +248,134 @@ def test_signing_key_repr_hides_the_seed(tmp_path: Path) -> None:
     key = FileKeyStore.create(tmp_path / "device.key")
     assert key.seed().hex() not in repr(key)
     assert key.seed().hex()[:16] not in repr(key)
+
+
+# --------------------------------------------------------------------------------------------
+# Checked at load, so `custody agent --check-config` catches it before a run does
+# --------------------------------------------------------------------------------------------
+
+
+def replace_line(key: str, line: str) -> str:
+    return "".join(
+        (line if old.startswith(f"{key} =") else old) + "\n" for old in VALID.splitlines()
+    )
+
+
+@pytest.mark.parametrize(
+    "value", ['"zz"', '"abcd"', f'"{"AB" * 32}"', f'"{"ab" * 33}"', '"ab cd"', "''"]
+)
+def test_gateway_public_key_must_be_an_ed25519_key(tmp_path: Path, value: str) -> None:
+    text = replace_line("gateway_public_key", f"gateway_public_key = {value}")
+    with pytest.raises(ConfigError, match="gateway_public_key.*Ed25519"):
+        load_config(write_config(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize("device_id", ["bad id!", "", "-dash", "a/b", "x" * 65])
+def test_device_id_follows_the_device_id_rules(tmp_path: Path, device_id: str) -> None:
+    text = replace_line("device_id", f'device_id = "{device_id}"')
+    with pytest.raises(ConfigError, match="device_id.*device id"):
+        load_config(write_config(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "ack_timeout_s = inf",
+        "ack_timeout_s = nan",
+        "telemetry_interval_s = inf",
+        "camera_fps = inf",
+    ],
+)
+def test_floats_must_be_finite(tmp_path: Path, line: str) -> None:
+    path = write_config(tmp_path, VALID + line + "\n")
+    with pytest.raises(ConfigError, match=line.split()[0] + ".*finite"):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match="CUSTODY_AGENT_ACK_TIMEOUT_S.*finite"):
+        load_config(write_config(tmp_path), environ={"CUSTODY_AGENT_ACK_TIMEOUT_S": "inf"})
+
+
+def test_reconnect_min_may_not_exceed_max(tmp_path: Path) -> None:
+    path = write_config(tmp_path, VALID + "reconnect_min_s = 5\nreconnect_max_s = 2\n")
+    with pytest.raises(ConfigError, match="reconnect_min_s.*greater than reconnect_max_s"):
+        load_config(path, environ={})
+    ok = write_config(tmp_path, VALID + "reconnect_min_s = 2\nreconnect_max_s = 2\n")
+    assert load_config(ok, environ={}).reconnect_min_s == 2
+    # Raised past the file's maximum by the environment: the variable is named.
+    with pytest.raises(ConfigError, match="CUSTODY_AGENT_RECONNECT_MIN_S"):
+        load_config(ok, environ={"CUSTODY_AGENT_RECONNECT_MIN_S": "3"})
+
+
+@pytest.mark.parametrize("field", ["key_file", "data_dir", "data_key_file", "tls_ca"])
+def test_empty_path_override_is_refused(tmp_path: Path, field: str) -> None:
+    var = f"CUSTODY_AGENT_{field.upper()}"
+    with pytest.raises(ConfigError, match=f"{var}.*empty path"):
+        load_config(write_config(tmp_path), environ={var: ""})
+
+
+def test_empty_path_in_the_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="key_file.*empty path"):
+        load_config(write_config(tmp_path, replace_line("key_file", 'key_file = ""')), environ={})
+
+
+@pytest.mark.parametrize(
+    ("var", "hint"),
+    [
+        ("CUSTODY_AGENT_UNRELATED", ""),
+        ("CUSTODY_AGENT_WINDOWS", "CUSTODY_AGENT_WINDOW"),
+        ("CUSTODY_AGENT_window", "CUSTODY_AGENT_WINDOW"),
+        ("CUSTODY_AGENT_", ""),
+    ],
+)
+def test_unknown_environment_variable_is_named(tmp_path: Path, var: str, hint: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown environment variable {var}\\b") as info:
+        load_config(write_config(tmp_path), environ={var: "1", "CUSTODY_CHAOS_SEED": "7"})
+    assert hint in str(info.value)
+
+
+def test_every_agent_variable_the_project_sets_is_a_key() -> None:
+    """None of the CUSTODY_AGENT_* variables used by the simulators, demo, tests, bench,
+    systemd units or docs becomes an "unknown environment variable"."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    mine = {Path(__file__).name, "test_cli_input.py"}
+    used: set[str] = set()
+    for folder in ("agent", "custody_cli", "simulators", "tests", "bench", "systemd", "docs"):
+        for f in (root / folder).rglob("*"):
+            if f.is_file() and f.name not in mine and f.suffix in {".py", ".service", ".md", ""}:
+                used |= set(re.findall(r"CUSTODY_AGENT_[A-Z0-9_]+", f.read_text(errors="ignore")))
+    for f in (root / "Makefile", root / "README.md"):
+        used |= set(re.findall(r"CUSTODY_AGENT_[A-Z0-9_]+", f.read_text()))
+    used.discard("CUSTODY_AGENT_")  # the prefix itself, in prose
+    assert "CUSTODY_AGENT_CAMERA" in used and "CUSTODY_AGENT_ACK_TIMEOUT_S" in used
+    keys = {f"CUSTODY_AGENT_{name.upper()}" for name in AgentConfig.model_fields}
+    assert used <= keys, used - keys
+
+
+def test_bad_environment_override_names_the_variable_not_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"CUSTODY_AGENT_WINDOW": "abc"})
+    message = str(info.value)
+    assert "environment variable CUSTODY_AGENT_WINDOW" in message and "window" in message
+    assert f"agent config {path} is invalid" not in message
+
+
+def test_data_dir_is_created_but_never_its_parent(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg"
+    missing = tmp_path / "no-such-parent" / "data"
+    text = replace_line("data_dir", f'data_dir = "{missing}"')
+    with pytest.raises(ConfigError, match="data_dir.*no-such-parent does not exist"):
+        load_config(write_config(cfg, text), environ={})
+    assert not missing.parent.exists()
+    with pytest.raises(ConfigError, match="CUSTODY_AGENT_DATA_DIR.*does not exist"):
+        load_config(write_config(cfg), environ={"CUSTODY_AGENT_DATA_DIR": str(missing)})
+    # Its parent exists: fine (the agent creates data_dir itself).
+    assert load_config(write_config(cfg), environ={}).data_dir == cfg.resolve() / "data"
+
+
+def test_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("not a directory")
+    with pytest.raises(ConfigError, match="data_dir.*is not a directory"):
+        load_config(write_config(tmp_path), environ={})
+    assert (tmp_path / "data").read_text() == "not a directory"

@@ -231,3 +231,30 @@ def test_a_gateway_that_cannot_reach_its_broker_says_why(tmp_path: Path, gateway
     finally:
         g2.stop()
         b2.stop()
+
+
+def test_another_gateway_marking_the_gateway_offline_does_not_stop_uploads(
+    tmp_path: Path, gateway, make_agent
+):
+    """Found by a tester: a second gateway process that stopped left the retained state
+    ``online: false`` behind, and every device held its uploads while the real gateway ran."""
+    from protocol.topics import GATEWAY_STATE
+    from tests.conftest import Identity, mqtt_client
+
+    agent = make_agent("cam-1", gateway)
+    agent.start()
+    files = make_files(tmp_path / "a", [4000], seed=7)
+    agent.add(*files.values())
+    wait_for(lambda: len(gateway.evidence("cam-1")) == 1, 30, "the first file")
+    # What a stopping gateway publishes, with a gateway's identity, retained.
+    other = mqtt_client(gateway.broker, Identity.gateway(gateway.data))
+    try:
+        other.publish(
+            GATEWAY_STATE, canonical({"v": 1, "online": False, "session": "other"}), 1, retain=True
+        ).wait_for_publish(10)
+    finally:
+        other.disconnect()
+        other.loop_stop()
+    agent.add(*make_files(tmp_path / "b", [5000], seed=8).values())
+    wait_for(lambda: len(gateway.evidence("cam-1")) == 2, 30, "uploads after the false offline")
+    assert "another gateway process marked the gateway offline" in gateway.log.read_text()

@@ -5,21 +5,25 @@ the port vanishes."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from firmware_bridge import link as link_module
 from firmware_bridge.frames import SOF, Frame, FrameDecoder, crc16
 from firmware_bridge.link import SerialLink
 from firmware_bridge.messages import (
+    BadPayload,
     BatteryEvent,
     Button,
     ButtonEvent,
     CommandAck,
     DeviceInfo,
     DockEvent,
+    FrameType,
     GetInfo,
     GpsFix,
     Led,
@@ -28,6 +32,7 @@ from firmware_bridge.messages import (
     TemperatureEvent,
     encode_event,
     parse_event,
+    parse_nmea,
 )
 from simulators.mcu import McuSimulator
 from tests.conftest import wait_for
@@ -189,3 +194,160 @@ def test_parsing_any_frame_either_works_or_says_why(frame):
     # Anything else than BadPayload escaping would fail the test.
     with contextlib.suppress(BadPayload):
         parse_event(frame)
+
+
+def nmea(body: str) -> str:
+    """A sentence with a correct checksum, whatever its fields say."""
+    checksum = 0
+    for ch in body.encode("ascii"):
+        checksum ^= ch
+    return f"${body}*{checksum:02X}"
+
+
+def gga(lat: str, lat_dir: str = "N", lon: str = "01131.000", lon_dir: str = "E") -> str:
+    return nmea(f"GPGGA,123519,{lat},{lat_dir},{lon},{lon_dir},1,08,0.9,545.4,M,46.9,M,,")
+
+
+MALFORMED_GPS = [
+    gga("48O7.038"),  # letter O for zero
+    gga("-4807.038"),
+    gga("48.07038"),  # decimal degrees, not degrees and minutes
+    gga("nan"),
+    gga("inf"),
+    gga("4807.038", lon="-inf"),
+    gga("1e400"),
+    gga("4875.000"),  # 75 minutes
+    gga("9130.000"),  # beyond the pole
+    gga("4807.038", lon="18100.000"),
+    gga("4807.038", lat_dir="X"),  # pynmea2 would call this latitude 0
+    gga("", lat_dir=""),  # claims a fix, gives no position
+    nmea("GPGGA,123519,4807.038,N,01131.000,E,X,08,0.9,545.4,M,46.9,M,,"),  # quality X
+    nmea("GPRMC,123519,A,nan,N,01131.000,E,022.4,084.4,230394,003.1,W"),
+]
+
+
+def test_gps_with_a_malformed_coordinate_is_a_bad_payload():
+    for sentence in MALFORMED_GPS:
+        try:
+            fix = parse_nmea(sentence.encode())
+        except BadPayload:
+            continue
+        raise AssertionError(f"{sentence} parsed as {fix}")
+    good = parse_nmea(gga("4807.038", "S", "01131.000", "W").encode())
+    assert (good.lat_e6, good.lon_e6, good.fix) == (-48_117_300, -11_516_667, True)
+    searching = nmea("GPGGA,123519,,,,,0,00,,,M,,M,,")
+    assert parse_nmea(searching.encode()) == GpsFix(0, 0, False, searching)
+
+
+nmea_field = st.text(alphabet="0123456789.-+eEinfaNSEWAVX ", max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(nmea_field, min_size=14, max_size=14), st.sampled_from(["GPGGA", "GPRMC"]))
+def test_any_checksummed_nmea_either_parses_or_is_a_bad_payload(fields, talker):
+    with contextlib.suppress(BadPayload):
+        fix = parse_nmea(nmea(",".join([talker, *fields])).encode())
+        assert -90_000_000 <= fix.lat_e6 <= 90_000_000
+        assert -180_000_000 <= fix.lon_e6 <= 180_000_000
+
+
+def test_malformed_gps_over_a_real_pty_is_counted_and_the_reader_goes_on(tmp_path: Path):
+    port = tmp_path / "ttyMCU"
+    mcu = McuSimulator(port)
+    got = Collector()
+    link = SerialLink(str(port), got, backoff=(0.05, 0.5))
+    link.start()
+    try:
+        wait_for(link.connected.is_set, 10, "link open")
+        link.send(GetInfo())  # pyserial flushes on open: wait until the link really reads
+        wait_for(mcu.listening.is_set, 10, "MCU sees the agent listening")
+        for i, sentence in enumerate(MALFORMED_GPS):
+            mcu.send_frame(Frame(FrameType.GPS, 100 + i, sentence.encode()))
+        after = [TamperEvent(True), ButtonEvent(Button.MARK, False), BatteryEvent(5, 3300, False)]
+        for event in after:
+            mcu.send(event)
+        wait_for(lambda: all(e in got.events for e in after), 10, "events after bad GPS")
+        assert link.stats.bad_payloads == len(MALFORMED_GPS)
+        assert not any(isinstance(e, GpsFix) for e in got.events)
+        assert link._thread is not None and link._thread.is_alive()
+    finally:
+        link.stop()
+        mcu.close()
+
+
+def test_a_frame_the_parser_chokes_on_never_ends_the_reader(tmp_path: Path, monkeypatch):
+    # No real frame makes parse_event raise anything but BadPayload any more, so a parser
+    # bug is simulated: the last-resort guard is what is under test.
+    real_parse = link_module.parse_event
+
+    def buggy_parse(frame: Frame):
+        if frame.type == FrameType.TEMPERATURE:
+            raise ZeroDivisionError("parser bug")
+        return real_parse(frame)
+
+    monkeypatch.setattr(link_module, "parse_event", buggy_parse)
+    port = tmp_path / "ttyMCU"
+    mcu = McuSimulator(port)
+    got = Collector()
+    link = SerialLink(str(port), got, backoff=(0.05, 0.5))
+    link.start()
+    try:
+        wait_for(link.connected.is_set, 10, "link open")
+        link.send(GetInfo())
+        wait_for(mcu.listening.is_set, 10, "MCU sees the agent listening")
+        mcu.send(TemperatureEvent(2500))
+        mcu.send(TamperEvent(True))
+        wait_for(lambda: TamperEvent(True) in got.events, 10, "event after the parser bug")
+        assert link.stats.bad_payloads == 1
+    finally:
+        link.stop()
+        mcu.close()
+
+
+def test_a_port_that_cannot_be_opened_is_a_rate_limited_warning(tmp_path: Path, caplog):
+    caplog.set_level(logging.DEBUG, logger="custody.firmware_bridge")
+    port = tmp_path / "ttyMISSING"
+    link = SerialLink(str(port), Collector(), backoff=(0.01, 0.02))
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "custody.firmware_bridge" and r.levelno == logging.WARNING
+        ]
+
+    link.start()
+    mcu: McuSimulator | None = None
+    try:
+        wait_for(lambda: link.stats.open_failures >= 5, 10, "repeated open failures")
+        assert len(warnings()) == 1, warnings()  # once, not once per retry
+        assert f"MCU serial port {port} cannot be opened" in warnings()[0]
+        assert "No such file or directory" in warnings()[0] and "(retrying)" in warnings()[0]
+        # A different reason is news: a plain file where the tty should be.
+        port.write_text("not a tty")
+        wait_for(lambda: len(warnings()) == 2, 10, "warning for the new reason")
+        assert str(port) in warnings()[1] and "No such file" not in warnings()[1]
+        failures = link.stats.open_failures
+        wait_for(lambda: link.stats.open_failures >= failures + 5, 10, "more failures")
+        assert len(warnings()) == 2
+        mcu = McuSimulator(port)
+        wait_for(link.connected.is_set, 10, "link opens once the port is there")
+    finally:
+        link.stop()
+        if mcu is not None:
+            mcu.close()
+
+
+def test_open_warning_repeats_after_the_interval(tmp_path: Path, caplog):
+    caplog.set_level(logging.WARNING, logger="custody.firmware_bridge")
+    port = tmp_path / "ttyMISSING"
+    link = SerialLink(str(port), Collector(), backoff=(0.01, 0.02), open_warning_every=0.2)
+    link.start()
+    try:
+        wait_for(
+            lambda: sum("cannot be opened" in r.getMessage() for r in caplog.records) >= 2,
+            10,
+            "a repeated warning after the interval",
+        )
+    finally:
+        link.stop()

@@ -314,3 +314,76 @@ def test_a_verification_that_decided_nothing_closes_the_files(tmp_path):
     assert up is not None and up.fd >= 0 and up.claims_fd >= 0
     assert ingest.evidence._commit(up, None) == []
     assert up.fd == -1 and up.claims_fd == -1
+
+
+def test_init_or_fin_naming_another_device_is_a_topic_mismatch(tmp_path):
+    """Found by a tester: a chunk naming another device raised ``topic_mismatch``, an init
+    or fin was dropped without a word."""
+    from protocol.upload import UploadFin
+
+    data = b"x" * 3000
+    ingest, _, seq = setup(tmp_path, data)
+    sha = hashlib.sha256(data).digest()
+    init = UploadInit("cam-other", seq, len(data), sha, CHUNK).encode()
+    assert ingest.handle(device_topic("cam-i", DeviceTopic.UPLOAD_INIT), init) == []
+    fin = UploadFin("cam-other", seq).encode()
+    assert ingest.handle(device_topic("cam-i", DeviceTopic.UPLOAD_FIN), fin) == []
+    details = [r[0] for r in ingest.db.execute("SELECT detail FROM alarms").fetchall()]
+    assert any("upload init naming cam-other" in d for d in details), details
+    assert any("upload fin naming cam-other" in d for d in details), details
+
+
+def test_a_signed_manifest_too_large_to_store_is_refused(tmp_path):
+    """Found by a tester: a signed manifest of 2**62 bytes was accepted, then every chunk
+    failed with "File too large" and a traceback, no alarm, no ack, for ever. Manifests
+    are now held to 1 TiB when the journal batch is decoded, like any malformed record."""
+    from protocol.encoding import canonical
+    from protocol.signing import sign_object
+
+    data = b"y" * 100
+    ingest, device, _ = setup(tmp_path, data)
+    prev = device.journal.unacked(10)[-1]
+    wire = decode(prev[1])
+    record = {k: v for k, v in wire.items() if k != "sig"}
+    record.update(seq=record["seq"] + 1, prev=hashlib.sha256(canonical(wire)).hexdigest())
+    record["body"] = {**record["body"], "size": 2**62}
+    batch = {
+        "v": 1,
+        "device_id": "cam-i",
+        "counter": 2,
+        "records": [sign_object(record, device.key)],
+    }
+    ingest.handle(
+        device_topic("cam-i", DeviceTopic.JOURNAL), canonical(sign_object(batch, device.key))
+    )
+    details = [r[0] for r in ingest.db.execute("SELECT detail FROM alarms").fetchall()]
+    assert any("body.size must be an integer in [0, 1099511627776]" in d for d in details)
+    assert ingest.db.execute(
+        "SELECT count(*) FROM journal WHERE device_id = 'cam-i' AND seq = ?", [record["seq"]]
+    ).fetchone() == (0,)
+
+
+def test_a_stored_manifest_that_no_longer_reads_refuses_its_upload(tmp_path):
+    """A manifest stored before the 1 TiB cap (or damaged in the database) is refused at
+    ``init`` with ``bad_manifest`` and a ``bad_record`` alarm: the device stops asking."""
+    data = b"z" * 100
+    ingest, _, seq = setup(tmp_path, data)
+    record = json.loads(
+        ingest.db.execute(
+            "SELECT record FROM journal WHERE device_id = 'cam-i' AND seq = ?", [seq]
+        ).fetchone()[0]
+    )
+    record["body"]["size"] = 2**62
+    ingest.db.execute(
+        "UPDATE journal SET record = ? WHERE device_id = 'cam-i' AND seq = ?",
+        [json.dumps(record), seq],
+    )
+    ingest.db.execute("DELETE FROM uploads WHERE device_id = 'cam-i' AND seq = ?", [seq])
+    ingest.evidence.active.forget("cam-i", seq)
+    replies = ingest.handle(
+        device_topic("cam-i", DeviceTopic.UPLOAD_INIT),
+        UploadInit("cam-i", seq, len(data), hashlib.sha256(data).digest(), CHUNK).encode(),
+    )
+    (ack,) = acks(ingest, replies)
+    assert (ack.state, ack.reason) == ("rejected", "bad_manifest")
+    assert "bad_record" in alarms(ingest)

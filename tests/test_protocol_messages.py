@@ -33,6 +33,7 @@ from protocol.errors import (
     SignatureError,
     VersionError,
 )
+from protocol.fields import INT_MAX
 from protocol.journal import (
     GENESIS,
     MEDIA_KINDS,
@@ -80,7 +81,7 @@ from protocol.upload import (
     missing,
 )
 
-U64 = 2**64 - 1
+FIELD_MAX = INT_MAX  # what a message field may carry (signed 64-bit)
 DEVICE_KEY = SigningKey.from_seed(hashlib.sha256(b"device key").digest())
 OTHER_KEY = SigningKey.from_seed(hashlib.sha256(b"someone else").digest())
 GATEWAY_KEY = SigningKey.from_seed(hashlib.sha256(b"gateway key").digest())
@@ -90,12 +91,12 @@ GATEWAY_KEY = SigningKey.from_seed(hashlib.sha256(b"gateway key").digest())
 # --------------------------------------------------------------------------------------------
 
 device_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
-u64s = st.integers(0, U64)
+u64s = st.integers(0, FIELD_MAX)
 seqs = st.integers(1, SEQ_MAX)
 hashes32 = st.binary(min_size=32, max_size=32)
 texts = st.text(max_size=10) | st.text(st.sampled_from('aé€\uffff😀𝄞"\\\n'), max_size=6)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), U64) | texts,
+    st.none() | st.booleans() | st.integers(-(2**63), FIELD_MAX) | texts,
     lambda c: st.lists(c, max_size=3) | st.dictionaries(texts, c, max_size=3),
     max_leaves=8,
 )
@@ -196,7 +197,7 @@ def mutate(wire: dict[str, Any], name: str, data: st.DataObject) -> dict[str, An
     """A copy of ``wire`` with field ``name`` changed to another valid value."""
     out = dict(wire)
     if name in ("seq", "wall_ms", "mono_ns"):
-        out[name] = wire[name] + 1 if wire[name] < U64 else wire[name] - 1
+        out[name] = wire[name] + 1 if wire[name] < FIELD_MAX else wire[name] - 1
     elif name == "prev":
         out[name] = flip_bit(bytes.fromhex(wire[name]), data.draw(st.integers(0, 255))).hex()
     elif name == "kind":
@@ -219,7 +220,7 @@ def mutate(wire: dict[str, Any], name: str, data: st.DataObject) -> dict[str, An
             if wire["kind"] in MEDIA_KINDS and key == "sha256":
                 body[key] = flip_bit(bytes.fromhex(value), 3).hex()
             elif wire["kind"] in MEDIA_KINDS and key == "size":
-                body[key] = value + 1 if value < U64 else value - 1
+                body[key] = value + 1 if value < FIELD_MAX else value - 1
             elif wire["kind"] in MEDIA_KINDS and key == "media_type":
                 body[key] = value + "x"
             elif wire["kind"] in MEDIA_KINDS and key == "marked":
@@ -284,6 +285,8 @@ def test_valid_wire_fixture_parses() -> None:
         ({"seq": 0}, MessageError, "seq"),
         ({"seq": -1}, MessageError, "seq"),
         ({"seq": SEQ_MAX + 1}, MessageError, "seq"),
+        ({"seq": 2**63}, MessageError, "seq"),  # past what SQLite / PostgreSQL store
+        ({"wall_ms": 2**63}, MessageError, "wall_ms"),
         ({"seq": True}, MessageError, "seq"),
         ({"seq": "7"}, MessageError, "seq"),
         ({"wall_ms": -1}, MessageError, "wall_ms"),
@@ -462,7 +465,7 @@ def test_chain_does_not_start_mid_way() -> None:
 @given(
     n=st.integers(1, 12),
     start=st.integers(0, 8),
-    counter=st.integers(1, U64),
+    counter=st.integers(1, FIELD_MAX),
     device_id=device_ids,
 )
 def test_journal_batch_round_trip(n: int, start: int, counter: int, device_id: str) -> None:
@@ -875,7 +878,7 @@ def test_journal_ack_round_trip(
     with pytest.raises(SignatureError):
         JournalAck.decode(data, DEVICE_KEY.verify_key)
     tampered = decode(data)
-    tampered["acked_through"] = acked + 1 if acked < U64 else acked - 1
+    tampered["acked_through"] = acked + 1 if acked < FIELD_MAX else acked - 1
     with pytest.raises(SignatureError):
         JournalAck.decode(canonical(tampered), GATEWAY_KEY.verify_key)
 
@@ -1003,9 +1006,9 @@ def test_signed_tree_head_round_trip(size: int, root: bytes, ts: int) -> None:
     with pytest.raises(SignatureError, match="tree head"):
         SignedTreeHead.from_wire(wire, OTHER_KEY.verify_key)
     for name, value in (
-        ("tree_size", size + 1 if size < U64 else size - 1),
+        ("tree_size", size + 1 if size < FIELD_MAX else size - 1),
         ("root_hash", flip_bit(root, 7).hex()),
-        ("timestamp_ms", ts + 1 if ts < U64 else ts - 1),
+        ("timestamp_ms", ts + 1 if ts < FIELD_MAX else ts - 1),
     ):
         with pytest.raises(SignatureError):
             SignedTreeHead.from_wire({**wire, name: value}, GATEWAY_KEY.verify_key)
@@ -1044,7 +1047,7 @@ def test_device_state_checks() -> None:
         DeviceState.decode(b"")
 
 
-telemetry_ints = st.integers(-1, U64)
+telemetry_ints = st.integers(-1, FIELD_MAX)
 
 
 @settings(max_examples=60, deadline=None)
@@ -1081,6 +1084,9 @@ def test_telemetry_defaults_and_checks() -> None:
         Telemetry.decode(canonical({**good, "recording": 0}))
     with pytest.raises(MessageError, match="battery_pct"):
         Telemetry.decode(canonical({**good, "battery_pct": -2}))
+    # Past a signed 64-bit integer: once stored, it stopped ingest with an OverflowError.
+    with pytest.raises(MessageError, match="backlog_bytes"):
+        Telemetry.decode(canonical({**good, "backlog_bytes": 2**63}))
     with pytest.raises(MessageError, match="unexpected"):
         Telemetry.decode(canonical({**good, "temperature": 20}))
     with pytest.raises(MessageError, match="missing"):
@@ -1094,6 +1100,8 @@ def test_telemetry_defaults_and_checks() -> None:
 DECODERS: dict[str, Callable[[bytes], object]] = {
     "journal_batch": lambda b: JournalBatch.decode(b, DEVICE_KEY.verify_key),
     "peek_device": JournalBatch.peek_device,
+    # Runs only when the envelope did not verify, i.e. on whatever a forger sends.
+    "announced_keys": lambda b: JournalBatch.announced_keys(b, DEVICE_KEY.verify_key),
     "upload_init": UploadInit.decode,
     "upload_fin": UploadFin.decode,
     "chunk": Chunk.decode,
@@ -1118,6 +1126,10 @@ def sample_messages() -> dict[str, tuple[bytes, SigningKey | None]]:
     chain = build_chain(2)
     return {
         "journal_batch": (JournalBatch("dev-1", 1, tuple(chain)).encode(DEVICE_KEY), DEVICE_KEY),
+        "announced_keys": (
+            JournalBatch("dev-1", 1, tuple(chain)).encode(DEVICE_KEY),
+            DEVICE_KEY,
+        ),
         "upload_init": (UploadInit("dev-1", 1, 10, bytes(32), 1024).encode(), None),
         "upload_fin": (UploadFin("dev-1", 1).encode(), None),
         "upload_ack": (
@@ -1299,3 +1311,14 @@ def test_parse_gateway_topic_rejects() -> None:
 def test_device_id_with_trailing_newline_rejected(bad: str) -> None:
     with pytest.raises(MessageError):
         check_device_id(bad)
+
+
+@pytest.mark.parametrize("records", [5, "x", None, {"kind": "key_rotation"}])
+def test_a_batch_whose_records_are_not_a_list_is_a_message_error(records: object) -> None:
+    """Found by a tester: ``records: 5`` escaped as a TypeError from the key hand-over
+    lookup the gateway runs when an envelope does not verify; no alarm, no ack."""
+    obj = {"v": 1, "device_id": "dev-1", "counter": 99, "records": records, "sig": "00" * 64}
+    raw = canonical(obj)
+    assert JournalBatch.announced_keys(raw, DEVICE_KEY.verify_key) == []
+    with pytest.raises(ProtocolError):
+        JournalBatch.decode(raw, DEVICE_KEY.verify_key)

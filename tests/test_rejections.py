@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.ca import CertificateAuthority
+from protocol.encoding import canonical
 from protocol.journal import GENESIS, JournalRecord
 from protocol.signing import SigningKey
 from protocol.topics import DeviceTopic, device_topic
@@ -222,6 +223,19 @@ def test_missing_sequence_number_raises_a_gap_alarm(tmp_path, gateway, make_agen
     assert [r["gap_before"] for r in journal if r["seq"] == 3] == [True]
 
 
+TELEMETRY = {
+    "v": 1,
+    "device_id": "cam-junk",
+    "ts_ms": 5,
+    "backlog_items": 0,
+    "backlog_bytes": 0,
+    "oldest_unacked_age_s": 0,
+    "last_receipt_seq": 0,
+    "journal_seq": 0,
+    "storage_free_bytes": 0,
+}
+
+
 def test_malformed_payloads_raise_alarms_and_the_gateway_keeps_working(
     tmp_path, gateway, make_agent
 ):
@@ -230,7 +244,18 @@ def test_malformed_payloads_raise_alarms_and_the_gateway_keeps_working(
         (DeviceTopic.JOURNAL, b"\xff\xfe not json"),
         (DeviceTopic.UPLOAD_INIT, b'{"v": 1, "device_id": "cam-junk"}'),
         (DeviceTopic.UPLOAD_CHUNK, b"\x00"),
+        # Well formed, but past what SQLite stores: once, storing it stopped ingest (the
+        # upload at the end never finished). Its alarm is the telemetry one below.
+        (DeviceTopic.TELEMETRY, canonical(TELEMETRY | {"backlog_bytes": 2**63})),
         (DeviceTopic.TELEMETRY, b'{"v": 2}'),
+        (DeviceTopic.UPLOAD_FIN, canonical({"v": 1, "device_id": "cam-junk", "seq": 2**63})),
+        # Not a list of records, under a signature that does not verify.
+        (
+            DeviceTopic.JOURNAL,
+            canonical(
+                {"v": 1, "device_id": "cam-junk", "counter": 9, "records": 5, "sig": "00" * 64}
+            ),
+        ),
     ]:
         publish(
             gateway.broker,
@@ -243,8 +268,12 @@ def test_malformed_payloads_raise_alarms_and_the_gateway_keeps_working(
         30,
         "bad_message alarms",
     )
+    wait_for(
+        lambda: gateway.alarms(kind="bad_signature", device_id="cam-junk"), 30, "bad_signature"
+    )
     details = " | ".join(a["detail"] for a in gateway.alarms(device_id="cam-junk"))
     assert "not UTF-8" in details and "missing" in details and "version 2" in details
+    assert "up/fin: seq must be an integer" in details
     agent.add(*make_files(tmp_path, [5000], seed=40).values())
     agent.start()
     wait_for(lambda: len(gateway.evidence("cam-junk")) == 1, 30, "evidence after the junk")

@@ -1,0 +1,297 @@
+"""Bad input to the API gets a clear, specific 4xx and changes nothing: integers too large
+for SQLite, non-finite numbers in a JSON body, and command arguments the device would
+misread."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.api_cases import TIME_MS_MAX
+from protocol.command import COMMAND_ARGS, COMMANDS, check_args
+from protocol.errors import MessageError
+from tests.field import O1, FieldWorld, at
+
+BIG = 2**63  # one past SQLite's largest integer
+MAX = str(2**63 - 1)
+TABLES = (
+    "agencies", "officers", "users", "assignments", "cases", "steps", "step_history",
+    "amendments", "bindings", "review_queue", "commands", "alarms", "alarm_events", "audit",
+)  # fmt: skip
+
+
+class World(FieldWorld):
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(tmp_path, {"cam-a": O1}, monkeypatch)
+        # A 500 comes back as a response, not as the server's exception.
+        self.client = TestClient(self.api.app, raise_server_exceptions=False)
+        case = self.post(
+            "/api/v1/cases",
+            {"id": "C-1", "agency_id": "hp-ue", "case_type": "inspection",
+             "steps": [{"step_type": "on_site_inspection", "officers": [O1]}]},
+        )  # fmt: skip
+        self.step_id = case["steps"][0]["step_id"]
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        return self.client.request(method, path, headers={**self.admin, **kw.pop("h", {})}, **kw)
+
+    def stored(self) -> dict[str, list[Any]]:
+        return {t: self.db.execute(f"SELECT * FROM {t}").fetchall() for t in TABLES}
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    w = World(tmp_path, monkeypatch)
+    yield w
+    w.close()
+
+
+# -- integers past 64 bits -------------------------------------------------------------
+
+PATHS = [
+    ("GET", f"/api/v1/evidence/{BIG}"),
+    ("GET", f"/api/v1/evidence/{BIG}/media"),
+    ("GET", f"/api/v1/alarms/{BIG}"),
+    ("GET", f"/api/v1/log/proof/{BIG}"),
+    ("GET", f"/dashboard/media/{BIG}"),
+    ("GET", f"/dashboard/thumb/{BIG}.jpg"),
+    ("GET", f"/dashboard/media/-{BIG + 1}"),
+]
+BODIED = [
+    ("POST", f"/api/v1/alarms/{BIG}/acknowledge", {}),
+    ("POST", f"/api/v1/alarms/{BIG}/resolve", {"note": "x"}),
+    ("POST", f"/api/v1/amendments/{BIG}/decision", {"approve": True}),
+    ("POST", f"/api/v1/review-queue/cam-a/{BIG}", {"step_id": None}),
+    ("PATCH", f"/api/v1/cases/C-1/steps/{BIG}", {"end_ms": 1}),
+]
+QUERIES = [
+    ("/api/v1/evidence", {"offset": BIG}),
+    ("/api/v1/journal", {"device_id": "cam-a", "after_seq": BIG}),
+    ("/api/v1/audit", {"after_id": BIG}),
+    ("/api/v1/log/proof/0", {"tree_size": BIG}),
+    ("/api/v1/log/consistency", {"first": 1, "second": BIG}),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PATHS)
+def test_a_path_id_past_64_bits_is_422(world: World, method: str, path: str) -> None:
+    before = world.stored()
+    r = world.call(method, path)
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"][0] == "path" and str(error["ctx"].popitem()[1]) in (MAX, str(-BIG))
+    assert world.stored() == before  # not even a refused view is audited
+
+
+@pytest.mark.parametrize(("method", "path", "body"), BODIED)
+def test_a_path_id_past_64_bits_is_422_on_writes(
+    world: World, method: str, path: str, body: dict[str, Any]
+) -> None:
+    before = world.stored()
+    r = world.call(method, path, json=body)
+    assert r.status_code == 422, r.text
+    assert MAX in r.text
+    assert world.stored() == before
+
+
+@pytest.mark.parametrize(("path", "params"), QUERIES)
+def test_a_query_value_past_64_bits_is_422(world: World, path: str, params: dict[str, Any]) -> None:
+    r = world.call("GET", path, params=params)
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"][0] == "query" and MAX in error["msg"]
+
+
+def test_integers_in_bodies_are_bounded_where_they_enter(world: World) -> None:
+    step = world.step_id
+    amend = "/api/v1/cases/C-1/amendments"
+    cases: list[tuple[str, str, dict[str, Any], str]] = [
+        ("POST", "/api/v1/devices/cam-a/assignment", {"officer_id": O1, "from_ms": BIG},
+         "from_ms"),
+        ("POST", "/api/v1/review-queue/cam-a/1", {"step_id": BIG}, "step_id"),
+        ("PATCH", f"/api/v1/cases/C-1/steps/{step}", {"start_ms": BIG}, "start_ms"),
+        ("POST", "/api/v1/cases/C-1/steps",
+         {"step_type": "notification", "officers": [O1], "end_ms": BIG}, "end_ms"),
+        ("POST", "/api/v1/cases",
+         {"id": "C-2", "agency_id": "hp-ue", "case_type": "inspection",
+          "steps": [{"step_type": "on_site_inspection", "start_ms": BIG}]}, "start_ms"),
+        ("POST", amend, {"kind": "rebind", "payload": {"device_id": "cam-a", "seq": BIG},
+                         "reason": "x"}, "seq"),
+        ("POST", amend, {"kind": "rebind", "payload": {"device_id": "cam-a", "seq": 1,
+                                                       "step_id": BIG}, "reason": "x"}, "step_id"),
+        ("POST", amend, {"kind": "step_times", "payload": {"step_id": BIG, "end_ms": 1},
+                         "reason": "x"}, "step_id"),
+        ("POST", amend, {"kind": "step_times", "payload": {"step_id": step, "end_ms": BIG},
+                         "reason": "x"}, "end_ms"),
+    ]  # fmt: skip
+    before = world.stored()
+    for method, path, body, field in cases:
+        r = world.call(method, path, json=body)
+        assert r.status_code == 422, (path, body, r.status_code, r.text)
+        assert r.json()["detail"][0]["loc"][-1] == field, (path, r.text)
+        assert "less than or equal to" in r.text, (path, r.text)
+    assert world.stored() == before
+
+
+def test_times_are_refused_past_what_a_date_can_show(world: World) -> None:
+    # Stored, 2**62 ms (year 146 million) broke every page that showed the case.
+    before = world.stored()
+    r = world.call(
+        "POST", "/api/v1/cases/C-1/steps",
+        json={"step_type": "notification", "officers": [O1], "start_ms": 2**62},
+    )  # fmt: skip
+    assert r.status_code == 422 and str(TIME_MS_MAX) in r.text
+    r = world.call("POST", "/api/v1/devices/cam-a/assignment", json={"officer_id": O1,
+                                                                    "from_ms": -1})  # fmt: skip
+    assert r.status_code == 422 and "greater than or equal to 0" in r.text
+    assert world.stored() == before
+    # The last time allowed still shows everywhere.
+    world.post(
+        "/api/v1/cases/C-1/steps",
+        {"step_type": "notification", "officers": [O1], "start_ms": TIME_MS_MAX - 1000,
+         "end_ms": TIME_MS_MAX},
+    )  # fmt: skip
+    for path in ("/api/v1/cases/C-1", "/dashboard/cases/C-1", "/api/v1/stats"):
+        assert world.call("GET", path).status_code == 200, path
+
+
+def test_amendment_payloads_are_checked_when_asked_for(world: World) -> None:
+    before = world.stored()
+    for payload in (
+        {"device_id": "cam-a", "seq": "first"},
+        {"device_id": "cam-a", "seq": 1, "extra": True},
+    ):
+        r = world.call("POST", "/api/v1/cases/C-1/amendments",
+                       json={"kind": "rebind", "payload": payload, "reason": "x"})  # fmt: skip
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"][:2] == ["body", "payload"]
+    assert world.stored() == before
+    ok = world.post(
+        "/api/v1/cases/C-1/amendments",
+        {"kind": "step_times", "payload": {"step_id": world.step_id,
+                                            "start_ms": at("2025-09-30T10:00")},
+         "reason": "docked late"},
+    )  # fmt: skip
+    assert ok["payload"] == {"step_id": world.step_id, "start_ms": at("2025-09-30T10:00")}
+
+
+def test_an_overflow_nothing_declared_catches_is_a_422(world: World) -> None:
+    @world.api.app.get("/api/v1/overflow-probe")
+    def probe() -> None:
+        sqlite3.connect(":memory:").execute("SELECT ?", [BIG])
+
+    r = world.call("GET", "/api/v1/overflow-probe")
+    assert r.status_code == 422 and MAX in r.json()["detail"]
+
+
+# -- NaN and 1e400 in a JSON body --------------------------------------------------------
+
+NON_FINITE = [
+    ("/api/v1/login", '{"name": NaN, "password": "x"}'),
+    ("/api/v1/agencies", '{"id": 1e400, "name": "x", "level": "city"}'),
+    ("/api/v1/officers", '{"id": "o", "name": NaN, "agency_id": "hp-ue"}'),
+    ("/api/v1/users", '{"name": "u", "role": -1e400}'),
+    ("/api/v1/cases", '{"id": "C-9", "agency_id": "hp-ue", "case_type": NaN}'),
+    ("/api/v1/cases/C-1/steps", '{"step_type": "notification", "start_ms": NaN}'),
+    ("/api/v1/cases/C-1/amendments",
+     '{"kind": "rebind", "payload": {"device_id": "cam-a", "seq": 1e400}, "reason": "x"}'),
+    ("/api/v1/cases/C-1/amendments",
+     '{"kind": "rebind", "payload": {"device_id": "cam-a", "seq": 1, "x": NaN}, "reason": "x"}'),
+    ("/api/v1/devices/cam-a/assignment", '{"officer_id": "12010001", "from_ms": 1e400}'),
+    ("/api/v1/alarms/1/resolve", '{"note": NaN}'),
+    ("/api/v1/review-queue/cam-a/1", '{"step_id": 1e400}'),
+    ("/api/v1/devices/cam-a/commands", '{"name": "mark", "ttl_s": NaN}'),
+    ("/api/v1/devices/cam-a/commands", '{"name": NaN, "args": {"x": NaN}}'),
+    ("/api/v1/amendments/1/decision", '{"approve": NaN}'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "raw"), NON_FINITE)
+def test_non_finite_numbers_in_a_body_get_a_422_that_names_them(
+    world: World, path: str, raw: str
+) -> None:
+    before = world.stored()
+    r = world.call("POST", path, content=raw, h={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    strict = json.loads(r.text, parse_constant=pytest.fail)  # no NaN or Infinity in it
+    shown = json.dumps(strict["detail"])
+    assert '"nan"' in shown or '"inf"' in shown or '"-inf"' in shown, shown
+    assert world.stored() == before
+
+
+def test_a_form_body_still_gets_415(world: World) -> None:
+    r = world.call("POST", "/api/v1/login", content="name=a&password=b",
+                   h={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+
+
+# -- command arguments -----------------------------------------------------------------
+
+VALID = [
+    {"name": "mark", "args": {"note": "suspect left"}},
+    {"name": "mark"},
+    {"name": "telemetry"},
+    {"name": "set_bandwidth", "args": {"bytes_per_s": 250_000}},
+    {"name": "set_bandwidth", "args": {"bytes_per_s": 0}},  # lifts the cap
+    {"name": "resync"},
+    {"name": "rotate_key"},
+    {"name": "record_start", "args": {"note": "operator"}},
+    {"name": "record_stop"},
+    {"name": "photo", "args": {"note": "operator"}},
+    {"name": "case_context", "args": {"case_id": "C-1", "step_id": 1}},
+    {"name": "case_context", "args": {}},
+]
+WRONG = [
+    ({"name": "set_bandwidth", "args": {"x": "abc"}}, ["bytes_per_s is missing", "'x'"]),
+    ({"name": "set_bandwidth"}, ["bytes_per_s is missing"]),
+    ({"name": "set_bandwidth", "args": {"bytes_per_s": "abc"}}, ["an integer >= 0"]),
+    ({"name": "set_bandwidth", "args": {"bytes_per_s": -1}}, ["an integer >= 0"]),
+    ({"name": "set_bandwidth", "args": {"bytes_per_s": True}}, ["an integer >= 0"]),
+    ({"name": "mark", "args": {"note": 5}}, ["note must be a string"]),
+    ({"name": "resync", "args": {"full": 1}}, ["'full' is not one of its arguments"]),
+    ({"name": "case_context", "args": {"step_id": 3}}, ["case_id and step_id go together"]),
+    ({"name": "case_context", "args": {"case_id": "C-1", "step_id": "3"}}, ["step_id must"]),
+]
+
+
+def test_every_valid_command_call_is_queued(world: World) -> None:
+    for body in VALID:
+        r = world.call("POST", "/api/v1/devices/cam-a/commands", json=body)
+        assert r.status_code == 202, (body, r.text)
+    listed = world.get("/api/v1/devices/cam-a/commands")
+    assert [c["name"] for c in listed] == [b["name"] for b in VALID]
+
+
+@pytest.mark.parametrize(("body", "says"), WRONG)
+def test_wrong_command_args_are_refused_naming_what_it_takes(
+    world: World, body: dict[str, Any], says: list[str]
+) -> None:
+    before = world.stored()
+    r = world.call("POST", "/api/v1/devices/cam-a/commands", json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith(f"command {body['name']} takes "), detail
+    for text in says:
+        assert text in detail, detail
+    if body["name"] == "set_bandwidth":
+        assert "bytes_per_s (an integer >= 0)" in detail
+    assert world.stored() == before
+
+
+def test_float_args_still_say_float(world: World) -> None:
+    body = {"name": "set_bandwidth", "args": {"bytes_per_s": 1.5}}
+    r = world.call("POST", "/api/v1/devices/cam-a/commands", json=body)
+    assert r.status_code == 422 and "float" in r.text
+
+
+def test_every_command_has_its_args_declared() -> None:
+    assert set(COMMAND_ARGS) == COMMANDS
+    check_args("set_bandwidth", {"bytes_per_s": 2**64 - 1})
+    with pytest.raises(MessageError, match="command rotate_key takes note"):
+        check_args("rotate_key", {"new_key": "x"})

@@ -1,0 +1,273 @@
+"""Wrong input to `custody` is refused with a message saying what and where (exit status 2),
+never a traceback, and whatever is already stored stays as it was."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gateway import registry
+from gateway.ca import CertificateAuthority
+from gateway.errors import EnrollmentError
+from tests.conftest import run_custody
+
+BROKER = "mqtt://127.0.0.1:1"
+
+
+def refused(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def enroll(
+    gw: Path, out: Path, device_id: str = "newdev4", *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return run_custody(
+        "enroll", device_id, "--gateway-data", str(gw), "--out", str(out), "--broker", BROKER,
+        *extra,
+    )  # fmt: skip
+
+
+def devices(gw: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(gw / "custody.db") as conn:
+        return conn.execute("SELECT device_id, status FROM devices").fetchall()
+
+
+def certificates(gw: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(gw / "custody.db") as conn:
+        return conn.execute("SELECT serial, revoked FROM certificates ORDER BY serial").fetchall()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# 1. --cert-days, and enroll/renew all or nothing
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("days", ["-5", "0", "99999999", "3651", "ten"])
+def test_bad_cert_days_is_refused_before_anything_is_written(tmp_path: Path, days: str) -> None:
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+    refused(enroll(gw, out, "newdev4", "--cert-days", days), "--cert-days", "1 to 3650")
+    assert not gw.exists() and not out.exists()
+    # The device is not stuck: the same enrollment with a sane lifetime works.
+    result = enroll(gw, out, "newdev4", "--cert-days", "3650")
+    assert result.returncode == 0, result.stderr
+    assert devices(gw) == [("newdev4", "active")]
+    assert {"device.key", "data.key", "tls.key", "device.crt", "ca.crt", "agent.toml"} <= set(
+        snapshot(out)
+    )
+
+
+def test_bad_cert_days_on_renew_changes_nothing(tmp_path: Path) -> None:
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+    assert enroll(gw, out).returncode == 0
+    before, certs = snapshot(out), certificates(gw)
+    for days in ("-5", "99999999"):
+        renew = run_custody(
+            "enroll", "newdev4", "--gateway-data", str(gw), "--out", str(out), "--renew",
+            "--cert-days", days,
+        )  # fmt: skip
+        refused(renew, "--cert-days")
+    assert snapshot(out) == before and certificates(gw) == certs
+    ok = run_custody(
+        "enroll", "newdev4", "--gateway-data", str(gw), "--out", str(out), "--renew",
+        "--cert-days", "30",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert [revoked for _, revoked in certificates(gw)].count(0) == 1
+
+
+@pytest.mark.parametrize("days", [-5, 0, 99999999])
+def test_registry_checks_the_lifetime_too(tmp_path: Path, days: int) -> None:
+    with pytest.raises(EnrollmentError, match="1 to 3650"):
+        registry.enroll("newdev4", tmp_path / "gw", tmp_path / "dev", BROKER, cert_days=days)
+    assert not (tmp_path / "dev").exists()
+
+
+def test_enroll_that_cannot_issue_a_certificate_registers_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+
+    def broken(self: CertificateAuthority, name: str, **kwargs: object) -> object:
+        if name == "newdev4":
+            raise ValueError("no certificate today")
+        return real(self, name, **kwargs)  # type: ignore[arg-type]
+
+    real = CertificateAuthority.issue
+    monkeypatch.setattr(CertificateAuthority, "issue", broken)
+    with pytest.raises(EnrollmentError, match="no certificate today"):
+        registry.enroll("newdev4", gw, out, BROKER)
+    assert devices(gw) == [] and not out.exists()
+    monkeypatch.undo()
+    registry.enroll("newdev4", gw, out, BROKER)
+    assert devices(gw) == [("newdev4", "active")]
+
+
+def test_enroll_that_cannot_write_its_files_registers_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+    out.mkdir()
+    (out / "notes.txt").write_text("the operator's")
+    real = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        if str(dst).endswith("agent.toml"):
+            raise OSError(28, "No space left on device", str(dst))
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(EnrollmentError, match="No space left"):
+        registry.enroll("newdev4", gw, out, BROKER)
+    monkeypatch.undo()
+    assert devices(gw) == []
+    assert snapshot(out) == {"notes.txt": b"the operator's"}
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # no staged leftovers
+    registry.enroll("newdev4", gw, out, BROKER)
+    assert devices(gw) == [("newdev4", "active")]
+
+
+def test_renew_that_cannot_issue_revokes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+    registry.enroll("newdev4", gw, out, BROKER)
+    before, certs = snapshot(out), certificates(gw)
+    monkeypatch.setattr(
+        CertificateAuthority, "issue", lambda *a, **k: (_ for _ in ()).throw(OverflowError("x"))
+    )
+    with pytest.raises(EnrollmentError):
+        registry.renew("newdev4", gw, out)
+    assert snapshot(out) == before and certificates(gw) == certs
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Files where directories belong, and a damaged database
+# --------------------------------------------------------------------------------------------
+
+
+def test_paths_that_are_files_are_refused(tmp_path: Path) -> None:
+    f = tmp_path / "a-file"
+    f.write_text("mine")
+    gw = tmp_path / "gw"
+    assert enroll(gw, tmp_path / "dev", "cam-1").returncode == 0
+    cases = [
+        ("gateway", "--data", str(f), "--broker", BROKER),
+        ("gateway", "--data", str(f), "--broker", BROKER, "--check-config"),
+        ("gateway", "--data", str(f / "sub"), "--broker", BROKER),
+        ("broker", "--port", "1", "--data", str(f)),
+        ("enroll", "cam-2", "--gateway-data", str(gw), "--out", str(f), "--broker", BROKER),
+        ("enroll", "cam-2", "--gateway-data", str(f), "--out", str(tmp_path / "d"), "--broker",
+         BROKER),
+        ("enroll", "cam-1", "--gateway-data", str(gw), "--out", str(f), "--renew"),
+        ("revoke", "cam-1", "--gateway-data", str(f)),
+    ]  # fmt: skip
+    for args in cases:
+        refused(run_custody(*args), str(f), "not a directory")
+    assert f.read_text() == "mine"
+    assert devices(gw) == [("cam-1", "active")] and not (tmp_path / "d").exists()
+
+
+def test_agent_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+    assert enroll(gw, out, "cam-1").returncode == 0
+    config = out / "agent.toml"
+    config.write_text(config.read_text().replace('data_dir = "."', 'data_dir = "data"'))
+    (out / "data").write_text("mine")
+    for args in (
+        ("agent", "--config", str(config), "--check-config"),
+        ("agent", "--config", str(config)),
+        ("agent", "status", "--config", str(config)),
+        ("agent", "add", "--config", str(config), str(config)),
+    ):
+        refused(run_custody(*args), "data_dir", "not a directory")
+    assert (out / "data").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"garbage, not SQLite", b"SQLite format 3\x00" + b"\x07" * 200],
+    ids=["not-sqlite", "bad-header"],
+)
+def test_damaged_gateway_database_is_refused_and_kept(tmp_path: Path, content: bytes) -> None:
+    gw = tmp_path / "gw"
+    assert enroll(gw, tmp_path / "dev", "cam-1").returncode == 0
+    for name in ("custody.db-wal", "custody.db-shm"):
+        (gw / name).unlink(missing_ok=True)
+    (gw / "custody.db").write_bytes(content)
+    cases = [
+        ("gateway", "--data", str(gw), "--broker", BROKER, "--http", "127.0.0.1:1"),
+        ("gateway", "--data", str(gw), "--broker", BROKER, "--check-config"),
+        ("enroll", "cam-2", "--gateway-data", str(gw), "--out", str(tmp_path / "d2"),
+         "--broker", BROKER),
+        ("revoke", "cam-1", "--gateway-data", str(gw)),
+    ]  # fmt: skip
+    for args in cases:
+        refused(run_custody(*args), str(gw / "custody.db"), "not a custody database", "backup")
+    assert (gw / "custody.db").read_bytes() == content
+    assert not (tmp_path / "d2").exists()
+
+
+def test_another_programs_database_is_refused_and_kept(tmp_path: Path) -> None:
+    gw = tmp_path / "gw"
+    gw.mkdir()
+    with sqlite3.connect(gw / "custody.db") as conn:
+        conn.execute("CREATE TABLE recipes(name TEXT)")
+    before = (gw / "custody.db").read_bytes()
+    refused(
+        run_custody("gateway", "--data", str(gw), "--broker", BROKER, "--http", "127.0.0.1:1"),
+        "not a custody database",
+    )
+    assert (gw / "custody.db").read_bytes() == before
+    assert not (gw / "gateway.key").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Environment variables are named (the file is blamed only for what is in it)
+# --------------------------------------------------------------------------------------------
+
+
+def test_agent_environment_problems_name_the_variable(tmp_path: Path) -> None:
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+    assert enroll(gw, out, "cam-1").returncode == 0
+    config = str(out / "agent.toml")
+    wrong = run_custody("agent", "--config", config, "--check-config",
+                        env={"CUSTODY_AGENT_WINDOW": "abc"})  # fmt: skip
+    refused(wrong, "CUSTODY_AGENT_WINDOW")
+    assert "agent.toml is invalid" not in wrong.stderr
+    unknown = run_custody("agent", "status", "--config", config,
+                          env={"CUSTODY_AGENT_WINDOWS": "3"})  # fmt: skip
+    refused(unknown, "unknown environment variable CUSTODY_AGENT_WINDOWS")
+    empty = run_custody("agent", "--config", config, "--check-config",
+                        env={"CUSTODY_AGENT_KEY_FILE": ""})  # fmt: skip
+    refused(empty, "CUSTODY_AGENT_KEY_FILE", "empty path")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. `custody broker --tls` needs an existing gateway
+# --------------------------------------------------------------------------------------------
+
+
+def test_broker_tls_dir_without_a_gateway_is_refused(tmp_path: Path) -> None:
+    typo = tmp_path / "gatway"
+    result = run_custody(
+        "broker", "--port", "1", "--data", str(tmp_path / "broker"), "--tls", str(typo)
+    )
+    refused(result, str(typo), "custody gateway", "custody enroll")
+    assert not typo.exists() and not (tmp_path / "broker").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(
+        run_custody("broker", "--port", "1", "--data", str(tmp_path / "b"), "--tls", str(empty))
+    )
+    assert list(empty.iterdir()) == []
