@@ -418,14 +418,20 @@ def _sim_device(args: argparse.Namespace, scenario: Scenario) -> int:
     print(
         f"custody sim device {device.device_id}: {scenario.name!r} for {duration:g} s", flush=True
     )
-    start = time.monotonic()
+    launched = time.monotonic()
     device.start()
     try:
         next_line = 0.0
-        while not stop.is_set() and (elapsed := time.monotonic() - start) < duration:
+        while not stop.is_set():
+            # --duration counts scenario time: from when the agent listens (its boot can
+            # take seconds), not from launch, or a press late in the scenario never came.
+            began = device.runner.started_at if device.runner is not None else None
+            elapsed = time.monotonic() - (began if began is not None else launched)
+            if began is not None and elapsed >= duration:
+                break
             device.poll()
             if tty or elapsed >= next_line:
-                line = progress_line(device.counts(), elapsed, duration)
+                line = progress_line(device.counts(), max(0.0, elapsed), duration)
                 print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
                 next_line = elapsed + 5.0
             stop.wait(0.5)
@@ -433,6 +439,10 @@ def _sim_device(args: argparse.Namespace, scenario: Scenario) -> int:
             device.runner.stop()
         if tty:
             print()
+        # End of shift: a clean power-off first. A recording still open has a last segment
+        # (and its stop record) that only closing it makes; drained before that, they were
+        # made after the drain and never uploaded, and the run still passed.
+        device.shutdown()
         if not device.powered:
             device.boot()  # back on the charger to hand over what it holds
         print(f"draining: waiting up to {args.drain:g} s for receipts", flush=True)

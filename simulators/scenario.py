@@ -210,6 +210,8 @@ class ScenarioRunner:
         self.mcu = mcu
         self.ready = ready
         self.sent: list[Event] = []
+        #: ``time.monotonic()`` when the scenario's clock started (None: not yet).
+        self.started_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -224,7 +226,7 @@ class ScenarioRunner:
             while not self.ready() and time.monotonic() < deadline:
                 if self._stop.wait(0.05):
                     return
-        start = time.monotonic()
+        start = self.started_at = time.monotonic()
         for at, event in timeline(self.scenario, until):
             if self._stop.wait(max(0.0, start + at / self.scenario.speedup - time.monotonic())):
                 return

@@ -233,6 +233,41 @@ def test_battery_death_mid_recording_is_explained_and_nothing_is_lost(
     assert any(a["kind"] == "battery_low" for a in alarms)
 
 
+STILL_RECORDING = """
+name = "recording when the scenario ends"
+duration_s = 10
+
+[[event]]
+at = 2
+kind = "button"
+button = "record"
+"""
+
+
+def test_a_scenario_ending_mid_recording_hands_over_its_last_segment(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """Found by a tester: the drain passed while the recording was still open, then the
+    device's stop made a last segment nobody uploaded, and the run exited 0 with it in the
+    backlog. Now the device powers off cleanly first; and --duration counts scenario time
+    (the press at 2 s happens however slowly the agent boots)."""
+    config = enroll(gateway, tmp_path, "cam-sim4")
+    result = sim_device(config, STILL_RECORDING, tmp_path, pre_event_s="0", segment_s="3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    journal = gateway_journal(gateway, "cam-sim4")
+    kinds = [r["kind"] for r in journal]
+    assert "recording_started" in kinds and "recording_stopped" in kinds
+    stop = next(r["body"] for r in journal if r["kind"] == "recording_stopped")
+    assert stop["reason"] == "shutdown"
+    segments = [r for r in journal if r["kind"] == "segment"]
+    assert len(segments) == stop["segments"] >= 2
+    stored = media_by_seq(gateway, "cam-sim4")
+    assert all(s["seq"] in stored and stored[s["seq"]]["verified"] for s in segments)
+    table = result.stdout.split("draining:", 1)[1]
+    row = next(line for line in table.splitlines() if line.startswith("cam-sim4"))
+    assert row.split()[9] == "0", table  # the backlog column
+
+
 def test_storage_exhaustion_stops_with_a_signed_reason_and_an_alarm(
     gateway: Gateway, tmp_path: Path
 ) -> None:
