@@ -59,6 +59,22 @@ class CommandGate:
         log.info("carrying out gateway command %d: %s %s", cmd.cmd_id, cmd.name, cmd.args)
         return cmd
 
+    def fail(self, cmd: Command, exc: CommandFailed) -> None:
+        """A command accepted (journalled as carried out) that could not be: journalled with
+        its ``cmd_id``, so the gateway shows it ``failed`` rather than ``executed``. Not
+        rate-limited like refusals: each is a genuine, numbered command of the gateway's."""
+        log.warning("gateway command %d (%s) failed: %s", cmd.cmd_id, cmd.name, exc)
+        self.journal.append(
+            "command_rejected",
+            {
+                "what": "command",
+                "reason": exc.reason,
+                "detail": str(exc)[:300],
+                "cmd_id": cmd.cmd_id,
+                "name": cmd.name,
+            },
+        )
+
     def refuse(self, what: str, exc: ProtocolError) -> None:
         log.warning("refused %s from the gateway: %s", what, exc)
         key = (what, exc.reason)

@@ -245,8 +245,7 @@ class Relay:
             )
         elif cmd.name in ("record_start", "record_stop", "photo"):
             if self.recorder is None:
-                failed = CommandFailed(f"{cmd.name}: this device has no camera")
-                self.commands.refuse("command", failed)
+                self.commands.fail(cmd, CommandFailed(f"{cmd.name}: this device has no camera"))
             elif cmd.name == "record_start":
                 self.recorder.start_recording("remote", str(cmd.args.get("note", "")))
             elif cmd.name == "record_stop":
@@ -259,7 +258,7 @@ class Relay:
             try:
                 self.key = self.rotate_key()
             except (AgentError, OSError) as exc:
-                self.commands.refuse("command", CommandFailed(f"rotate_key failed: {exc}"))
+                self.commands.fail(cmd, CommandFailed(f"rotate_key failed: {exc}"))
                 return
             log.info("journal signing key rotated; now %s", self.key.verify_key.hex[:16])
 

@@ -235,6 +235,19 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return run_foreground(args.data, args.port, args.host, tls_dir)
 
 
+def _listenable(host: str, port: int) -> bool:
+    """Whether an HTTP server could listen on ``host:port`` now (as uvicorn binds it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -250,8 +263,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print(f"custody gateway: {args.data} is ready")
         return 0
     data = DataDir.open(args.data)
-    service = GatewayService(data, args.broker)
     host, port = args.http
+    if not _listenable(host, port):
+        # Before the banner: it used to print "API http://…" and then fail.
+        raise UsageError(
+            f"--http {host}:{port} is already in use (another gateway?); choose another port"
+        )
+    service = GatewayService(data, args.broker)
     server = uvicorn.Server(
         uvicorn.Config(create_app(data, service.health), host=host, port=port, log_level="warning")
     )

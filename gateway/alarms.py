@@ -71,4 +71,6 @@ def raise_alarm(
             [kind, device_id, detail, dedupe, now_ms, now_ms],
         )
         events.warning("%s ALARM %s: %s", device_id, kind, detail)
-    log.warning("alarm %s device=%s: %s", kind, device_id, detail)
+    else:
+        # The event log said it once (a second line at WARNING printed every alarm twice).
+        log.info("alarm %s device=%s again: %s", kind, device_id, detail)

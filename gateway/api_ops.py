@@ -113,8 +113,8 @@ def transition(
     sources, target = TRANSITIONS[action]
     if current["state"] not in sources:
         raise AlarmError(
-            f"alarm {alarm_id} is {current['state']}; only a "
-            f"{' or '.join(sorted(sources))} alarm can be {target}",
+            f"alarm {alarm_id} is {current['state']}; only an alarm that is "
+            f"{' or '.join(sorted(sources))} can be {target}",
             409,
         )
     conn.execute("UPDATE alarms SET state = ? WHERE id = ?", [target, alarm_id])

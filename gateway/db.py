@@ -200,7 +200,7 @@ def create_schema(db: sqlite_utils.Database) -> None:
             "args": str,
             "issued_ms": int,
             "expires_ms": int,
-            "state": str,  # pending | sent
+            "state": str,  # pending | sent | executed | failed | expired
             "created_by": str,
         },
         pk=("device_id", "cmd_id"),

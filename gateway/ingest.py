@@ -370,6 +370,21 @@ class Ingest:
                                 received,
                                 key=str(rec.body.get("source")),
                             )
+                    if rec.kind in ("command_executed", "command_rejected"):
+                        # The device's own word on a numbered command: carried out, or
+                        # accepted and then failed (no camera, a key it could not rotate).
+                        # Refusals of forged or replayed commands carry no cmd_id.
+                        cmd_id = rec.body.get("cmd_id")
+                        if isinstance(cmd_id, int) and not isinstance(cmd_id, bool):
+                            conn.execute(
+                                "UPDATE commands SET state = ? WHERE device_id = ? AND "
+                                "cmd_id = ? AND state IN ('pending', 'sent', 'executed')",
+                                [
+                                    "executed" if rec.kind == "command_executed" else "failed",
+                                    dev.device_id,
+                                    cmd_id,
+                                ],
+                            )
                     if rec.kind == "case_context":
                         cases.apply_terminal_context(
                             conn, dev.device_id, rec.seq, dict(rec.body), received

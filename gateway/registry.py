@@ -283,8 +283,11 @@ def revoke(device_id: str, gateway_dir: Path) -> None:
     db = data.open_db()
     try:
         with transaction(db) as conn:
+            # Offline too: its Last Will can no longer pass the broker's ACL, and ingest
+            # ignores whatever it says, so nothing else would ever mark it so.
             cur = conn.execute(
-                "UPDATE devices SET status = 'revoked' WHERE device_id = ?", [device_id]
+                "UPDATE devices SET status = 'revoked', online = 0 WHERE device_id = ?",
+                [device_id],
             )
             if cur.rowcount == 0:
                 raise EnrollmentError(f"device {device_id} is not enrolled at {gateway_dir}")

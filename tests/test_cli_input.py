@@ -271,3 +271,24 @@ def test_broker_tls_dir_without_a_gateway_is_refused(tmp_path: Path) -> None:
         run_custody("broker", "--port", "1", "--data", str(tmp_path / "b"), "--tls", str(empty))
     )
     assert list(empty.iterdir()) == []
+
+
+def test_gateway_on_an_http_port_in_use_says_so_before_its_banner(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_custody(
+            "gateway",
+            "--data",
+            str(tmp_path / "gw"),
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--http",
+            f"127.0.0.1:{port}",
+        )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"127.0.0.1:{port} is already in use" in result.stderr
+    assert "API http" not in result.stdout

@@ -60,6 +60,29 @@ def test_command_is_carried_out_once_and_replays_forgeries_stale_ones_refused(
         assert journal_kinds(gateway, "cam-cmd", "mark")[0]["body"]["note"] == "suspect left"
         done = journal_kinds(gateway, "cam-cmd", "command_executed")
         assert [d["body"]["cmd_id"] for d in done] == [1]
+        # The gateway reads the outcome from the signed journal.
+        wait_for(
+            lambda: gateway.get("/api/v1/devices/cam-cmd/commands")[0]["state"] == "executed",
+            10,
+            "command state executed",
+        )
+        # A device without a camera accepts a photo command and cannot carry it out: the
+        # command ends failed, not "sent" (or "executed") for ever.
+        r = post_command(gateway, "cam-cmd", {"name": "photo"})
+        assert r.status_code == 202, r.text
+        photo_id = r.json()["cmd_id"]
+
+        def photo_state() -> str:
+            rows = gateway.get("/api/v1/devices/cam-cmd/commands")
+            return str(next(c["state"] for c in rows if c["cmd_id"] == photo_id))
+
+        wait_for(lambda: photo_state() == "failed", 30, "photo command failed")
+        failed = [
+            r["body"]
+            for r in journal_kinds(gateway, "cam-cmd", "command_rejected")
+            if r["body"].get("cmd_id") == photo_id
+        ]
+        assert failed and "no camera" in failed[0]["detail"]
         wait_for(lambda: captured, 10, "captured command")
     finally:
         tap.disconnect()
@@ -85,7 +108,8 @@ def test_command_is_carried_out_once_and_replays_forgeries_stale_ones_refused(
         return {r["body"]["reason"] for r in journal_kinds(gateway, "cam-cmd", "command_rejected")}
 
     wait_for(lambda: {"replay", "bad_signature", "stale"} <= refusals(), 30, "refusals journalled")
-    assert len(journal_kinds(gateway, "cam-cmd", "command_executed")) == 1
+    executed = journal_kinds(gateway, "cam-cmd", "command_executed")
+    assert [d["body"]["cmd_id"] for d in executed] == [1, photo_id]  # the replay was not
     assert len(journal_kinds(gateway, "cam-cmd", "mark")) == 1
 
 

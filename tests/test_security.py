@@ -154,6 +154,9 @@ def test_revocation_cuts_a_running_device_off(tmp_path, gateway, make_agent):
     wait_for(lambda: len(gateway.evidence("cam-lost")) == 1, 30, "evidence before revocation")
     result = run_custody("revoke", "cam-lost", "--gateway-data", str(gateway.data))
     assert result.returncode == 0, result.stderr
+    # Not shown online for ever: its Last Will cannot pass the ACL any more.
+    (listed,) = [d for d in gateway.get("/api/v1/devices") if d["device_id"] == "cam-lost"]
+    assert listed["online"] is False, listed
     ca_file = gateway.data / "ca" / "ca.crt"
     wait_for(
         lambda: connect_result(gateway.broker.port, Identity.device(agent.dir), ca_file).startswith(
