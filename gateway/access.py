@@ -152,24 +152,41 @@ def check_user_scope(
         raise AccessError("give an agency or a district, not both")
 
 
+def agencies_under(conn: sqlite3.Connection, agency_id: str) -> set[str]:
+    """``agency_id`` and its branches, all the way down."""
+    children: dict[str, list[str]] = {}
+    for aid, parent in conn.execute("SELECT id, parent_id FROM agencies").fetchall():
+        if parent:
+            children.setdefault(parent, []).append(aid)
+    seen: set[str] = set()
+    todo = [agency_id]
+    while todo:
+        aid = todo.pop()
+        if aid not in seen:
+            seen.add(aid)
+            todo.extend(children.get(aid, []))
+    return seen
+
+
 def visible_agencies(conn: sqlite3.Connection, who: Principal) -> set[str] | None:
     """The agency ids ``who`` may see, or None for all."""
     if who.sees_everything:
         return None
-    rows = conn.execute("SELECT id, level, district, parent_id FROM agencies").fetchall()
     if who.agency_id is not None:
-        children: dict[str, list[str]] = {}
-        for aid, _level, _district, parent in rows:
-            if parent:
-                children.setdefault(parent, []).append(aid)
-        seen, todo = set(), [who.agency_id]
-        while todo:
-            aid = todo.pop()
-            if aid not in seen:
-                seen.add(aid)
-                todo.extend(children.get(aid, []))
-        return seen
-    return {aid for aid, _level, district, _parent in rows if district == who.district}
+        return agencies_under(conn, who.agency_id)
+    rows = conn.execute("SELECT id, district FROM agencies").fetchall()
+    return {aid for aid, district in rows if district == who.district}
+
+
+def device_agency(conn: sqlite3.Connection, device_id: str, at_ms: int | None = None) -> str | None:
+    """The agency of the officer the device is assigned to (at ``at_ms``, else now)."""
+    row = conn.execute(
+        "SELECT o.agency_id FROM assignments a JOIN officers o ON o.id = a.officer_id "
+        "WHERE a.device_id = ? AND (? IS NULL OR a.from_ms <= ?) "
+        "ORDER BY a.from_ms DESC, a.id DESC LIMIT 1",
+        [device_id, at_ms, at_ms],
+    ).fetchone()
+    return str(row[0]) if row else None
 
 
 def visible_devices(conn: sqlite3.Connection, who: Principal) -> set[str] | None:

@@ -445,6 +445,20 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
         out["public_key"] = key.verify_key.hex
         return out
 
+    def leaf_visible(conn: sqlite_utils.Database, who: Principal, leaf: Any) -> bool:
+        """Record leaves by their device's scope, evidence leaves as the evidence is;
+        audit checkpoints (hashes of the audit chain) are anyone's."""
+        if who.sees_everything or not isinstance(leaf, dict):
+            return True
+        if leaf.get("leaf") == "record":
+            record = leaf.get("record") or {}
+            return device_visible(conn, who, str(record.get("device_id")))
+        if leaf.get("leaf") == "evidence":
+            return may_see_evidence(
+                conn.conn, who, str(leaf.get("device_id")), int(leaf.get("seq") or 0)
+            )
+        return True
+
     @app.get("/api/v1/log/proof/{log_index}", tags=["transparency log"])
     def proof(
         log_index: Int64,
@@ -458,12 +472,18 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
             raise HTTPException(400, f"tree_size {size} is larger than the log ({view.size})")
         if not 0 <= log_index < size:
             raise HTTPException(404, f"log index {log_index} is not in a tree of size {size}")
-        leaf = conn.execute("SELECT leaf FROM log_leaves WHERE idx = ?", [log_index]).fetchone()
+        leaf = json.loads(
+            conn.execute("SELECT leaf FROM log_leaves WHERE idx = ?", [log_index]).fetchone()[0]
+        )
+        if not leaf_visible(conn, who, leaf):
+            # A record leaf is a device's whole signed journal record: another agency's
+            # is out of scope here as it is at /journal (and answers the same way).
+            raise HTTPException(404, f"no log entry {log_index} in your scope")
         head = view.tree_head(int(dt.datetime.now(dt.UTC).timestamp() * 1000))
         return {
             "log_index": log_index,
             "tree_size": size,
-            "leaf": json.loads(leaf[0]),
+            "leaf": leaf,
             "leaf_hash": view.hashes[log_index].hex(),
             "root_hash": view.root_at(size).hex(),
             "inclusion_proof": [h.hex() for h in view.inclusion(log_index, size)],

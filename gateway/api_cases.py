@@ -268,9 +268,19 @@ def add_case_routes(
             raise HTTPException(403, f"role {who.role} may not assign devices")
         start = body.from_ms if body.from_ms is not None else now_ms()
         with transaction(conn) as c:
+            # A scoped operator hands over only devices of its own agencies, and only to
+            # their officers (anything else answers as if it did not exist): otherwise one
+            # agency could take another's camera, and with it its evidence.
+            agencies = visible_agencies(c, who)
+            devices = visible_devices(c, who)
             if not c.execute("SELECT 1 FROM devices WHERE device_id = ?", [device_id]).fetchone():
                 raise HTTPException(404, f"device {device_id} is not enrolled")
-            if not c.execute("SELECT 1 FROM officers WHERE id = ?", [body.officer_id]).fetchone():
+            if devices is not None and device_id not in devices:
+                raise HTTPException(404, f"device {device_id} is not enrolled")
+            officer = c.execute(
+                "SELECT agency_id FROM officers WHERE id = ?", [body.officer_id]
+            ).fetchone()
+            if officer is None or (agencies is not None and officer[0] not in agencies):
                 raise HTTPException(422, f"officer {body.officer_id} is not registered")
             c.execute(
                 "INSERT INTO assignments(device_id, officer_id, from_ms, by) VALUES (?, ?, ?, ?)",

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import audit
-from gateway.access import Principal, visible_agencies
+from gateway.access import (
+    Principal,
+    agencies_under,
+    device_agency,
+    may_see_evidence,
+    visible_agencies,
+)
 from gateway.alarms import raise_alarm
 from gateway.calendar import due_date, lateness
 from gateway.catalogue import Catalogue
@@ -194,9 +200,17 @@ def add_step(
         raise CaseError(
             f"step type {step_type!r} is not a {case['case_type']} step; known: {known}"
         )
+    # A step's officers are the case agency's (or its branches'): naming another agency's
+    # officer would bind that agency's recordings into this case and push this case to
+    # its devices. The message does not say whether such an officer exists elsewhere.
+    own = agencies_under(conn, case["agency_id"])
     for officer in officers:
-        if conn.execute("SELECT 1 FROM officers WHERE id = ?", [officer]).fetchone() is None:
-            raise CaseError(f"officer {officer!r} is not registered")
+        row = conn.execute("SELECT agency_id FROM officers WHERE id = ?", [officer]).fetchone()
+        if row is None or row[0] not in own:
+            raise CaseError(
+                f"officer {officer!r} is not registered with agency {case['agency_id']} "
+                "or its branches"
+            )
     if start_ms is not None and end_ms is not None and end_ms < start_ms:
         raise CaseError("a step cannot end before it starts")
     cur = conn.execute(
@@ -315,6 +329,16 @@ def _push_context(conn: sqlite3.Connection, step_id: int, now_ms: int, actor: st
             )
 
 
+def _device_may_touch(conn: sqlite3.Connection, device_id: str, case_id: str, at_ms: int) -> bool:
+    """Whether a device (its officer's agency at ``at_ms``) may set a time in, or bind
+    straight into, ``case_id``: only within its own agency's cases (and their branches')."""
+    case = case_row(conn, case_id)
+    agency = device_agency(conn, device_id, at_ms)
+    if case is None or agency is None:
+        return False
+    return agency in agencies_under(conn, str(case["agency_id"]))
+
+
 def apply_terminal_context(
     conn: sqlite3.Connection, device_id: str, seq: int, body: dict[str, Any], now_ms: int
 ) -> None:
@@ -326,7 +350,7 @@ def apply_terminal_context(
     if not isinstance(step_id, int) or not isinstance(at, int) or action not in ("open", "close"):
         return
     step = step_row(conn, step_id)
-    if step is None:
+    if step is None or not _device_may_touch(conn, device_id, str(step["case_id"]), at):
         return
     field = "start_ms" if action == "open" else "end_ms"
     if step[field] is not None:
@@ -484,7 +508,10 @@ def bind_pending(conn: sqlite3.Connection, now_ms: int) -> int:
                 key=f"record {seq}",
             )
             continue
-        if item.explicit_step is not None and step_row(conn, item.explicit_step) is not None:
+        explicit = step_row(conn, item.explicit_step) if item.explicit_step is not None else None
+        if explicit is not None and _device_may_touch(
+            conn, device_id, str(explicit["case_id"]), item.start_ms
+        ):
             bind(conn, device_id, seq, item.explicit_step, "explicit", "gateway", now_ms)
             bound += 1
             continue
@@ -674,6 +701,33 @@ def case_report(conn: sqlite3.Connection, case_id: str, now_ms: int) -> dict[str
 # -- amendments ------------------------------------------------------------------------------
 
 
+def _check_rebind_item(
+    conn: sqlite3.Connection, who: Principal, case_id: str, device_id: str, seq: int
+) -> None:
+    """A rebind moves media the caller can see, and only into or out of this case: its
+    device is in the case agency's scope, or it is bound to this case now. Anything else
+    answers like media that does not exist."""
+    exists = conn.execute(
+        "SELECT 1 FROM journal WHERE device_id = ? AND seq = ? AND kind IN "
+        "('segment', 'photo', 'file')",
+        [device_id, seq],
+    ).fetchone()
+    case = case_row(conn, case_id)
+    assert case is not None
+    bound = conn.execute(
+        "SELECT s.case_id FROM bindings b JOIN steps s ON s.id = b.step_id WHERE b.device_id = ? "
+        "AND b.seq = ? ORDER BY b.id DESC LIMIT 1",
+        [device_id, seq],
+    ).fetchone()
+    owned = device_agency(conn, device_id) in agencies_under(conn, str(case["agency_id"]))
+    if (
+        exists is None
+        or not may_see_evidence(conn, who, device_id, seq)
+        or not (owned or (bound is not None and bound[0] == case_id))
+    ):
+        raise CaseError(f"no media {device_id}/{seq} that this case may rebind", 404)
+
+
 def request_amendment(
     conn: sqlite3.Connection,
     who: Principal,
@@ -693,6 +747,7 @@ def request_amendment(
         step_id = payload.get("step_id")
         if not isinstance(payload.get("device_id"), str) or not isinstance(payload.get("seq"), int):
             raise CaseError("rebind needs device_id (string) and seq (integer)")
+        _check_rebind_item(conn, who, case_id, payload["device_id"], payload["seq"])
         if step_id is not None:
             step = step_row(conn, step_id) if isinstance(step_id, int) else None
             if step is None or step["case_id"] != case_id:
@@ -761,11 +816,17 @@ def decide_amendment(
         raise CaseError(f"no amendment {amendment_id}", 404)
     case = case_row(conn, amendment["case_id"])
     assert case is not None
-    if who.role not in ("admin", "reviewer"):
-        raise CaseError("only a reviewer approves or rejects amendments", 403)
+    # Out of scope first: it must answer exactly like an amendment that does not exist
+    # (a 403 here told anyone which amendment ids other agencies have).
     agencies = visible_agencies(conn, who)
     if agencies is not None and case["agency_id"] not in agencies:
         raise CaseError(f"no amendment {amendment_id}", 404)
+    if who.role not in ("admin", "reviewer"):
+        raise CaseError("only a reviewer approves or rejects amendments", 403)
+    p = amendment["payload"]
+    if amendment["kind"] == "rebind" and approve:
+        # Checked again at decision: scope and bindings may have moved since the request.
+        _check_rebind_item(conn, who, str(amendment["case_id"]), p["device_id"], p["seq"])
     if amendment["state"] != "pending":
         raise CaseError(f"amendment {amendment_id} is already {amendment['state']}", 409)
     if who.name == amendment["requested_by"]:
@@ -776,7 +837,6 @@ def decide_amendment(
         "WHERE id = ?",
         [state, who.name, now_ms, note, amendment_id],
     )
-    p = amendment["payload"]
     actor = f"amendment:{amendment_id}"
     if approve and amendment["kind"] == "rebind":
         bind(conn, p["device_id"], p["seq"], p.get("step_id"), "amendment", actor, now_ms, note)

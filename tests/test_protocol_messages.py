@@ -37,6 +37,7 @@ from protocol.fields import INT_MAX
 from protocol.journal import (
     GENESIS,
     MEDIA_KINDS,
+    MEDIA_SIZE_MAX,
     RECORD_KINDS,
     SEQ_MAX,
     JournalRecord,
@@ -112,7 +113,7 @@ def journal_records(draw: st.DrawFn, device_id: str | None = None) -> JournalRec
     if kind in MEDIA_KINDS:
         body.pop("marked", None)  # a random value there would be invalid; maybe set below
         body["sha256"] = draw(hashes32).hex()
-        body["size"] = draw(u64s)
+        body["size"] = draw(st.integers(0, MEDIA_SIZE_MAX))
         body["media_type"] = draw(st.text(min_size=1, max_size=20))
         if draw(st.booleans()):
             body["marked"] = draw(st.booleans())
@@ -220,7 +221,7 @@ def mutate(wire: dict[str, Any], name: str, data: st.DataObject) -> dict[str, An
             if wire["kind"] in MEDIA_KINDS and key == "sha256":
                 body[key] = flip_bit(bytes.fromhex(value), 3).hex()
             elif wire["kind"] in MEDIA_KINDS and key == "size":
-                body[key] = value + 1 if value < FIELD_MAX else value - 1
+                body[key] = value + 1 if value < MEDIA_SIZE_MAX else value - 1
             elif wire["kind"] in MEDIA_KINDS and key == "media_type":
                 body[key] = value + "x"
             elif wire["kind"] in MEDIA_KINDS and key == "marked":
