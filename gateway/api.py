@@ -43,6 +43,7 @@ from gateway.catalogue import load_catalogue
 from gateway.dashboard import add_dashboard
 from gateway.datadir import DataDir
 from gateway.db import connect, transaction
+from gateway.serving import evidence_response
 from gateway.translog import TransparencyLog
 from protocol.command import COMMAND_ARGS, COMMANDS, check_args
 from protocol.encoding import canonical
@@ -266,9 +267,10 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
     @app.get("/api/v1/evidence/{evidence_id}/media", tags=["evidence"])
     def evidence_media(evidence_id: Int64, conn: Db, who: Caller) -> FileResponse:
         item = one_evidence(conn, who, evidence_id, "download")
-        return FileResponse(
+        return evidence_response(
             blobs.path(item["sha256"]),
-            media_type=item["media_type"],
+            item["media_type"],
+            f"{item['device_id']}-{item['seq']}",
             headers={"X-Custody-SHA256": item["sha256"]},
         )
 

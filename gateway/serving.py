@@ -1,0 +1,55 @@
+"""How evidence bytes are handed to a browser without letting them act in it.
+
+A media type is the device's word (its signed manifest; ``custody agent add report.html``
+guesses ``text/html``). Served inline on the gateway's origin, an HTML or SVG file ran as
+a page in the viewer's session: a tester's file created a see-everything user when an
+admin opened it from the dashboard. So only types a browser shows without running
+anything (video, audio, raster images) are served inline, and everything else as a
+download; every response says ``nosniff`` (no guessing a type from the bytes) and carries
+a ``sandbox`` policy (opened anyway, a document gets an opaque origin and no scripts).
+The bytes and the ``Content-Type`` are unchanged: an integrator downloads what the device
+sent, exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.responses import FileResponse
+
+#: Shown inline (the dashboard's player and image views); anything else is an attachment.
+INLINE = frozenset(
+    {
+        "video/mp4",
+        "video/webm",
+        "audio/mp4",
+        "audio/mpeg",
+        "audio/aac",
+        "audio/wav",
+        "image/jpeg",
+        "image/png",
+        "image/gif",
+        "image/webp",
+    }
+)
+
+
+def evidence_response(
+    path: Path, media_type: str, name: str, headers: dict[str, str] | None = None
+) -> FileResponse:
+    """The file at ``path`` as ``media_type``: inline if harmless, else a download."""
+    base = media_type.split(";", 1)[0].strip().lower()
+    safe = {
+        **(headers or {}),
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "sandbox",
+    }
+    if base in INLINE:
+        return FileResponse(path, media_type=media_type, headers=safe)
+    return FileResponse(
+        path,
+        media_type=media_type,
+        headers=safe,
+        filename=name,
+        content_disposition_type="attachment",
+    )

@@ -1,0 +1,40 @@
+"""Evidence bytes never run as a page on the gateway's origin (found by a tester: an HTML
+file uploaded as evidence, opened from the dashboard, created a user with the viewer's
+session). The bytes and their type stay exactly what the device sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.field import O1, FieldWorld, at
+
+PAGE = b"<script>fetch('/api/v1/users', {method: 'POST'})</script>"
+
+
+def test_html_evidence_is_a_sandboxed_download_and_video_plays_inline(tmp_path: Path) -> None:
+    world = FieldWorld(tmp_path, {"cam-a": O1})
+    try:
+        a = world.devices["cam-a"]
+        src = tmp_path / "report.html"
+        src.write_bytes(PAGE)
+        a.device.outbox.add_file(src)
+        a.segment(at("2025-09-30T10:00"), at("2025-09-30T10:05"))
+        a.deliver()
+        items = {e["media_type"]: e for e in world.get("/api/v1/evidence", device_id="cam-a")}
+        page, video = items["text/html"], items["video/mp4"]
+        world.api.cookies.set("custody_session", world.gw.admin_token())
+        for path in (f"/api/v1/evidence/{page['id']}/media", f"/dashboard/media/{page['id']}"):
+            r = world.api.get(path, headers=world.admin)
+            assert r.status_code == 200, (path, r.text)
+            assert r.content == PAGE  # exactly what was sent
+            assert r.headers["content-type"].startswith("text/html")
+            assert r.headers["content-disposition"].startswith("attachment"), path
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["content-security-policy"] == "sandbox"
+        for path in (f"/api/v1/evidence/{video['id']}/media", f"/dashboard/media/{video['id']}"):
+            r = world.api.get(path, headers=world.admin)
+            assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+            assert "content-disposition" not in r.headers  # the dashboard's player plays it
+            assert r.headers["x-content-type-options"] == "nosniff"
+    finally:
+        world.close()
