@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import math
+import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
@@ -123,6 +124,22 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
             content={
                 "detail": f"a number in the request is out of range ({exc}); integers must "
                 f"be at most {INT64_MAX}"
+            },
+        )
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def database_unavailable(request: Request, exc: sqlite3.OperationalError) -> Response:
+        """A full disk refuses every write, audit records included: what needs one (a
+        download, any change) waits, with a 503 that says why, not a 500."""
+        if "full" not in str(exc):
+            raise exc
+        log.warning("%s %s: %s (answered 503)", request.method, request.url.path, exc)
+        return JSONResponse(
+            status_code=503,
+            headers={"Retry-After": "60"},
+            content={
+                "detail": "the gateway's disk is full: nothing can be recorded (the audit "
+                "log included), so this request must wait until space is freed"
             },
         )
 

@@ -508,8 +508,13 @@ class Ingest:
                         for device_id, _, at, t in pending
                     ],
                 )
-        except Exception:  # never stop ingest over telemetry (sqlite, or a value it refuses)
-            log.exception("storing %d telemetry messages failed; they are dropped", len(pending))
+        except Exception as exc:  # never stop ingest over telemetry (sqlite, or a value it refuses)
+            if "full" in str(exc):  # the disk: the service says so, once a minute
+                log.debug("telemetry dropped, disk full: %s", exc)
+            else:
+                log.exception(
+                    "storing %d telemetry messages failed; they are dropped", len(pending)
+                )
 
     def housekeeping(self) -> None:
         """Periodic work on the ingest thread: bind newly accepted manifests to case steps,

@@ -9,11 +9,13 @@ workers can join the group; all state lives in the database and blob store.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import queue
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -41,6 +43,16 @@ COMMAND_POLL_S = 0.25
 HOUSEKEEPING_S = 1.0
 Item = mqtt.MQTTMessage | Callable[[], list[Outgoing]] | None
 BATCH = 64
+#: How long after the last "disk full" the gateway still reports it (devices resend
+#: every few seconds, so a disk still full is seen again well within this).
+STORAGE_QUIET_S = 30.0
+
+
+def storage_full(exc: BaseException) -> bool:
+    """A write refused for want of space: ENOSPC from a file, SQLITE_FULL from the db."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
@@ -92,6 +104,8 @@ class GatewayService:
         # Why the broker is not connected, for the log and /healthz (None: connected, or
         # not tried yet); repeated failures are logged once a minute, not at every retry.
         self.broker_problem: str | None = "not connected yet"
+        self._storage_full_at: float | None = None  # the last write refused for want of space
+        self._storage_logged = 0.0
         self._problem_logged = (0.0, "")
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
 
@@ -167,11 +181,33 @@ class GatewayService:
             self._problem_logged = (now, problem)
             log.warning("%s (retrying)", problem)
 
+    def _storage_full(self, exc: BaseException) -> None:
+        """The data directory's disk is full: nothing is acknowledged (devices keep their
+        files and send again), nothing stored is touched. Say so once a minute, not with a
+        traceback for every chunk a device resends, and in ``/healthz``."""
+        now = time.monotonic()
+        first = self._storage_full_at is None or now - self._storage_full_at > STORAGE_QUIET_S
+        self._storage_full_at = now
+        if first or now - self._storage_logged >= 60:
+            self._storage_logged = now
+            log.warning(
+                "the gateway's disk is full (%s): uploads and journal batches wait, devices "
+                "keep their evidence and send it again; free space under %s",
+                exc,
+                self.data.root,
+            )
+
     def health(self) -> dict[str, str]:
-        """For ``GET /healthz``: ``degraded`` while devices cannot reach this gateway."""
-        if self.connected.is_set():
-            return {"status": "ok", "broker": "connected"}
-        return {"status": "degraded", "broker": self.broker_problem or "not connected"}
+        """For ``GET /healthz``: ``degraded`` while devices cannot reach this gateway, or
+        while its disk is full."""
+        out = {"status": "ok", "broker": "connected"}
+        if not self.connected.is_set():
+            out = {"status": "degraded", "broker": self.broker_problem or "not connected"}
+        full_at = self._storage_full_at
+        if full_at is not None and time.monotonic() - full_at < STORAGE_QUIET_S:
+            out["status"] = "degraded"
+            out["storage"] = f"disk full under {self.data.root}: nothing new can be stored"
+        return out
 
     def _on_disconnect(
         self,
@@ -234,8 +270,11 @@ class GatewayService:
                     next_housekeeping = now + HOUSEKEEPING_S
                     try:
                         self.ingest.housekeeping()
-                    except Exception:
-                        log.exception("binding / audit checkpoint failed")
+                    except Exception as exc:
+                        if storage_full(exc):
+                            self._storage_full(exc)
+                        else:
+                            log.exception("binding / audit checkpoint failed")
             try:
                 msg = self.inbox.get(timeout=COMMAND_POLL_S)
             except queue.Empty:
@@ -258,15 +297,21 @@ class GatewayService:
                         replies = item()
                     else:
                         replies = self.ingest.handle(item.topic, item.payload)
-                except Exception:  # a bug must not stop ingest for every other device
-                    log.exception("ingest failed on %s", getattr(item, "topic", item))
+                except Exception as exc:  # a bug must not stop ingest for every other device
+                    if storage_full(exc):
+                        self._storage_full(exc)
+                    else:
+                        log.exception("ingest failed on %s", getattr(item, "topic", item))
                     self.ingest.log.reload()
                     continue
                 self._publish(replies)
             try:
                 self._publish(self.ingest.flush(idle=self.inbox.empty()))
-            except Exception:  # as above: the thread must outlive any one bad message
-                log.exception("flushing acks and telemetry failed")
+            except Exception as exc:  # as above: the thread must outlive any one bad message
+                if storage_full(exc):
+                    self._storage_full(exc)
+                else:
+                    log.exception("flushing acks and telemetry failed")
 
     def _publish(self, replies: list[Outgoing]) -> None:
         for out in replies:

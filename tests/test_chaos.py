@@ -181,3 +181,80 @@ def test_uploads_wait_while_the_gateway_is_offline(tmp_path: Path, gateway, make
     finally:
         tap.close()
     assert_all_in_custody(gateway, agent, files)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 24 MiB filesystem of its own (tmpfs, so it really runs full)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_gateway_disk_loses_nothing_and_recovers_by_itself(
+    tmp_path: Path, small_disk: Path, make_agent
+):
+    """The gateway's data directory runs out of space mid-upload: it stays up, says so
+    once (not a traceback per resent chunk) and in /healthz, acknowledges nothing it could
+    not store, the device keeps its files, what was stored is intact; given space, the
+    uploads finish without anyone restarting anything."""
+    import hashlib
+    import subprocess
+
+    import httpx
+
+    from gateway.datadir import DataDir
+
+    data = DataDir.open(small_disk / "gw").root
+    broker = Broker(tmp_path / "broker", tls_dir=data / "ca")
+    broker.start()
+    gateway = Gateway(data, broker, tmp_path / "gateway.log")
+    gateway.start()
+    try:
+        agent = make_agent("cam-full", gateway, chunk_size=str(256 * 1024))
+        first = make_files(tmp_path / "first", [3 * MiB], seed=1)
+        agent.add(*first.values())
+        agent.start()
+        wait_for(lambda: len(gateway.evidence("cam-full")) == 1, 60, "the first file")
+        later = make_files(tmp_path / "later", [6 * MiB] * 4, seed=2)  # more than is left
+        agent.add(*later.values())
+
+        def health() -> dict[str, str]:
+            result: dict[str, str] = httpx.get(gateway.base + "/healthz", timeout=5).json()
+            return result
+
+        wait_for(lambda: "storage" in health(), 90, "/healthz to report the full disk")
+        assert health()["status"] == "degraded"
+        log = gateway.log.read_text()
+        assert "the gateway's disk is full" in log
+        assert "ingest failed" not in log and "Traceback" not in log, log[-3000:]
+        # Acknowledged and kept only what it could store; the device keeps the rest.
+        assert agent.status()["backlog_items"] >= 1
+        # What is stored is intact (read off the disk: a download would need an audit
+        # record, which a full disk refuses: 503, said so).
+        held = gateway.evidence("cam-full")
+        for item in held:
+            blob = data / "blobs" / item["sha256"][:2] / item["sha256"][2:4] / item["sha256"]
+            assert hashlib.sha256(blob.read_bytes()).hexdigest() == item["sha256"]
+        r = httpx.get(
+            f"{gateway.base}/api/v1/evidence/{held[0]['id']}/media",
+            headers={"Authorization": f"Bearer {gateway.token}"},
+        )
+        assert r.status_code == 503 and "disk is full" in r.text
+        # Space again: the uploads finish by themselves.
+        subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+        wait_for(lambda: len(gateway.evidence("cam-full")) == 5, 120, "every file after space")
+        assert_all_in_custody(gateway, agent, {**first, **later})
+    finally:
+        gateway.stop()
+        broker.stop()
