@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--broker", type=_broker_url, required=True, help="mqtts://HOST:PORT")
     g.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), help="HOST:PORT")
     g.add_argument("--check-config", action="store_true", help="check the data directory and exit")
+    g.add_argument(
+        "--init",
+        action="store_true",
+        help="create the data directory (keys, CA, database, admin token) and exit",
+    )
 
     e = sub.add_parser("enroll", help="create a device identity and register it")
     e.add_argument("device_id", metavar="DEVICE_ID")
@@ -263,6 +268,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print(f"custody gateway: {args.data} is ready")
         return 0
     data = DataDir.open(args.data)
+    if args.init:
+        # A new host's first step (the broker's --tls and --check-config both want an
+        # existing gateway, so that a mistyped path never grows a CA of its own).
+        print(f"custody gateway: {args.data} is ready (admin token in {data.token_path})")
+        return 0
     host, port = args.http
     if not _listenable(host, port):
         # Before the banner: it used to print "API http://…" and then fail.

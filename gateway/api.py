@@ -43,7 +43,7 @@ from gateway.blobs import BlobStore
 from gateway.catalogue import load_catalogue
 from gateway.dashboard import add_dashboard
 from gateway.datadir import DataDir
-from gateway.db import connect, transaction
+from gateway.db import connect, storage_full, transaction
 from gateway.serving import evidence_response
 from gateway.translog import TransparencyLog
 from protocol.command import COMMAND_ARGS, COMMANDS, check_args
@@ -131,7 +131,7 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
     async def database_unavailable(request: Request, exc: sqlite3.OperationalError) -> Response:
         """A full disk refuses every write, audit records included: what needs one (a
         download, any change) waits, with a 503 that says why, not a 500."""
-        if "full" not in str(exc):
+        if not storage_full(exc):
             raise exc
         log.warning("%s %s: %s (answered 503)", request.method, request.url.path, exc)
         return JSONResponse(

@@ -282,6 +282,15 @@ def add_case_routes(
             ).fetchone()
             if officer is None or (agencies is not None and officer[0] not in agencies):
                 raise HTTPException(422, f"officer {body.officer_id} is not registered")
+            latest = c.execute(
+                "SELECT max(from_ms) FROM assignments WHERE device_id = ?", [device_id]
+            ).fetchone()[0]
+            if agencies is not None and latest is not None and start < latest:
+                # Evidence belongs to whoever held the device when it recorded: a scoped
+                # operator hands a device on from now, it does not rewrite who held it.
+                raise HTTPException(
+                    422, f"from_ms must not be before the device's current assignment ({latest})"
+                )
             c.execute(
                 "INSERT INTO assignments(device_id, officer_id, from_ms, by) VALUES (?, ?, ?, ?)",
                 [device_id, body.officer_id, start, who.name],

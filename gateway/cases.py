@@ -333,10 +333,13 @@ def _device_may_touch(conn: sqlite3.Connection, device_id: str, case_id: str, at
     """Whether a device (its officer's agency at ``at_ms``) may set a time in, or bind
     straight into, ``case_id``: only within its own agency's cases (and their branches')."""
     case = case_row(conn, case_id)
-    agency = device_agency(conn, device_id, at_ms)
-    if case is None or agency is None:
+    if case is None:
         return False
-    return agency in agencies_under(conn, str(case["agency_id"]))
+    own = agencies_under(conn, str(case["agency_id"]))
+    # At the device's time, or now: a segment starts up to its pre-event before the press
+    # and a device clock may lag, so the first recording after an assignment would
+    # otherwise read as the previous holder's.
+    return any(device_agency(conn, device_id, at) in own for at in (at_ms, None))
 
 
 def apply_terminal_context(
@@ -388,13 +391,15 @@ def _item(
     conn: sqlite3.Connection, device_id: str, seq: int, kind: str, record: str, strict: bool = True
 ) -> Item:
     """The media record as binding sees it. ``strict=False`` (for an item a reviewer bound
-    by hand) reads a malformed time as the record's own signed ``wall_ms``."""
+    by hand) never raises: a malformed time reads as the record's own signed ``wall_ms``,
+    or 0 when that is unusable too, so one such item cannot fail a case's reports."""
     rec = json.loads(record)
     body = rec.get("body", {})
-    if not isinstance(body, dict):
-        raise MalformedRecord("its body is not an object")
-    wall = _ms(rec.get("wall_ms", 0), "wall_ms")
+    wall = 0
     try:
+        if not isinstance(body, dict):
+            raise MalformedRecord("its body is not an object")
+        wall = _ms(rec.get("wall_ms", 0), "wall_ms")
         if kind == "segment":
             start = _ms(body.get("start_wall_ms", wall), "start_wall_ms")
             end = _ms(body.get("end_wall_ms", start), "end_wall_ms")
@@ -408,6 +413,8 @@ def _item(
         if strict:
             raise
         start = end = wall
+        if not isinstance(body, dict):
+            body = {}
     case = body.get("case") if isinstance(body.get("case"), dict) else {}
     step = case.get("step_id") if case else None
     officer = officer_of_device(conn, device_id, start) or body.get("officer_id")
@@ -707,22 +714,30 @@ def _check_rebind_item(
     """A rebind moves media the caller can see, and only into or out of this case: its
     device is in the case agency's scope, or it is bound to this case now. Anything else
     answers like media that does not exist."""
-    exists = conn.execute(
-        "SELECT 1 FROM journal WHERE device_id = ? AND seq = ? AND kind IN "
+    row = conn.execute(
+        "SELECT kind, record FROM journal WHERE device_id = ? AND seq = ? AND kind IN "
         "('segment', 'photo', 'file')",
         [device_id, seq],
     ).fetchone()
     case = case_row(conn, case_id)
     assert case is not None
+    own = agencies_under(conn, str(case["agency_id"]))
     bound = conn.execute(
-        "SELECT s.case_id FROM bindings b JOIN steps s ON s.id = b.step_id WHERE b.device_id = ? "
-        "AND b.seq = ? ORDER BY b.id DESC LIMIT 1",
+        "SELECT c.id, c.agency_id FROM bindings b JOIN steps s ON s.id = b.step_id "
+        "JOIN cases c ON c.id = s.case_id WHERE b.device_id = ? AND b.seq = ? "
+        "ORDER BY b.id DESC LIMIT 1",
         [device_id, seq],
     ).fetchone()
-    owned = device_agency(conn, device_id) in agencies_under(conn, str(case["agency_id"]))
+    if row is not None:
+        item = _item(conn, device_id, seq, row[0], row[1], strict=False)
+        # Whose it is: the agency the device was with when it recorded (as binding reads
+        # it), not the one it has now (a device handed on does not take its past along).
+        owned = device_agency(conn, device_id, item.start_ms) in own
     if (
-        exists is None
+        row is None
         or not may_see_evidence(conn, who, device_id, seq)
+        # Bound elsewhere: only out of a case of this agency (or its branches).
+        or (bound is not None and bound[0] != case_id and bound[1] not in own)
         or not (owned or (bound is not None and bound[0] == case_id))
     ):
         raise CaseError(f"no media {device_id}/{seq} that this case may rebind", 404)

@@ -136,6 +136,13 @@ class DataDir:
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc):
                 return  # busy with a live writer, so readable: not damaged
+            if "readonly" in str(exc) or "unable to open" in str(exc):
+                # WAL needs its -shm file even to read: a user who may not write here
+                # cannot tell a good database from a damaged one. Say that instead.
+                raise DataDirError(
+                    f"{path} cannot be read by this user ({exc}): check the permissions of "
+                    f"{path.parent} (a WAL database needs write access to its directory)"
+                ) from exc
             raise self._damaged(exc) from exc
         except sqlite3.DatabaseError as exc:
             raise self._damaged(exc) from exc

@@ -11,6 +11,7 @@ The ingest thread is the only writer inside the gateway; ``custody enroll`` may 
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -389,3 +390,11 @@ def _create_case_schema(db: sqlite_utils.Database) -> None:
         pk="id",
         if_not_exists=True,
     )
+
+
+def storage_full(exc: BaseException) -> bool:
+    """A write refused for want of space: ENOSPC (or a quota) from a file, SQLITE_FULL
+    ("database or disk is full") from the database."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "is full" in str(exc)

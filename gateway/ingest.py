@@ -31,7 +31,7 @@ from gateway import audit, cases
 from gateway.alarms import CLOCK_ALARM_MS, raise_alarm
 from gateway.blobs import BlobStore
 from gateway.datadir import DataDir
-from gateway.db import transaction
+from gateway.db import storage_full, transaction
 from gateway.evidence import Background, EvidenceIntake
 from gateway.outgoing import Outgoing, now_ms
 from gateway.translog import TransparencyLog
@@ -509,7 +509,7 @@ class Ingest:
                     ],
                 )
         except Exception as exc:  # never stop ingest over telemetry (sqlite, or a value it refuses)
-            if "full" in str(exc):  # the disk: the service says so, once a minute
+            if storage_full(exc):  # the service says so, once a minute
                 log.debug("telemetry dropped, disk full: %s", exc)
             else:
                 log.exception(

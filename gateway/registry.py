@@ -121,10 +121,27 @@ class _Staged:
         write_public(self._stage(name), data)
 
     def commit(self) -> None:
-        for staged, final in list(self.files.items()):
-            os.replace(staged, final)
-            del self.files[staged]
-            self.placed.append(final)
+        """Put every staged file in place; if one fails, put back what was there before
+        (a renew must never leave a new TLS key beside the old certificate)."""
+        backups: list[tuple[Path, Path]] = []
+        try:
+            for staged, final in list(self.files.items()):
+                if final.exists():
+                    kept = final.with_name(final.name + ".was")
+                    os.replace(final, kept)
+                    backups.append((kept, final))
+                os.replace(staged, final)
+                del self.files[staged]
+                self.placed.append(final)
+        except BaseException:
+            for final in self.placed:
+                final.unlink(missing_ok=True)
+            self.placed.clear()
+            for kept, final in backups:
+                os.replace(kept, final)
+            raise
+        for kept, _ in backups:
+            kept.unlink(missing_ok=True)
 
     def unplace(self) -> None:
         """Remove what ``commit`` put in place (enroll only: those names were free)."""
@@ -175,7 +192,7 @@ def enroll(
     _check_id(device_id)
     _check_days(cert_days)
     _check_out_dir(out_dir)
-    for name in ("device.key", "data.key"):
+    for name in ("device.key", "data.key", "tls.key", "device.crt", "ca.crt", "agent.toml"):
         if (out_dir / name).exists():
             raise EnrollmentError(
                 f"{out_dir / name} already exists; enroll into an empty directory"
@@ -265,12 +282,14 @@ def renew(
         with transaction(db) as conn:
             conn.execute("UPDATE certificates SET revoked = 1 WHERE device_id = ?", [device_id])
             conn.execute(INSERT_CERTIFICATE, _certificate_row(device_id, issued))
-        # Recorded first: should putting the files in place fail, the device keeps its
-        # old certificate (the broker's CRL is rewritten only below) and renew can rerun.
-        try:
-            staged.commit()
-        except OSError as exc:
-            raise _write_failed(out_dir, exc) from exc
+            # Inside the transaction: should putting the files in place fail, ``commit``
+            # puts the old key and certificate back and the rows roll back with them, so
+            # the device keeps a matching old pair (the broker's CRL is rewritten only
+            # below) and renew can simply run again.
+            try:
+                staged.commit()
+            except OSError as exc:
+                raise _write_failed(out_dir, exc) from exc
         write_broker_policy(db, ca)
     finally:
         staged.discard()

@@ -9,13 +9,11 @@ workers can join the group; all state lives in the database and blob store.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import queue
 import socket
-import sqlite3
 import ssl
 import threading
 import time
@@ -29,7 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.datadir import DataDir
-from gateway.db import open_db
+from gateway.db import open_db, storage_full
 from gateway.evidence import Verdict
 from gateway.ingest import Ingest, Outgoing
 from gateway.mqttwire import LeanClient
@@ -46,13 +44,6 @@ BATCH = 64
 #: How long after the last "disk full" the gateway still reports it (devices resend
 #: every few seconds, so a disk still full is seen again well within this).
 STORAGE_QUIET_S = 30.0
-
-
-def storage_full(exc: BaseException) -> bool:
-    """A write refused for want of space: ENOSPC from a file, SQLITE_FULL from the db."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
@@ -101,6 +92,7 @@ class GatewayService:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._stopping = False
+        self._state_lock = threading.Lock()
         # Why the broker is not connected, for the log and /healthz (None: connected, or
         # not tried yet); repeated failures are logged once a minute, not at every retry.
         self.broker_problem: str | None = "not connected yet"
@@ -133,8 +125,9 @@ class GatewayService:
         self.client.loop_start()
 
     def stop(self) -> None:
-        self._stopping = True
-        self.client.publish(GATEWAY_STATE, self._state(False), 1, retain=True)
+        with self._state_lock:
+            self._stopping = True
+            self.client.publish(GATEWAY_STATE, self._state(False), 1, retain=True)
         self.client.disconnect()
         self.client.loop_stop()
         self._io.shutdown(wait=True)
@@ -234,7 +227,10 @@ class GatewayService:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == GATEWAY_STATE:
-            self._on_gateway_state(bytes(msg.payload))
+            # A retained copy is what was there when we subscribed (our own last run's Last
+            # Will, say): our "online" follows it anyway. Only a live "offline" is news.
+            if not msg.retain:
+                self._on_gateway_state(bytes(msg.payload))
             return
         self.inbox.put(msg)  # blocks when ingest is behind: back-pressure, not growth
 
@@ -247,13 +243,14 @@ class GatewayService:
             online = json.loads(payload or b"{}").get("online") is True
         except (ValueError, AttributeError):
             online = False
-        if online or self._stopping or not self.connected.is_set():
-            return
-        log.warning(
-            "another gateway process marked the gateway offline on this broker; this one is "
-            "running, so it says so again (devices hold uploads while it reads offline)"
-        )
-        self.client.publish(GATEWAY_STATE, self._state(True), 1, retain=True)
+        with self._state_lock:  # never "online" after stop() said "offline"
+            if online or self._stopping or not self.connected.is_set():
+                return
+            log.warning(
+                "another gateway process marked the gateway offline on this broker; this one "
+                "is running, so it says so again (devices hold uploads while it reads offline)"
+            )
+            self.client.publish(GATEWAY_STATE, self._state(True), 1, retain=True)
 
     def _ingest_loop(self) -> None:
         next_commands = next_housekeeping = 0.0

@@ -481,3 +481,24 @@ def test_a_signed_segment_with_a_time_that_is_not_a_time_does_not_stop_binding(
     ).fetchone(), "cam-c's segment was not bound"
     world.ingest.housekeeping()  # and the next pass neither fails nor raises it again
     assert world.get("/api/v1/alarms", kind="bad_record")[0]["count"] == 1
+
+
+def test_a_malformed_item_bound_by_hand_does_not_break_the_case(world: World) -> None:
+    """A reviewer binds a ``malformed`` item by hand, as its alarm says to; the case's
+    reports must still render (a time past what dates can hold made them all fail)."""
+    a = world.devices["cam-a"]
+    small_case(world, "HP-8", "hp-ue", O1)
+    far = 2**62  # a signed time, valid as a message, past any date
+    seq = a.segment(far, far)
+    a.deliver()
+    world.ingest.housekeeping()
+    queue = {(q["device_id"], q["seq"]): q for q in world.get("/api/v1/review-queue")}
+    assert queue[("cam-a", seq)]["reason"] == "malformed"
+    step = world.get("/api/v1/cases/HP-8")["steps"][0]["step_id"]
+    reviewer = world.user("hp-rev", "reviewer", agency_id="hp-ue")
+    r = world.api.post(
+        f"/api/v1/review-queue/cam-a/{seq}", json={"step_id": step}, headers=reviewer
+    )
+    assert r.status_code in (200, 201), r.text
+    assert world.api.get("/api/v1/cases/HP-8", headers=world.admin).status_code == 200
+    world.ingest.housekeeping()  # the watch reads bound items too

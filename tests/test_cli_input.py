@@ -151,6 +151,37 @@ def test_renew_that_cannot_issue_revokes_nothing(
     assert snapshot(out) == before and certificates(gw) == certs
 
 
+def test_renew_that_fails_midway_through_placing_leaves_the_old_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new TLS key in place and then the certificate fails: the old key comes back, so
+    the device never holds a key and a certificate that do not belong together."""
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+    registry.enroll("newdev5", gw, out, BROKER)
+    before, certs = snapshot(out), certificates(gw)
+    real = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        if str(dst).endswith("device.crt") and not str(src).endswith(".was"):
+            raise OSError(5, "Input/output error", str(dst))
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(EnrollmentError):
+        registry.renew("newdev5", gw, out)
+    monkeypatch.undo()
+    assert snapshot(out) == before and certificates(gw) == certs
+
+
+def test_enroll_refuses_a_directory_holding_any_of_its_files(tmp_path: Path) -> None:
+    out = tmp_path / "dev"
+    out.mkdir()
+    (out / "agent.toml").write_text("someone else's")
+    with pytest.raises(EnrollmentError, match="already exists"):
+        registry.enroll("newdev6", tmp_path / "gw", out, BROKER)
+    assert (out / "agent.toml").read_text() == "someone else's"
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Files where directories belong, and a damaged database
 # --------------------------------------------------------------------------------------------

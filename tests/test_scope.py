@@ -97,11 +97,17 @@ def test_an_operator_cannot_take_another_agencys_camera(world: World) -> None:
         "/api/v1/devices/cam-a/assignment", json={"officer_id": O3}, headers=hp_operator
     )
     assert r.status_code == 422 and "not registered" in r.text
-    # Within its own agency it still can.
+    # Within its own agency it still can, from now on; not backdated over who held it.
     r = world.api.post(
         "/api/v1/devices/cam-a/assignment", json={"officer_id": O1}, headers=hp_operator
     )
     assert r.status_code == 201, r.text
+    r = world.api.post(
+        "/api/v1/devices/cam-a/assignment",
+        json={"officer_id": O1, "from_ms": 0},
+        headers=hp_operator,
+    )
+    assert r.status_code == 422 and "current assignment" in r.text, r.text
 
 
 def test_an_amendment_cannot_move_another_agencys_recording(world: World) -> None:
@@ -262,3 +268,22 @@ def test_an_amendment_out_of_scope_answers_like_one_that_does_not_exist(world: W
             "/api/v1/amendments/9999/decision", json={"approve": True}, headers=who
         )
         assert theirs.status_code == nothing.status_code == 404, (role, theirs.text)
+
+
+def test_a_device_handed_on_does_not_take_its_past_recordings_along(world: World) -> None:
+    """Ownership for a rebind is the agency that held the device when it recorded (as
+    binding reads it), not whoever holds it now."""
+    _, seq = hexi_case(world)  # cam-x recorded for Hexi, bound to HX-1
+    world.post("/api/v1/devices/cam-x/assignment", {"officer_id": O1})  # now Heping's
+    hp_clerk = world.user("hp-clerk", "district_agency", agency_id="hp-ue")
+    hp_step = heping_case(world, hp_clerk)
+    r = world.api.post(
+        "/api/v1/cases/HP-1/amendments",
+        json={
+            "kind": "rebind",
+            "payload": {"device_id": "cam-x", "seq": seq, "step_id": hp_step},
+            "reason": "ours now",
+        },
+        headers=hp_clerk,
+    )
+    assert r.status_code == 404, r.text

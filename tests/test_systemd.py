@@ -64,3 +64,17 @@ def test_check_config(tmp_path):
         "--check-config",
     )
     assert gw_bad.returncode == 2 and "not a gateway data directory" in gw_bad.stderr
+
+
+def test_a_new_host_starts_with_gateway_init(tmp_path):
+    """The broker's --tls and the gateway's --check-config want an existing gateway: a new
+    host creates it with --init first (as the broker unit says), then both are happy."""
+    gw = tmp_path / "gateway"
+    refused = run_custody("gateway", "--data", str(gw), "--broker", "mqtts://h:1", "--check-config")
+    assert refused.returncode == 2
+    made = run_custody("gateway", "--data", str(gw), "--broker", "mqtts://h:1", "--init")
+    assert made.returncode == 0, made.stderr
+    assert (gw / "gateway.key").exists() and (gw / "admin.token").exists()
+    assert (gw / "ca" / "ca.crt").exists()
+    ok = run_custody("gateway", "--data", str(gw), "--broker", "mqtts://h:1", "--check-config")
+    assert ok.returncode == 0, ok.stderr
