@@ -129,9 +129,11 @@ def fleet_rows(
     )
     rows = []
     among = "AND device_id IN (SELECT value FROM json_each(?)) " if only is not None else ""
-    for dev, online, last_seen, head_seq, telemetry in conn.execute(
-        f"SELECT device_id, online, last_seen_ms, head_seq, telemetry FROM devices "
-        f"WHERE status = 'active' {among}ORDER BY device_id",
+    # Revoked devices stay listed (as "revoked"): one cut off may still hold evidence
+    # that has to be fetched from it by hand, and the operator has to see that.
+    for dev, status, online, last_seen, head_seq, telemetry in conn.execute(
+        f"SELECT device_id, status, online, last_seen_ms, head_seq, telemetry FROM devices "
+        f"WHERE status IN ('active', 'revoked') {among}ORDER BY device_id",
         [json.dumps(list(only))] if only is not None else [],
     ).fetchall():
         if visible is not None and dev not in visible:
@@ -142,6 +144,8 @@ def fleet_rows(
         battery = t.get("battery_pct", -1)
         headroom = t.get("storage_headroom_min")
         backlog = t.get("backlog_items", 0)
+        revoked = status == "revoked"
+        online = online and not revoked
         attention = bool(
             (not online and backlog)
             or (0 <= battery <= 15)
@@ -153,7 +157,7 @@ def fleet_rows(
             {
                 "device_id": dev,
                 "online": bool(online),
-                "state": "online" if online else "offline",
+                "state": "revoked" if revoked else "online" if online else "offline",
                 "last_seen": ago(last_seen),
                 "last_seen_ms": last_seen or 0,  # live updates format it in the browser
                 "battery": "—"
@@ -655,8 +659,8 @@ class FleetView:
             scope = [
                 (d, bool(online))
                 for d, online in conn.execute(
-                    "SELECT device_id, online FROM devices WHERE status = 'active' "
-                    "ORDER BY device_id"
+                    "SELECT device_id, online AND status = 'active' FROM devices "
+                    "WHERE status IN ('active', 'revoked') ORDER BY device_id"
                 ).fetchall()
                 if visible is None or d in visible
             ]

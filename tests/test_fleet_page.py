@@ -180,3 +180,20 @@ def test_an_unfiltered_page_builds_only_its_own_rows(
         assert shown.rows == [] and built == [6]
     finally:
         conn.conn.close()
+
+
+def test_a_revoked_device_stays_on_the_fleet_page_as_revoked(world: FieldWorld) -> None:
+    """Cut off, it may still hold evidence someone must fetch from it by hand: listed as
+    revoked (never online), found by the offline filter, flagged while it has a backlog."""
+    from gateway.registry import revoke
+
+    x = world.devices["cam-x"]
+    x.state(True)
+    x.telemetry(backlog_items=3)
+    revoke("cam-x", world.gw.root)
+    rows = {r["device_id"]: r for r in fleet_rows(connect(world.gw.db_path), ADMIN)}
+    assert rows["cam-x"]["state"] == "revoked" and rows["cam-x"]["online"] is False
+    assert rows["cam-x"]["attention"]
+    assert "cam-x" in rows_on(world.get("/dashboard/fleet", state="offline", page=2))
+    assert "cam-x" not in rows_on(world.get("/dashboard/fleet", state="online"))
+    assert ">revoked</td>" in world.get("/dashboard/fleet", page=2)
