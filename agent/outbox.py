@@ -372,7 +372,11 @@ class Outbox:
             path.unlink(missing_ok=True)
 
     def reject(self, seq: int, reason: str) -> None:
-        """The gateway refused the bytes: keep the file, stop retrying, journal why."""
+        """The gateway refused the bytes: keep the file, stop retrying, journal why.
+
+        The reason is the gateway's words: kept short and printable, so a hostile one can
+        neither bloat the journal past what a batch carries nor forge log lines."""
+        reason = "".join(ch if ch.isprintable() else " " for ch in reason[:200])
 
         def mark(conn: sqlite3.Connection, _: int) -> None:
             conn.execute(

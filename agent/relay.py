@@ -78,6 +78,7 @@ MAX_TRACKED = 8
 CLOCK_MAX_RTT_MS = 2000
 CLOCK_DRIFT_MS = 1000
 CLOCK_EVERY_S = 600.0
+CLOCK_MIN_GAP_S = 10.0
 #: Longest stretch the relay holds new chunks back while capture is behind.
 MAX_YIELD_S = 0.5
 
@@ -136,6 +137,7 @@ class Relay:
             "yields_to_capture": 0,  # pumps that held new chunks back for capture
         }
         self.yield_since: float | None = None
+        self.unknown_until: dict[int, float] = {}  # seq -> when to ask about it again
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -321,6 +323,10 @@ class Relay:
         offset = gateway_ms - (self.journal_sent_ms + received) // 2
         last = self.clock_logged
         now = time.monotonic()
+        if last is not None and now - last[1] < CLOCK_MIN_GAP_S:
+            # At most one record per gap whatever the acks say: replayed old acks (no key
+            # needed, only the broker) alternated offsets and wrote hundreds a second.
+            return
         if last is None or abs(offset - last[0]) > CLOCK_DRIFT_MS or now - last[1] > CLOCK_EVERY_S:
             self.clock_logged = (offset, now)
             self.journal.append(
@@ -363,13 +369,23 @@ class Relay:
             up.phase = "fin"  # a receipt is on its way; wait for it
             up.inflight.clear()
         elif ack.state == "rejected":
-            log.error("gateway rejected media seq %d: %s", ack.seq, ack.reason)
+            log.error("gateway rejected media seq %d: %r", ack.seq, ack.reason[:200])
             self.outbox.reject(ack.seq, ack.reason)
             up.close()
             del self.uploads[ack.seq]
         else:  # unknown: the manifest has not reached the gateway; the journal goes first
             up.close()
             del self.uploads[ack.seq]
+            # Not again at the next poll (that was dozens of inits a second, for ever, when
+            # the gateway had lost an acked manifest, say restored from an old backup).
+            if ack.seq not in self.unknown_until:
+                log.warning(
+                    "the gateway does not know media seq %d (its manifest); asking again "
+                    "every %.0f s",
+                    ack.seq,
+                    self.config.ack_timeout_s,
+                )
+            self.unknown_until[ack.seq] = time.monotonic() + self.config.ack_timeout_s
 
     def _on_receipt(self, receipt: Receipt, raw: bytes) -> None:
         if receipt.device_id == self.device_id:
@@ -476,6 +492,8 @@ class Relay:
                 return
             if item.seq in self.uploads or self.outbox.state(item.seq) != "pending":
                 continue  # the prefetched list may be a little stale
+            if self.unknown_until.get(item.seq, 0.0) > now:
+                continue  # the gateway said it does not know it: not yet again
             up = Upload(item)
             up.chunk_size, up.chunk_hashes = self.outbox.chunk_hashes(item.seq)
             self.uploads[item.seq] = up

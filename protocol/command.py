@@ -47,11 +47,14 @@ class Arg:
     base: type[int] | type[str]
     required: bool = False
     minimum: int | None = None
+    #: For strings: a note is journalled twice (``command_executed``, then the ``mark``),
+    #: so an unbounded one could make a journal batch larger than the broker carries.
+    max_length: int = 1000
 
     @property
     def kind(self) -> str:
         if self.base is str:
-            return "a string"
+            return f"a string of at most {self.max_length} characters"
         return "an integer" + ("" if self.minimum is None else f" >= {self.minimum}")
 
     def describe(self, name: str) -> str:
@@ -59,7 +62,7 @@ class Arg:
 
     def accepts(self, value: Any) -> bool:
         if self.base is str:
-            return isinstance(value, str)
+            return isinstance(value, str) and len(value) <= self.max_length
         return (
             isinstance(value, int)
             and not isinstance(value, bool)
@@ -88,6 +91,15 @@ COMMAND_ARGS: dict[str, dict[str, Arg]] = {
 _TOGETHER = {"case_context": ("case_id", "step_id")}
 
 
+def _brief(value: Any) -> str:
+    """A short, safe description (``repr`` of a deeply nested value would recurse)."""
+    if isinstance(value, bool | int | float) or value is None:
+        return repr(value)[:40]
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters" if len(value) > 40 else repr(value)
+    return f"a {type(value).__name__}"
+
+
 def check_args(name: str, args: dict[str, Any]) -> None:
     """Raise ``MessageError`` (naming the command and what it takes) unless ``args`` are
     what the device understands for the known command ``name``."""
@@ -95,7 +107,7 @@ def check_args(name: str, args: dict[str, Any]) -> None:
     problems = [f"{key!r} is not one of its arguments" for key in args if key not in spec]
     problems += [f"{key} is missing" for key, a in spec.items() if a.required and key not in args]
     problems += [
-        f"{key} must be {arg.kind}, not {args[key]!r:.80}"
+        f"{key} must be {arg.kind}, not {_brief(args[key])}"
         for key, arg in spec.items()
         if key in args and not arg.accepts(args[key])
     ]
@@ -162,6 +174,11 @@ class Command:
         """Raise unless this device may act on the command now."""
         if self.device_id != device_id:
             raise MessageError(f"command {self.cmd_id} is for {self.device_id}, not {device_id}")
+        # The device checks the arguments too: a command that came from a compromised
+        # gateway key (so past the gateway's own check) must not be carried out with
+        # arguments it misreads, nor journalled with ones it cannot send on (a note of
+        # megabytes, a value nested deeper than the encoder recurses).
+        check_args(self.name, self.args)
         if self.cmd_id <= last_cmd_id:
             raise ReplayedCommand(
                 f"command {self.cmd_id} is not above the last one carried out ({last_cmd_id})"

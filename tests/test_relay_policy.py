@@ -126,3 +126,107 @@ def test_uploads_never_wait_for_capture_for_long(tmp_path) -> None:
     assert len(wire.chunks("cam-hash")) == sent
     relay.uploads[seq].close()
     dev.close()
+
+
+def _gateway_key(tmp_path):
+    from protocol.signing import SigningKey
+
+    return SigningKey.from_seed((tmp_path / "gw" / "gateway.key").read_bytes())
+
+
+def test_a_gateway_that_does_not_know_a_manifest_is_asked_again_slowly(tmp_path) -> None:
+    """Found by a tester: on ``unknown`` the relay sent ``init`` again at the next poll,
+    dozens a second for ever, and said nothing."""
+    from agent.transport import Message
+    from protocol.topics import DeviceTopic, GatewayTopic, device_topic, gateway_topic
+    from protocol.upload import UploadAck
+
+    dev = device(tmp_path, 1024, ack_timeout=5.0)
+    src = tmp_path / "clip.bin"
+    src.write_bytes(bytes(3000))
+    seq = dev.outbox.add_file(src)
+    dev.db.execute("UPDATE journal SET acked = 1")
+    wire = Wire()
+    relay = relay_for(dev, wire)
+    relay.connected = True
+    inits = device_topic("cam-hash", DeviceTopic.UPLOAD_INIT)
+    relay._admit_uploads(0.0, 0)
+    assert [t for t, _ in wire.sent].count(inits) == 1
+    unknown = UploadAck("cam-hash", seq, "unknown", (), "", 1).encode(_gateway_key(tmp_path))
+    relay._handle(Message(gateway_topic("cam-hash", GatewayTopic.UPLOAD_ACK), unknown))
+    for _ in range(20):  # twenty polls in quick succession
+        relay.next_outbox_poll = 0.0
+        relay._admit_uploads(time.monotonic(), 0)
+    assert [t for t, _ in wire.sent].count(inits) == 1, "asked again at once"
+    relay.unknown_until[seq] = 0.0  # its time has come
+    relay.next_outbox_poll = 0.0
+    relay._admit_uploads(time.monotonic(), 0)
+    assert [t for t, _ in wire.sent].count(inits) == 2
+    dev.close()
+
+
+def test_replayed_journal_acks_cannot_flood_the_journal_with_clock_syncs(tmp_path) -> None:
+    """Found by a tester: two old, genuine journal acks replayed in turn by the broker (no
+    key needed) wrote hundreds of ``clock_sync`` records a second."""
+    from agent.transport import Message
+    from protocol.receipt import JournalAck
+    from protocol.topics import GatewayTopic, gateway_topic
+
+    dev = device(tmp_path, 1024)
+    key = _gateway_key(tmp_path)
+    relay = relay_for(dev, Wire())
+    relay.connected = True
+    dev.journal.append("mark", {"source": "button"})
+    head = dev.journal.db.execute("SELECT seq, hash FROM journal ORDER BY seq DESC").fetchone()
+    topic = gateway_topic("cam-hash", GatewayTopic.JOURNAL_ACK)
+    base = int(time.time() * 1000)
+    for i in range(200):
+        # A batch in flight (each replay clears it, and the relay sends it again).
+        relay.journal_inflight = (head[0], time.monotonic())
+        relay.journal_sent_ms = int(time.time() * 1000)
+        ts = base + (3_600_000 if i % 2 else 0)  # alternating an hour apart
+        ack = JournalAck("cam-hash", head[0], bytes(head[1]), 0, "", "", ts).encode(key)
+        relay._handle(Message(topic, ack))
+    syncs = dev.journal.db.execute("SELECT count(*) FROM journal WHERE kind = 'clock_sync'")
+    assert syncs.fetchone()[0] <= 1
+    dev.close()
+
+
+def test_a_validly_signed_command_with_arguments_the_device_cannot_use_is_refused(
+    tmp_path,
+) -> None:
+    """Found by a tester, with the gateway's key: a mark whose note was nested ~490 deep
+    was journalled, then killed the relay thread at every start (the encoder recursed);
+    a 9 MiB note made a journal batch larger than the broker carries, for ever. The device
+    checks a command's arguments as the gateway does, before it journals anything."""
+    from agent.transport import Message
+    from protocol.command import Command
+    from protocol.topics import GatewayTopic, gateway_topic
+
+    dev = device(tmp_path, 1024)
+    key = _gateway_key(tmp_path)
+    relay = relay_for(dev, Wire())
+    relay.connected = True
+    topic = gateway_topic("cam-hash", GatewayTopic.COMMAND)
+    now = int(time.time() * 1000)
+    deep: object = "x"
+    for _ in range(400):
+        deep = {"a": deep}
+    bad = [
+        {"note": "n" * 2_000_000},
+        {"note": deep},
+        {"bytes_per_s": True},
+    ]
+    names = ["mark", "mark", "set_bandwidth"]
+    for cmd_id, (name, args) in enumerate(zip(names, bad, strict=True), start=1):
+        payload = Command("cam-hash", cmd_id, name, now, now + 60_000, args).encode(key)
+        relay._handle(Message(topic, payload))
+    kinds = [r[0] for r in dev.journal.db.execute("SELECT kind FROM journal ORDER BY seq")]
+    assert "command_executed" not in kinds and "mark" not in kinds
+    assert "command_rejected" in kinds
+    relay._pump_journal(time.monotonic())  # and the journal still goes out
+    good = Command("cam-hash", 9, "mark", now, now + 60_000, {"note": "ok"}).encode(key)
+    relay._handle(Message(topic, good))
+    kinds = [r[0] for r in dev.journal.db.execute("SELECT kind FROM journal ORDER BY seq")]
+    assert "mark" in kinds
+    dev.close()
