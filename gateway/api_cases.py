@@ -19,7 +19,7 @@ import sqlite_utils
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.background import BackgroundTask
 
 from gateway import audit, cases
@@ -102,11 +102,23 @@ class StepRequest(Strict):
 
 
 class CaseRequest(Strict):
-    id: str = Field(pattern=r"^[A-Za-z0-9_.:/-]{1,100}$")
+    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     agency_id: str
     case_type: str
     title: str = ""
     steps: list[StepRequest] = Field(default_factory=list)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def addressable(cls, value: Any) -> Any:
+        """A case is read back at ``/api/v1/cases/{id}``: an id with ``/`` in it was
+        created and then answered 404 everywhere, and ``.``/``..`` are path steps."""
+        if isinstance(value, str) and ("/" in value or value in (".", "..")):
+            raise ValueError(
+                f"case id {value!r} cannot be addressed in a URL: no '/', and not '.' or "
+                "'..' (use letters, digits and _ . : -)"
+            )
+        return value
 
 
 class StepTimes(Strict):

@@ -295,3 +295,29 @@ def test_every_command_has_its_args_declared() -> None:
     check_args("set_bandwidth", {"bytes_per_s": 2**64 - 1})
     with pytest.raises(MessageError, match="command rotate_key takes note"):
         check_args("rotate_key", {"new_key": "x"})
+
+
+@pytest.mark.parametrize("case_id", ["HP/2025/1", "a/b", ".", ".."])
+def test_a_case_id_that_cannot_be_addressed_in_a_url_is_refused(
+    tmp_path: Path, case_id: str
+) -> None:
+    """Found by a tester: ``HP/2025/1`` was created (201) and then answered 404 at
+    /api/v1/cases/… raw and encoded alike; ``..`` sent the dashboard's link elsewhere."""
+    world = FieldWorld(tmp_path, {"cam-a": O1})
+    try:
+        r = world.api.post(
+            "/api/v1/cases",
+            json={"id": case_id, "agency_id": "hp-ue", "case_type": "inspection"},
+            headers=world.admin,
+        )
+        assert r.status_code == 422 and "cannot be addressed in a URL" in r.text, r.text
+        assert world.get("/api/v1/cases") == []
+        ok = world.api.post(
+            "/api/v1/cases",
+            json={"id": "HP:2025.1_a-b", "agency_id": "hp-ue", "case_type": "inspection"},
+            headers=world.admin,
+        )
+        assert ok.status_code == 201, ok.text
+        assert world.api.get("/api/v1/cases/HP:2025.1_a-b", headers=world.admin).status_code == 200
+    finally:
+        world.close()
