@@ -30,6 +30,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from protocol.throttle import Throttle
+
 log = logging.getLogger("custody.agent.transport")
 
 
@@ -122,7 +124,7 @@ class MqttTransport:
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
         self._on_event: Callable[[Event], None] = lambda e: None
-        self._problem_logged = (0.0, "")  # (when, what) was last logged at WARNING
+        self._warnings = Throttle()  # why the broker cannot be reached, said at WARNING
         self._refused = False  # the broker answered this attempt with a failing CONNACK
 
     @property
@@ -210,10 +212,7 @@ class MqttTransport:
     def _problem(self, problem: str) -> None:
         """Log why the broker cannot be reached: the first time, when the reason changes,
         and then once a minute (a device in a dead zone fails every few seconds)."""
-        now = time.monotonic()
-        at, last = self._problem_logged
-        if problem != last or now - at >= 60:
-            self._problem_logged = (now, problem)
+        if self._warnings.due(problem, time.monotonic()):
             log.warning("%s (retrying with backoff)", problem)
         else:
             log.debug("%s", problem)
@@ -251,7 +250,7 @@ class MqttTransport:
                         "device: is its certificate revoked, expired, or from another CA?"
                     )
                 if accepted:
-                    self._problem_logged = (0.0, "")
+                    self._warnings.reset()
                 self._refused = False
                 with contextlib.suppress(OSError):
                     client.disconnect()

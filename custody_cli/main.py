@@ -211,14 +211,13 @@ class UsageError(Exception):
 
 
 def _directory_arg(path: Path, option: str) -> None:
-    """Refuse ``option``'s ``path`` when it (or the nearest thing above it that exists)
-    is not a directory, before anything is created there."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "is" if p == path else f"cannot be created there: {p} is"
-                raise UsageError(f"{option} {path} {what} a file, not a directory")
-            return
+    """Refuse ``option``'s ``path`` before anything is created there (see
+    ``gateway.datadir.directory_problem``)."""
+    from gateway.datadir import directory_problem
+
+    problem = directory_problem(path)
+    if problem is not None:
+        raise UsageError(f"{option} {path} {problem}")
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

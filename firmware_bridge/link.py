@@ -27,6 +27,7 @@ import serial
 
 from firmware_bridge.frames import DecoderStats, Frame, FrameDecoder
 from firmware_bridge.messages import BadPayload, Event, McuCommand, encode_command, parse_event
+from protocol.throttle import Throttle
 
 log = logging.getLogger("custody.firmware_bridge")
 
@@ -61,9 +62,8 @@ class SerialLink:
         self.on_event = on_event
         self.baudrate = baudrate
         self.backoff = backoff
-        self.open_warning_every = open_warning_every
+        self._open_warnings = Throttle(open_warning_every)
         # Why the port last failed to open, and when that was last logged as a WARNING.
-        self._open_failure: tuple[str, float] | None = None
         self.decoder = FrameDecoder()
         self.stats = LinkStats()
         self._port: serial.SerialBase | None = None
@@ -116,17 +116,14 @@ class SerialLink:
             self._open_failed(str(exc))
             return None
         self.stats.opened += 1
-        if self._open_failure is not None:
+        if self._open_warnings.active:
             log.info("MCU serial port %s is open now", self.url)
-            self._open_failure = None
+            self._open_warnings.reset()
         return port
 
     def _open_failed(self, reason: str) -> None:
         self.stats.open_failures += 1
-        now = time.monotonic()
-        last = self._open_failure
-        if last is None or last[0] != reason or now - last[1] >= self.open_warning_every:
-            self._open_failure = (reason, now)
+        if self._open_warnings.due(reason, time.monotonic()):
             log.warning("MCU serial port %s cannot be opened: %s (retrying)", self.url, reason)
         else:
             log.debug("MCU serial port %s still cannot be opened: %s", self.url, reason)

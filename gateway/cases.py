@@ -499,12 +499,7 @@ def bind_pending(conn: sqlite3.Connection, now_ms: int) -> int:
         except MalformedRecord as exc:
             # One bad record must not stop binding for everyone (it did: every pass
             # failed on it). A reviewer can still bind it by hand.
-            conn.execute(
-                "INSERT INTO review_queue(device_id, seq, reason, candidates, state, opened_ms) "
-                "VALUES (?, ?, 'malformed', '[]', 'open', ?) ON CONFLICT(device_id, seq) DO "
-                "UPDATE SET reason = 'malformed', candidates = '[]'",
-                [device_id, seq, now_ms],
-            )
+            _queue(conn, device_id, seq, "malformed", [], now_ms)
             raise_alarm(
                 conn,
                 "bad_record",
@@ -527,14 +522,25 @@ def bind_pending(conn: sqlite3.Connection, now_ms: int) -> int:
             bind(conn, device_id, seq, steps[0], "officer_time", "gateway", now_ms)
             bound += 1
         else:
-            reason = "ambiguous" if steps else "unmatched"
-            conn.execute(
-                "INSERT INTO review_queue(device_id, seq, reason, candidates, state, opened_ms) "
-                "VALUES (?, ?, ?, ?, 'open', ?) ON CONFLICT(device_id, seq) DO UPDATE SET "
-                "reason = excluded.reason, candidates = excluded.candidates",
-                [device_id, seq, reason, json.dumps(steps), now_ms],
-            )
+            _queue(conn, device_id, seq, "ambiguous" if steps else "unmatched", steps, now_ms)
     return bound
+
+
+def _queue(
+    conn: sqlite3.Connection,
+    device_id: str,
+    seq: int,
+    reason: str,
+    candidates: list[int],
+    now_ms: int,
+) -> None:
+    """Put (or keep) an item in the review queue for a reviewer to bind by hand."""
+    conn.execute(
+        "INSERT INTO review_queue(device_id, seq, reason, candidates, state, opened_ms) "
+        "VALUES (?, ?, ?, ?, 'open', ?) ON CONFLICT(device_id, seq) DO UPDATE SET "
+        "reason = excluded.reason, candidates = excluded.candidates",
+        [device_id, seq, reason, json.dumps(candidates), now_ms],
+    )
 
 
 # -- coverage and deadlines ------------------------------------------------------------------
@@ -728,14 +734,14 @@ def _check_rebind_item(
         "ORDER BY b.id DESC LIMIT 1",
         [device_id, seq],
     ).fetchone()
-    if row is not None:
-        item = _item(conn, device_id, seq, row[0], row[1], strict=False)
-        # Whose it is: the agency the device was with when it recorded (as binding reads
-        # it), not the one it has now (a device handed on does not take its past along).
-        owned = device_agency(conn, device_id, item.start_ms) in own
+    if row is None:
+        raise CaseError(f"no media {device_id}/{seq} that this case may rebind", 404)
+    item = _item(conn, device_id, seq, row[0], row[1], strict=False)
+    # Whose it is: the agency the device was with when it recorded (as binding reads it),
+    # not the one it has now (a device handed on does not take its past along).
+    owned = device_agency(conn, device_id, item.start_ms) in own
     if (
-        row is None
-        or not may_see_evidence(conn, who, device_id, seq)
+        not may_see_evidence(conn, who, device_id, seq)
         # Bound elsewhere: only out of a case of this agency (or its branches).
         or (bound is not None and bound[0] != case_id and bound[1] not in own)
         or not (owned or (bound is not None and bound[0] == case_id))

@@ -36,6 +36,21 @@ def _read_secret(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def directory_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a directory, or None: it, or the nearest thing
+    above it that exists, is a file. Checked before anything is created there."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if p.is_dir():
+                return None
+            return (
+                "is a file, not a directory"
+                if p == path
+                else f"cannot be created: {p} is a file, not a directory"
+            )
+    return None
+
+
 @dataclass(frozen=True)
 class DataDir:
     root: Path
@@ -74,8 +89,9 @@ class DataDir:
         then ``root`` must already be a gateway's directory). An existing database that is
         not a custody database, or is damaged, is refused and left exactly as it is."""
         data = cls(root.resolve())
-        if data.root.exists() and not data.root.is_dir():
-            raise DataDirError(f"{root} is not a directory: point it at a gateway data directory")
+        problem = directory_problem(data.root)
+        if problem is not None:
+            raise DataDirError(f"{root} {problem}: point it at a gateway data directory")
         data.check_database()
         if not data.key_path.exists():
             if not create:

@@ -27,7 +27,7 @@ from gateway.ca import (
     CertificateAuthority,
     Issued,
 )
-from gateway.datadir import DataDir
+from gateway.datadir import DataDir, directory_problem
 from gateway.db import transaction
 from gateway.errors import EnrollmentError
 from gateway.files import write_public, write_secret
@@ -85,13 +85,9 @@ def _issue(ca: CertificateAuthority, device_id: str, days: int) -> Issued:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EnrollmentError(f"{out_dir} is not a directory: --out must name a device directory")
-    for parent in out_dir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise EnrollmentError(f"{out_dir} cannot be created: {parent} is not a directory")
-            break
+    problem = directory_problem(out_dir)
+    if problem is not None:
+        raise EnrollmentError(f"{out_dir} {problem}: --out must name a device directory")
 
 
 class _Staged:

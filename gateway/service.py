@@ -32,6 +32,7 @@ from gateway.evidence import Verdict
 from gateway.ingest import Ingest, Outgoing
 from gateway.mqttwire import LeanClient
 from protocol.encoding import canonical
+from protocol.throttle import Throttle
 from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker
 
 log = logging.getLogger("custody.gateway.service")
@@ -96,9 +97,9 @@ class GatewayService:
         # Why the broker is not connected, for the log and /healthz (None: connected, or
         # not tried yet); repeated failures are logged once a minute, not at every retry.
         self.broker_problem: str | None = "not connected yet"
+        self._broker_warnings = Throttle()
         self._storage_full_at: float | None = None  # the last write refused for want of space
-        self._storage_logged = 0.0
-        self._problem_logged = (0.0, "")
+        self._storage_warnings = Throttle()
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
 
     def _background(
@@ -147,7 +148,7 @@ class GatewayService:
             self._problem(f"the broker at {self.host}:{self.port} refused the gateway: {reason}")
             return
         self.broker_problem = None
-        self._problem_logged = (0.0, "")
+        self._broker_warnings.reset()
         for topic in gateway_subscriptions(self.shared):
             client.subscribe(topic, qos=1)
         # Not shared: every running gateway hears who claims the gateway is offline.
@@ -168,21 +169,15 @@ class GatewayService:
 
     def _problem(self, problem: str) -> None:
         self.broker_problem = problem
-        now = time.monotonic()
-        at, last = self._problem_logged
-        if problem != last or now - at >= 60:
-            self._problem_logged = (now, problem)
+        if self._broker_warnings.due(problem, time.monotonic()):
             log.warning("%s (retrying)", problem)
 
     def _storage_full(self, exc: BaseException) -> None:
         """The data directory's disk is full: nothing is acknowledged (devices keep their
         files and send again), nothing stored is touched. Say so once a minute, not with a
         traceback for every chunk a device resends, and in ``/healthz``."""
-        now = time.monotonic()
-        first = self._storage_full_at is None or now - self._storage_full_at > STORAGE_QUIET_S
-        self._storage_full_at = now
-        if first or now - self._storage_logged >= 60:
-            self._storage_logged = now
+        now = self._storage_full_at = time.monotonic()
+        if self._storage_warnings.due("disk full", now):
             log.warning(
                 "the gateway's disk is full (%s): uploads and journal batches wait, devices "
                 "keep their evidence and send it again; free space under %s",
