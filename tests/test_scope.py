@@ -69,6 +69,20 @@ def heping_case(world: World, who: dict[str, str]) -> int:
     return int(r.json()["steps"][0]["step_id"])
 
 
+def rebind(world: World, who: dict[str, str], device_id: str, seq: int, step_id: int | None) -> int:
+    """Ask, in HP-1, to move (device_id, seq) to ``step_id``: the answer's status."""
+    r = world.api.post(
+        "/api/v1/cases/HP-1/amendments",
+        json={
+            "kind": "rebind",
+            "payload": {"device_id": device_id, "seq": seq, "step_id": step_id},
+            "reason": "mine",
+        },
+        headers=who,
+    )
+    return r.status_code
+
+
 def media_of(world: World, who: dict[str, str], evidence_id: int) -> int:
     return world.api.get(f"/api/v1/evidence/{evidence_id}/media", headers=who).status_code
 
@@ -119,27 +133,9 @@ def test_an_amendment_cannot_move_another_agencys_recording(world: World) -> Non
     covered = world.get("/api/v1/cases/HX-1")["steps"][0]["coverage_pct"]
     assert covered and covered > 0
     for step_id in (hp_step, None):  # into Heping's case, or out of Hexi's
-        r = world.api.post(
-            "/api/v1/cases/HP-1/amendments",
-            json={
-                "kind": "rebind",
-                "payload": {"device_id": "cam-x", "seq": seq, "step_id": step_id},
-                "reason": "mine",
-            },
-            headers=hp_clerk,
-        )
-        assert r.status_code == 404, r.text
+        assert rebind(world, hp_clerk, "cam-x", seq, step_id) == 404
     # Media that does not exist at all is refused the same way.
-    r = world.api.post(
-        "/api/v1/cases/HP-1/amendments",
-        json={
-            "kind": "rebind",
-            "payload": {"device_id": "cam-zz", "seq": 1, "step_id": hp_step},
-            "reason": "x",
-        },
-        headers=hp_clerk,
-    )
-    assert r.status_code == 404, r.text
+    assert rebind(world, hp_clerk, "cam-zz", 1, hp_step) == 404
     assert world.get("/api/v1/cases/HP-1/amendments", hp_reviewer) == []
     assert media_of(world, hp_clerk, evidence["id"]) == 404
     hx = world.get("/api/v1/cases/HX-1")
@@ -277,13 +273,4 @@ def test_a_device_handed_on_does_not_take_its_past_recordings_along(world: World
     world.post("/api/v1/devices/cam-x/assignment", {"officer_id": O1})  # now Heping's
     hp_clerk = world.user("hp-clerk", "district_agency", agency_id="hp-ue")
     hp_step = heping_case(world, hp_clerk)
-    r = world.api.post(
-        "/api/v1/cases/HP-1/amendments",
-        json={
-            "kind": "rebind",
-            "payload": {"device_id": "cam-x", "seq": seq, "step_id": hp_step},
-            "reason": "ours now",
-        },
-        headers=hp_clerk,
-    )
-    assert r.status_code == 404, r.text
+    assert rebind(world, hp_clerk, "cam-x", seq, hp_step) == 404
