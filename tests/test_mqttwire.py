@@ -159,3 +159,77 @@ def test_retained_message_and_reconnect(tmp_path: Path) -> None:
             assert got.messages[0].retain is True
     finally:
         broker.stop()
+
+
+def test_buffers_are_reused_only_when_nothing_holds_them(tmp_path: Path) -> None:
+    """Receive buffers come back for later packets, but never under a payload still held.
+
+    The subscriber keeps every third of the first sixty payload views (as chunks waiting in
+    the ingest queue are kept) and drops the rest; the kept views must still hold exactly what was
+    sent after hundreds of later packets, and the dropped buffers must have been reused.
+    """
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    kept: list[tuple[bytes, memoryview]] = []
+    pooled: list[bool] = []  # whether each payload arrived in one of the pool's buffers
+    done = threading.Event()
+    sizes = [300_000 - 7 * (i % 5) for i in range(240)] + [200_000, 290_000, 40_000]
+    bodies = [payload(1000 + i, size) for i, size in enumerate(sizes)]
+
+    def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        view = msg.payload
+        assert isinstance(view, memoryview)
+        pooled.append(any(view.obj is b for b in sub._buffers._pool))
+        i = int(msg.topic.rsplit("/", 1)[1])
+        if i % 3 == 0 and i < 60:
+            kept.append((bodies[i], view))
+        elif bytes(view) != bodies[i]:
+            raise AssertionError(f"message {i} arrived damaged")
+        if i == len(sizes) - 1:
+            done.set()
+
+    sub = LeanClient(CallbackAPIVersion.VERSION2, client_id="keeper", protocol=mqtt.MQTTv5)
+    subscribed = threading.Event()
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_connect = lambda c, *a: c.subscribe("pool/#", qos=1)
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    pub = connect(mqtt.Client, broker, None, "pool-pub")
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    try:
+        assert subscribed.wait(10)
+        for i, body in enumerate(bodies):
+            pub.publish(f"pool/{i}", body, qos=1).wait_for_publish(10)
+        assert done.wait(30), "every message"
+    finally:
+        for c in (pub, sub):
+            c.disconnect()
+            c.loop_stop()
+        broker.stop()
+    assert len(kept) == 20
+    for body, view in kept:
+        assert view == body  # never overwritten by a later packet
+    # At most ``keep`` buffers ever join the pool, yet most packets arrived in one of them.
+    assert len(sub._buffers._pool) <= sub._buffers.keep
+    assert sum(pooled) > len(sizes) * 0.6, f"{sum(pooled)} of {len(sizes)} in reused buffers"
+
+
+def test_buffer_pool_cuts_to_exact_length_and_never_hands_out_a_held_buffer() -> None:
+    pool = mqttwire._Buffers(keep=2)
+    first = pool.take(262_200)
+    assert len(first) == 262_200
+    view = memoryview(first)[100:]
+    del first
+    second = pool.take(262_200)
+    assert second is not view.obj  # held through the view
+    del view, second
+    again = pool.take(262_150)  # a little shorter: the same memory, cut to length
+    assert len(again) == 262_150
+    assert again is pool._pool[0] or again is pool._pool[1]
+    grown = pool.take(262_300)  # a little longer: the other pooled one, regrown in place
+    assert len(grown) == 262_300 and grown is not again
+    tiny = pool.take(1_000)  # far smaller: not worth pinning a large buffer for it
+    assert len(tiny) == 1_000 and all(tiny is not b for b in (again, grown))
+    assert len(pool._pool) == 2
