@@ -23,16 +23,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from protocol.throttle import Throttle
 
 log = logging.getLogger("custody.agent.transport")
+#: Packets from this size on are queued as views (``_ViewClient``): chunks, not acks.
+VIEW_FROM = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,24 @@ def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
 
 def _written_by_network_thread(client: mqtt.Client, userdata: object, sock: object) -> None:
     return None
+
+
+class _ViewClient(mqtt.Client):
+    """paho, sending a large packet without copying what is left of it on every write.
+
+    paho writes ``packet[pos:]``: for a ``bytearray`` that slice is a fresh copy of the
+    rest of the packet (256 KiB for a chunk), made again after every partial write while
+    the socket buffer is full, which is the normal state of a device draining a backlog.
+    Queued as a ``memoryview``, the same slice is a view. Nothing else in paho reads a
+    queued packet: a resend after a reconnect builds a new one from the message.
+    """
+
+    def _packet_queue(
+        self, command: int, packet: bytes, mid: int, qos: int, info: Any = None
+    ) -> MQTTErrorCode:
+        if len(packet) >= VIEW_FROM:
+            packet = cast(bytes, memoryview(packet))  # paho only ever slices it
+        return super()._packet_queue(command, packet, mid, qos, info)
 
 
 def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -155,7 +175,7 @@ class MqttTransport:
     # -- network thread ----------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
+        client = _ViewClient(
             CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=mqtt.MQTTv5
         )
         if self._tls is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import socket
 import statistics
 import subprocess
@@ -53,12 +54,18 @@ ROUNDS = 50
 MIB = 1024 * 1024
 
 
-def make_data(directory: Path, files: int, size: int) -> list[Path]:
+def make_data(directory: Path, files: int, size: int, tag: str = "") -> list[Path]:
+    """``files`` files of ``size`` pseudo-random bytes, different for every ``tag``.
+
+    Every round gets evidence the gateway has never seen: a file it already stores is
+    only deleted after verification, where new evidence is moved into the blob store,
+    and real evidence is never a copy of earlier evidence.
+    """
     directory.mkdir(parents=True)
     paths = []
     for i in range(files):
         path = directory / f"file-{i:03d}.bin"
-        path.write_bytes(hashlib.shake_256(f"bench/{i}".encode()).digest(size))
+        path.write_bytes(hashlib.shake_256(f"bench/{tag}/{i}".encode()).digest(size))
         paths.append(path)
     return paths
 
@@ -179,7 +186,6 @@ def main() -> None:
     total_mib = args.files * size / (1024 * 1024)
     with tempfile.TemporaryDirectory(prefix="custody-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        paths = make_data(tmp / "data", args.files, size)
         port = broker.free_port()
         gw_data = DataDir.open(tmp / "gw")
         mosq = broker.start(tmp / "broker", port, tls_dir=gw_data.ca_dir if args.tls else None)
@@ -248,6 +254,8 @@ def main() -> None:
             agent: Agent | None = None
             thread: threading.Thread | None = None
             for n in range(args.rounds):
+                # Fresh data for the round (raw and custody both send it), made off the clock.
+                paths = make_data(tmp / f"data-{n}", args.files, size, tag=str(n))
                 if agent is not None and thread is not None:
                     agent.stop()  # the last round's agent stays for the latency test
                     thread.join(timeout=10)
@@ -258,6 +266,7 @@ def main() -> None:
                 raws.append((raw, cpu))
                 got, ccpu, agent, thread = custody_round(config, paths, procs)
                 customs.append((got, ccpu))
+                shutil.rmtree(paths[0].parent)  # sealed into the outbox; the copies can go
                 print(
                     f"round {n + 1}: raw {raw / MIB:.1f} MiB/s, custody {got / MIB:.1f} MiB/s, "
                     f"ratio {got / raw:.2f}",

@@ -1,15 +1,18 @@
-"""The gateway's lean MQTT receive path, against a real mosquitto, plain and over TLS.
+"""The lean MQTT paths, against a real mosquitto, plain and over TLS.
 
 ``LeanClient`` replaces two of paho's private methods to receive each packet with one
 copy; these tests hold it to stock paho's behaviour on everything the gateway relies on
 (payload bytes, topic, QoS, retain, packet id, MQTT 5 properties), for payloads that
 arrive in one read and in hundreds, and show that a chunk's payload is a view into the
-received packet rather than a copy of it.
+received packet rather than a copy of it. The device's side (``agent.transport``) queues
+large packets as views, so partial socket writes copy nothing; the last test forces
+hundreds of partial writes and checks every byte arrives.
 """
 
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.transport import VIEW_FROM, _ViewClient
 from gateway import mqttwire
 from gateway.datadir import DataDir
 from gateway.mqttwire import LeanClient
@@ -233,3 +237,59 @@ def test_buffer_pool_cuts_to_exact_length_and_never_hands_out_a_held_buffer() ->
     tiny = pool.take(1_000)  # far smaller: not worth pinning a large buffer for it
     assert len(tiny) == 1_000 and all(tiny is not b for b in (again, grown))
     assert len(pool._pool) == 2
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_device_sends_large_packets_as_views_through_partial_writes(
+    tmp_path: Path, tls: bool
+) -> None:
+    """A tiny send buffer makes every chunk-sized packet go out in many partial writes."""
+    gateway_dir = tmp_path / "gateway"
+    who = None
+    if tls:
+        DataDir.open(gateway_dir)
+        who = Identity.gateway(gateway_dir)
+    broker = Broker(tmp_path / "broker", tls_dir=gateway_dir / "ca" if tls else None)
+    broker.start()
+    sends: list[tuple[type, int, int]] = []  # (what was written, its length, bytes taken)
+    got: dict[str, bytes] = {}
+    sub = connect(LeanClient, broker, who, "view-sub")
+    subscribed = threading.Event()
+    sub.on_message = lambda c, u, m: got.__setitem__(m.topic, bytes(m.payload))
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_connect = lambda c, *a: c.subscribe("custody/v1/dev/wire-test/views/#", qos=1)
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    pub = connect(_ViewClient, broker, who, "view-pub")
+    pub.on_socket_open = lambda c, u, sock: sock.setsockopt(  # type: ignore[union-attr]
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+    )
+    stock_send = pub._sock_send
+
+    def recording_send(buf: bytes) -> int:
+        try:
+            n = stock_send(buf)
+        except BlockingIOError:  # TLS: the socket took none of it, the same rest is retried
+            sends.append((type(buf), len(buf), 0))
+            raise
+        sends.append((type(buf), len(buf), n))
+        return n
+
+    pub._sock_send = recording_send  # type: ignore[method-assign]
+    bodies = {f"custody/v1/dev/wire-test/views/{i}": payload(2000 + i, 300_000) for i in range(12)}
+    try:
+        assert subscribed.wait(10)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        for topic, body in bodies.items():
+            pub.publish(topic, body, qos=1)
+        wait_for(lambda: len(got) == len(bodies), 30, "every message")
+    finally:
+        for c in (pub, sub):
+            c.disconnect()
+            c.loop_stop()
+        broker.stop()
+    assert got == bodies
+    large = [(kind, length, n) for kind, length, n in sends if length >= VIEW_FROM]
+    assert sum(1 for _, length, n in large if n < length) > 12, "incomplete writes were forced"
+    assert {kind for kind, _, _ in large} == {memoryview}  # never a copy of the rest
