@@ -362,13 +362,15 @@ class EvidenceIntake:
             up.discard()
             return Verdict(up.sha256)
         up.open()  # an empty file never saw a chunk, so its part file may not exist yet
-        up.sync()
         digest = up.digest()
         if digest == up.sha256:
+            up.cut_claims()  # the store holds the evidence bytes and nothing else
+            up.sync()  # the bytes and the cut, durable before the file is in the store
             up.close()
             self.blobs.adopt(up.path, sha)
-            up.discard()  # the claims; the part file is in the store now
+            up.discard()
             return Verdict(digest)
+        up.sync()
         # Eager uploads hold only checked bytes: a mismatch is then the device's own.
         suspects = () if up.eager else up.suspect_ranges()
         up.close()

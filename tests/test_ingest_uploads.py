@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import sqlite3
 from pathlib import Path
@@ -143,8 +144,9 @@ def restart(tmp_path: Path, ingest: Ingest, seq: int, data: bytes) -> Ingest:
 
 
 def test_claims_survive_a_gateway_restart(tmp_path):
-    # The claims are on disk beside the part file, so a damaged chunk received before a
-    # restart is still singled out after it: only that chunk is asked for again.
+    # The claims are on disk (after the evidence bytes in the part file), so a damaged
+    # chunk received before a restart is still singled out after it: only that chunk is
+    # asked for again. The stored blob is the evidence alone, the claims cut off.
     data = bytes(range(256)) * 12
     ingest, device, seq = setup(tmp_path, data)
     ingest.handle(device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK), damaged(seq, 0, data[:CHUNK]))
@@ -166,7 +168,7 @@ def test_bytes_no_claim_vouches_for_are_asked_for_again(tmp_path):
     ingest, device, seq = setup(tmp_path, data)
     ingest.handle(device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK), damaged(seq, 0, data[:CHUNK]))
     chunk(ingest, seq, CHUNK, data[CHUNK : 2 * CHUNK])
-    ingest.evidence.active.part_path("cam-i", seq).with_suffix(".claims").unlink()
+    os.truncate(ingest.evidence.active.part_path("cam-i", seq), len(data))  # claims gone
     ingest = restart(tmp_path, ingest, seq, data)
     [ack] = acks(ingest, chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :]))
     assert ack.state == "receiving" and ack.ranges == ((2 * CHUNK, len(data)),)
@@ -223,24 +225,34 @@ def test_a_file_the_device_really_sent_wrong_is_rejected(tmp_path):
     assert not part.exists() and not part.with_suffix(".claims").exists()
 
 
-def test_claims_are_bounded_and_a_torn_record_is_cut_off(tmp_path):
+def test_claims_are_bounded_and_a_torn_record_is_overwritten(tmp_path):
     data = bytes(range(256)) * 12
     ingest, device, seq = setup(tmp_path, data)
     for _ in range(3000):  # far more resends of one chunk than the file has chunks
         chunk(ingest, seq, 0, data[:CHUNK])
     up = ingest.evidence.active.get("cam-i", seq)
     assert up is not None
-    assert up.claims_path.stat().st_size == up.max_claims * CLAIM.size
-    # A crash tears the last record; whoever appends next cuts it off first, so the
-    # records after it stay aligned.
-    up.close()
-    with open(up.claims_path, "ab") as f:
+    assert up.path.stat().st_size == len(data) + up.max_claims * CLAIM.size
+    # A crash tears the last record: the next claim is written over it, so the records
+    # stay aligned, and a record naming no chunk of the file is never read as one.
+    small = tmp_path / "small.part"
+    first = ActiveUpload("cam-i", 9, len(data), hashlib.sha256(data).digest(), small)
+    for off in range(0, len(data), CHUNK):
+        piece = data[off : off + CHUNK]
+        first.write(off, piece, hashlib.sha256(piece).digest())
+    first.close()
+    with open(small, "ab") as f:
         f.write(b"torn")
-    again = ActiveUpload("cam-i", seq, 4096, hashlib.sha256(b"").digest(), up.path)
-    again.write(0, data[:CHUNK], hashlib.sha256(data[:CHUNK]).digest())
+    again = ActiveUpload("cam-i", 9, len(data), hashlib.sha256(data).digest(), small)
+    again.write(0, b"x" * CHUNK, hashlib.sha256(b"other").digest())  # damaged on the way
+    assert again.claims == 4
+    assert small.stat().st_size == len(data) + 4 * CLAIM.size
+    with open(small, "ab") as f:  # a whole record of garbage, as a crash might leave
+        f.write(CLAIM.pack(2**62, 2**31, b"\0" * 32))
+    assert again.suspect_ranges() == ((0, CHUNK),)  # no claim vouches for those bytes
+    again.cut_claims()
     again.close()
-    assert up.claims_path.stat().st_size % CLAIM.size == 0
-    assert again.claims == up.max_claims + 1  # 4096 bytes allow more claims than 3072
+    assert small.read_bytes() == b"x" * CHUNK + data[CHUNK:]
 
 
 def test_subtract_matches_a_byte_by_byte_reference():
@@ -302,7 +314,7 @@ def test_empty_chunks_claim_nothing(tmp_path):
     up = ActiveUpload("cam-i", 1, 1024, hashlib.sha256(b"").digest(), tmp_path / "1.part")
     for _ in range(100):
         up.write(0, b"", hashlib.sha256(b"").digest())
-    assert up.claims == 0 and not up.claims_path.exists()
+    assert up.claims <= 0 and up.path.stat().st_size == 0
     up.close()
 
 
@@ -311,9 +323,9 @@ def test_a_verification_that_decided_nothing_closes_the_files(tmp_path):
     ingest, device, seq = setup(tmp_path, data)
     chunk(ingest, seq, 0, data[:CHUNK])
     up = ingest.evidence.active.get("cam-i", seq)
-    assert up is not None and up.fd >= 0 and up.claims_fd >= 0
+    assert up is not None and up.fd >= 0
     assert ingest.evidence._commit(up, None) == []
-    assert up.fd == -1 and up.claims_fd == -1
+    assert up.fd == -1
 
 
 def test_init_or_fin_naming_another_device_is_a_topic_mismatch(tmp_path):
