@@ -126,6 +126,7 @@ class EvidenceIntake:
                     [device_id, seq, info.size, info.sha256.hex(), now_ms()],
                 )
         else:
+            up.take_over_legacy()  # a part file an earlier release left
             up.ranges = up.durable = ranges_from_json(row[0])
             # A missing part file was either moved into the blob store just before a crash
             # (``_verify_and_store`` then finds the blob) or lost: then start over.

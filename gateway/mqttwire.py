@@ -57,38 +57,66 @@ def _fresh_packet() -> dict[str, Any]:
 
 
 class _Buffers:
-    """Receive buffers for large packets, reused once no one holds them any more.
+    """Receive buffers for large packets, reused once no view of them is left.
 
-    A buffer is handed out again only when the pool's own reference is the last one
-    (``sys.getrefcount``): the payload ``memoryview`` given to the application, and every
-    view cut from it, keep a reference to the ``bytearray``, so a chunk still queued for
-    the ingest thread, or held anywhere else, is never overwritten. A buffer is made with
-    an eighth of room to spare and cut to the packet's exact length; ``bytearray`` shrinks
-    and regrows within its allocation without moving, so packets of slightly different
-    sizes (the last chunk of a file, longer topics) reuse the same memory. Only the
-    network thread takes buffers; the pool holds at most ``keep`` of them (≈ 9 MiB at
-    256 KiB chunks) and beyond that hands out fresh ones, as before.
+    The payload given to the application is a ``memoryview`` into its packet's buffer, and
+    a ``bytearray`` cannot be resized while any view of it (or a slice of one) exists: a
+    one-byte resize that raises ``BufferError`` says the buffer is still held, by a chunk
+    waiting in the ingest queue say, and it is never written into then. Its reference
+    count is checked too, for a ``bytearray`` held without a view (the count alone would
+    do on CPython 3.11–3.13, but 3.14 borrows references to locals and counts fewer).
+
+    A buffer is made with an eighth of room to spare and cut to the packet's exact length;
+    ``bytearray`` shrinks and regrows within its allocation without moving, so packets of
+    slightly different sizes (the last chunk of a file, longer topics) reuse the same
+    memory.
+
+    Bounds: at most ``keep`` buffers of at most ``largest`` bytes each (≈ 9 MiB at
+    256 KiB chunks, ≈ 36 MiB at most); larger packets get buffers of their own, as before.
+    When no pooled buffer fits a packet, a free one is replaced by the new one, so a burst
+    of other sizes cannot leave the pool useless. Only the network thread takes buffers.
     """
 
-    def __init__(self, keep: int = 32) -> None:
+    def __init__(self, keep: int = 32, largest: int = 1024 * 1024) -> None:
         self.keep = keep
+        self.largest = largest
         self._pool: list[bytearray] = []
 
+    @staticmethod
+    def _unexported(buf: bytearray) -> bool:
+        try:
+            buf.append(0)  # BufferError while any view of it exists
+        except BufferError:
+            return False
+        del buf[-1]
+        return True
+
     def take(self, size: int) -> bytearray:
-        for buf in self._pool:
-            # References: the pool's list, ``buf`` here, and getrefcount's argument.
+        spare = -1  # a free pooled buffer of the wrong size, to replace
+        pool = self._pool
+        for i in range(len(pool)):
+            buf = pool[i]
+            # References: the pool's list, ``buf`` and getrefcount's argument (fewer where
+            # CPython borrows them); more means the bytearray itself is held somewhere.
+            # (Not ``enumerate``: its cached result tuple would hold one more.)
+            if sys.getrefcount(buf) > 3 or not self._unexported(buf):
+                continue
             room = buf.__alloc__()  # bytes allocated, one more than the most it holds
-            if sys.getrefcount(buf) == 3 and room // 2 <= size < room:
+            if room // 2 <= size < room:
                 have = len(buf)
                 if have > size:
                     del buf[size:]
                 elif have < size:
                     buf.extend(bytes(size - have))
                 return buf
+            spare = i
         buf = bytearray(size + size // 8)
         del buf[size:]
-        if len(self._pool) < self.keep:
-            self._pool.append(buf)
+        if size <= self.largest:
+            if len(self._pool) < self.keep:
+                self._pool.append(buf)
+            elif spare >= 0:
+                self._pool[spare] = buf
         return buf
 
 

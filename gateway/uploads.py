@@ -16,7 +16,12 @@ The claims live in the part file itself, after the evidence (from offset ``size`
 and are cut off, durably, before the file goes into the blob store. A claims file of its
 own cost an inode created and deleted per upload, and ext4 without a journal scans past
 every inode deleted in the last minute before it hands out a new one: 4–6 % of the
-gateway's CPU at a few hundred MiB/s (``perf``).
+gateway's CPU at a few hundred MiB/s (``perf``). Such a part file is named
+``<seq>.upload``, not ``<seq>.part`` as the earlier layout (evidence only, claims in
+``<seq>.claims``) was: a gateway rolled back to a release that knows only ``.part`` then
+never moves a file with claims in it into the store; it finds no part file and has the
+upload sent again. The other way round, ``take_over_legacy`` converts an earlier
+release's part file, claims included, when its upload is next opened.
 
 After ``MAX_RECHECKS`` such rounds (counted in the database, so a restart or an eviction
 from the cache does not reset it) the upload turns **eager**: like before this scheme,
@@ -47,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.blobs import fsync_dir
 from protocol.upload import MAX_CHUNK_SIZE, Ranges, add_range, covered, subtract, union
 
 CHECKPOINT_BYTES = 8 * 1024 * 1024
@@ -123,6 +129,41 @@ class ActiveUpload:
     def max_claims(self) -> int:
         # Room for every 1 KiB chunk (the smallest a device sends) four times over.
         return 1024 + 4 * (self.size // 1024 + 1)
+
+    def take_over_legacy(self) -> None:
+        """Convert the part file an earlier release left for this upload, if any.
+
+        Its evidence bytes stay where they are; the records of its ``.claims`` file (whole
+        ones, at most ``max_claims``) are copied after them, made durable, and only then is
+        the file renamed and the claims file deleted, so a crash at any point leaves either
+        the old layout or the new one, never a part file without its claims. Copying again
+        after a crash writes the same records to the same place.
+        """
+        legacy = self.path.with_suffix(".part")
+        legacy_claims = self.path.with_suffix(".claims")
+        if self.path.exists() or not legacy.exists():
+            return
+        fd = os.open(legacy, os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size > self.size:
+                os.ftruncate(fd, self.size)  # cannot happen: evidence ends at ``size``
+            try:
+                with open(legacy_claims, "rb") as f:
+                    pos, left = self.size, self.max_claims * CLAIM.size
+                    while left and (block := f.read(min(left, 4096 * CLAIM.size))):
+                        block = block[: len(block) // CLAIM.size * CLAIM.size]
+                        if not block:
+                            break
+                        os.pwrite(fd, block, pos)
+                        pos, left = pos + len(block), left - len(block)
+            except FileNotFoundError:
+                pass  # evidence without claims: its bytes are asked for again on a mismatch
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(legacy, self.path)
+        fsync_dir(self.path.parent)
+        legacy_claims.unlink(missing_ok=True)
 
     def _claim(self, fd: int, offset: int, length: int, claim: bytes) -> None:
         if self.claims < 0:
@@ -223,11 +264,15 @@ class ActiveUpload:
         return subtract(self.ranges, union((s, e) for s, e in vouched))
 
     def cut_claims(self) -> None:
-        """Leave only the evidence bytes in the part file (before it is synced and stored)."""
+        """Leave only the evidence bytes in the part file (before it is synced and stored).
+
+        The next ``sync`` always fsyncs, cut or not: the file may have been cut by an
+        attempt that failed before its fsync.
+        """
         fd = self.open()
         if os.fstat(fd).st_size != self.size:
             os.ftruncate(fd, self.size)
-            self.unsynced = max(self.unsynced, 1)  # the next ``sync`` must make it durable
+        self.unsynced = max(self.unsynced, 1)
         self.claims = 0
 
     def drop(self, suspects: Ranges) -> None:
@@ -247,7 +292,8 @@ class ActiveUpload:
         """Remove what is left on disk once the upload is settled (stored or rejected)."""
         self.close()
         self.path.unlink(missing_ok=True)
-        # Gateways before 2026-11-27 kept the claims in a file of their own.
+        # The earlier layout's files, should any be left.
+        self.path.with_suffix(".part").unlink(missing_ok=True)
         self.path.with_suffix(".claims").unlink(missing_ok=True)
 
 
@@ -259,7 +305,7 @@ class ActiveUploads:
         self._items: OrderedDict[tuple[str, int], ActiveUpload] = OrderedDict()
 
     def part_path(self, device_id: str, seq: int) -> Path:
-        return self.partial_dir / device_id / f"{seq}.part"
+        return self.partial_dir / device_id / f"{seq}.upload"
 
     def get(self, device_id: str, seq: int) -> ActiveUpload | None:
         item = self._items.get((device_id, seq))

@@ -53,7 +53,7 @@ def assert_resumed_not_restarted(gateway: Gateway, agent: AgentProc) -> list[dic
 
 def partial_bytes(gateway: Gateway, device_id: str) -> int:
     folder = gateway.data / "partial" / device_id
-    return sum(p.stat().st_size for p in folder.glob("*.part")) if folder.exists() else 0
+    return sum(p.stat().st_size for p in folder.glob("*.upload")) if folder.exists() else 0
 
 
 def test_agent_sigkilled_at_random_moments(tmp_path: Path, gateway, make_agent):

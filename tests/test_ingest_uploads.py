@@ -161,6 +161,50 @@ def test_claims_survive_a_gateway_restart(tmp_path):
     assert not part.exists() and not part.with_suffix(".claims").exists()
 
 
+def test_an_upload_left_by_an_earlier_release_is_taken_over_with_its_claims(tmp_path):
+    # Before 2026-11-27 a part file was ``<seq>.part`` (evidence only) with its claims in
+    # ``<seq>.claims``. After an upgrade the upload goes on from there, and the claims
+    # still single out the one damaged chunk.
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    ingest.handle(device_topic("cam-i", DeviceTopic.UPLOAD_CHUNK), damaged(seq, 0, data[:CHUNK]))
+    chunk(ingest, seq, CHUNK, data[CHUNK : 2 * CHUNK])
+    ingest.close()
+    part = ingest.evidence.active.part_path("cam-i", seq)
+    assert part.suffix == ".upload"
+    # Write it back the way the earlier release kept it.
+    whole = part.read_bytes()
+    part.with_suffix(".part").write_bytes(whole[: len(data)].rstrip(b"\0"))
+    part.with_suffix(".claims").write_bytes(whole[len(data) :] + b"torn")
+    part.unlink()
+    ingest = restart(tmp_path, ingest, seq, data)
+    assert part.exists() and not part.with_suffix(".claims").exists()
+    assert not part.with_suffix(".part").exists()
+    [ack] = acks(ingest, chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :]))
+    assert ack.state == "receiving" and ack.ranges == ((CHUNK, len(data)),)
+    replies = chunk(ingest, seq, 0, data[:CHUNK])
+    assert [a.state for a in acks(ingest, replies)] == ["complete"]
+    assert stored(ingest, data) == data
+
+
+def test_a_rolled_back_gateway_never_finds_a_part_file_with_claims_in_it(tmp_path):
+    # An earlier release moves ``<seq>.part`` into the blob store whole; the claims after
+    # the evidence would go with it. This layout's file has another name, so a rolled
+    # back gateway finds no part file and has the upload sent again instead.
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    chunk(ingest, seq, 0, data[:CHUNK])
+    part = ingest.evidence.active.part_path("cam-i", seq)
+    assert part.stat().st_size > len(data)  # claims after the evidence
+    assert list(part.parent.glob("*.part")) == []
+    up = ingest.evidence.active.get("cam-i", seq)
+    assert up is not None
+    up.sync()
+    up.cut_claims()
+    assert up.unsynced > 0  # the cut is always made durable by the next sync
+    ingest.close()
+
+
 def test_bytes_no_claim_vouches_for_are_asked_for_again(tmp_path):
     # A crash can lose claims that never reached the disk; bytes nothing vouches for
     # may be damaged, so they are fetched again rather than the file being rejected.

@@ -239,6 +239,33 @@ def test_buffer_pool_cuts_to_exact_length_and_never_hands_out_a_held_buffer() ->
     assert len(pool._pool) == 2
 
 
+def test_a_slice_of_a_released_view_still_holds_its_buffer() -> None:
+    pool = mqttwire._Buffers(keep=1)
+    buf = pool.take(300_000)
+    outer = memoryview(buf)
+    payload = outer[10:]
+    outer.release()
+    buf[10:20] = b"0123456789"
+    del buf, outer
+    assert pool.take(300_000) is not payload.obj
+    assert bytes(payload[:10]) == b"0123456789"
+
+
+def test_the_pool_stays_bounded_and_useful_after_a_burst_of_other_sizes() -> None:
+    pool = mqttwire._Buffers(keep=4, largest=1024 * 1024)
+    held = [pool.take(20_000) for _ in range(4)]  # a burst of small packets, all held
+    assert len(pool._pool) == 4
+    big = pool.take(5 * 1024 * 1024)  # larger than ``largest``: never pooled
+    assert all(big is not b for b in pool._pool)
+    del held, big
+    chunks = [pool.take(262_200) for _ in range(3)]  # replace the free small ones
+    assert all(any(c is b for b in pool._pool) for c in chunks)
+    del chunks
+    reused = pool.take(262_200)
+    assert any(reused is b for b in pool._pool)
+    assert sum(len(b) for b in pool._pool) <= 4 * 1024 * 1024
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_device_sends_large_packets_as_views_through_partial_writes(
     tmp_path: Path, tls: bool
