@@ -44,7 +44,7 @@ from protocol.errors import ProtocolError
 from protocol.journal import SignedRecord
 from protocol.receipt import JournalAck, Receipt
 from protocol.signing import SigningKey, VerifyKey
-from protocol.state import DeviceState, Telemetry
+from protocol.state import DeviceState, GatewayState, Telemetry
 from protocol.topics import (
     GATEWAY_STATE,
     DeviceTopic,
@@ -117,7 +117,7 @@ class Relay:
         self.uploads: dict[int, Upload] = {}
         self.journal_inflight: tuple[int, float] | None = None
         self.gateway_online: bool | None = None
-        self.gateway_session: object = None
+        self.gateway_session: str | None = None
         self.journal_retry_at = 0.0
         self.next_journal_poll = 0.0
         self.next_outbox_poll = 0.0
@@ -265,9 +265,20 @@ class Relay:
             log.info("journal signing key rotated; now %s", self.key.verify_key.hex[:16])
 
     def _on_gateway_state(self, payload: bytes) -> None:
-        state = decode(payload, what="gateway state") if payload else {}
-        online = state.get("online") is True
-        session = state.get("session")
+        if not payload:
+            return  # a retained state cleared: it says nothing either way
+        # Unsigned or mis-signed: ``ProtocolError``, refused and journalled by ``_handle``.
+        state = GatewayState.decode(payload, self.gateway_key)
+        online, session = state.online, state.session
+        if not online and self.gateway_session not in (None, session):
+            # The end of some other run of the gateway (a second process that stopped, a
+            # Last Will replayed): the one this device last heard from has not said so.
+            log.info(
+                "ignored the end of gateway run %s: %s is the one running",
+                session[:8],
+                str(self.gateway_session)[:8],
+            )
+            return
         restarted = self.gateway_online is False or (
             self.gateway_session is not None and session != self.gateway_session
         )

@@ -31,7 +31,7 @@ from gateway.db import open_db, storage_full
 from gateway.evidence import Verdict
 from gateway.ingest import Ingest, Outgoing
 from gateway.mqttwire import LeanClient
-from protocol.encoding import canonical
+from protocol.state import GatewayState
 from protocol.throttle import Throttle
 from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker
 
@@ -118,7 +118,8 @@ class GatewayService:
         self._io.submit(work).add_done_callback(done)
 
     def _state(self, online: bool) -> bytes:
-        return canonical({"v": 1, "online": online, "session": self.session})
+        """The retained ``gw/state``, signed (devices hold uploads while it says offline)."""
+        return GatewayState(online, self.session).encode(self.ingest.key)
 
     def start(self) -> None:
         self._thread.start()

@@ -1,8 +1,15 @@
-"""Device state messages: Sparkplug-style birth/death and periodic telemetry.
+"""State messages: Sparkplug-style device birth/death, telemetry, and the gateway's state.
 
 Birth and death are retained on ``dev/{id}/state`` and carry the same ``bd_seq``, so a
 stale Last Will (from a connection that was already replaced) can be told apart from a
 real death. Telemetry is the operator's view of a device's health.
+
+The gateway's retained ``gw/state`` says whether a gateway is there to take uploads, and
+which run of it (``session``, new at every start, so devices resynchronise after a
+restart). Devices hold their uploads while it reads offline, so it is signed with the
+gateway key like everything else the gateway tells a device: a broker user who may
+publish there cannot stop a fleet's uploads with a forged "offline". Its Last Will is
+signed too, when the gateway connects.
 
 Pure: no I/O.
 """
@@ -18,6 +25,38 @@ from protocol.fields import check_fields as _fields
 from protocol.fields import check_version as _version
 from protocol.fields import int_field as _int
 from protocol.journal import VERSION, check_device_id
+from protocol.signing import SigningKey, VerifyKey, sign_object, verify_object
+
+#: A gateway run's ``session``: 1–64 characters from this set (a uuid4 hex, in practice).
+SESSION_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    online: bool
+    session: str
+
+    def encode(self, key: SigningKey) -> bytes:
+        body: dict[str, Any] = {"v": VERSION, "kind": "gateway_state"}
+        body.update(online=self.online, session=self.session)
+        return canonical(sign_object(body, key))
+
+    @classmethod
+    def decode(cls, data: bytes, key: VerifyKey) -> GatewayState:
+        obj = decode(data, what="gateway state")
+        _version(obj, "gateway state")
+        _fields(obj, "gateway state", {"v", "kind", "online", "session", "sig"})
+        if obj["kind"] != "gateway_state":
+            raise MessageError("gateway state: kind must be 'gateway_state'")
+        verify_object(obj, key, what="gateway state")
+        if not isinstance(obj["online"], bool):
+            raise MessageError("gateway state: online must be a boolean")
+        session = obj["session"]
+        if not isinstance(session, str) or not 0 < len(session) <= 64:
+            raise MessageError("gateway state: session must be 1-64 characters")
+        if not set(session) <= SESSION_CHARS:
+            raise MessageError("gateway state: session holds characters other than [0-9a-z-]")
+        return cls(obj["online"], session)
 
 
 @dataclass(frozen=True)

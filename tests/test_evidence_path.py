@@ -14,7 +14,7 @@ import httpx
 from protocol.encoding import canonical
 from protocol.merkle import leaf_hash, verify_inclusion
 from protocol.receipt import SignedTreeHead
-from protocol.signing import VerifyKey
+from protocol.signing import SigningKey, VerifyKey
 from tests.conftest import assert_all_in_custody, make_files, wait_for
 
 
@@ -238,6 +238,7 @@ def test_another_gateway_marking_the_gateway_offline_does_not_stop_uploads(
 ):
     """Found by a tester: a second gateway process that stopped left the retained state
     ``online: false`` behind, and every device held its uploads while the real gateway ran."""
+    from protocol.state import GatewayState
     from protocol.topics import GATEWAY_STATE
     from tests.conftest import Identity, mqtt_client
 
@@ -246,11 +247,13 @@ def test_another_gateway_marking_the_gateway_offline_does_not_stop_uploads(
     files = make_files(tmp_path / "a", [4000], seed=7)
     agent.add(*files.values())
     wait_for(lambda: len(gateway.evidence("cam-1")) == 1, 30, "the first file")
-    # What a stopping gateway publishes, with a gateway's identity, retained.
+    # What another gateway process (same data directory, same key) publishes as it stops,
+    # with a gateway's identity, retained: its own run's end.
+    key = SigningKey.from_seed((gateway.data / "gateway.key").read_bytes())
     other = mqtt_client(gateway.broker, Identity.gateway(gateway.data))
     try:
         other.publish(
-            GATEWAY_STATE, canonical({"v": 1, "online": False, "session": "other"}), 1, retain=True
+            GATEWAY_STATE, GatewayState(False, "other").encode(key), 1, retain=True
         ).wait_for_publish(10)
     finally:
         other.disconnect()

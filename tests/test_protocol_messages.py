@@ -56,7 +56,7 @@ from protocol.receipt import (
     record_leaf,
 )
 from protocol.signing import SigningKey, sign_object
-from protocol.state import DeviceState, Telemetry
+from protocol.state import DeviceState, GatewayState, Telemetry
 from protocol.topics import (
     GATEWAY_STATE,
     DeviceTopic,
@@ -1046,6 +1046,29 @@ def test_device_state_checks() -> None:
         DeviceState.decode(canonical({**good, "v": 2}))
     with pytest.raises(EncodingError):
         DeviceState.decode(b"")
+
+
+@settings(max_examples=40, deadline=None)
+@given(online=st.booleans(), session=st.text("0123456789abcdef-", min_size=1, max_size=64))
+def test_gateway_state_round_trip(online: bool, session: str) -> None:
+    key = SigningKey.generate()
+    state = GatewayState(online, session)
+    assert GatewayState.decode(state.encode(key), key.verify_key) == state
+
+
+def test_gateway_state_is_signed_and_checked() -> None:
+    key, other = SigningKey.generate(), SigningKey.generate()
+    signed = decode(GatewayState(False, "abc").encode(key))
+    with pytest.raises(SignatureError):
+        GatewayState.decode(GatewayState(False, "abc").encode(other), key.verify_key)
+    with pytest.raises(SignatureError):  # "online" turned into "offline" after signing
+        GatewayState.decode(canonical({**signed, "online": True}), key.verify_key)
+    with pytest.raises(MessageError):  # as gateways before 2026-11-27 published it
+        GatewayState.decode(canonical({"v": 1, "online": False, "session": "abc"}), key.verify_key)
+    for bad in ({"session": ""}, {"session": "A B"}, {"session": "x" * 65}, {"kind": "ack"}):
+        body = {k: v for k, v in {**signed, **bad}.items() if k != "sig"}
+        with pytest.raises(MessageError):
+            GatewayState.decode(canonical(sign_object(body, key)), key.verify_key)
 
 
 telemetry_ints = st.integers(-1, FIELD_MAX)

@@ -230,3 +230,62 @@ def test_a_validly_signed_command_with_arguments_the_device_cannot_use_is_refuse
     kinds = [r[0] for r in dev.journal.db.execute("SELECT kind FROM journal ORDER BY seq")]
     assert "mark" in kinds
     dev.close()
+
+
+def test_the_gateway_state_is_believed_only_when_signed_and_for_the_run_it_ends(
+    tmp_path,
+) -> None:
+    """Devices hold uploads while the retained gateway state reads offline, so a forged
+    "offline" (anyone who may publish on ``gw/state``) would stop a fleet: it must carry the
+    gateway's signature, and an "offline" ends only the gateway run the device last heard
+    from (another process's end, or an old Last Will replayed, changes nothing)."""
+    from agent.transport import Message
+    from protocol.encoding import canonical
+    from protocol.signing import SigningKey
+    from protocol.state import GatewayState
+    from protocol.topics import GATEWAY_STATE, DeviceTopic, device_topic
+
+    dev = device(tmp_path, 1024)
+    src = tmp_path / "clip.bin"
+    src.write_bytes(bytes(3000))
+    dev.outbox.add_file(src)
+    dev.db.execute("UPDATE journal SET acked = 1")
+    wire = Wire()
+    relay = relay_for(dev, wire)
+    relay.connected = True
+    key = _gateway_key(tmp_path)
+    inits = device_topic("cam-hash", DeviceTopic.UPLOAD_INIT)
+
+    def state(payload: bytes) -> None:
+        relay._handle(Message(GATEWAY_STATE, payload))
+
+    def uploads_go() -> bool:
+        before = [t for t, _ in wire.sent].count(inits)
+        relay.uploads.clear()
+        relay.next_outbox_poll = 0.0
+        relay._pump()
+        return [t for t, _ in wire.sent].count(inits) > before
+
+    forged = [
+        canonical({"v": 1, "online": False, "session": "run-1"}),  # unsigned, as before
+        GatewayState(False, "run-1").encode(SigningKey.generate()),  # another key
+        GatewayState(False, "run-1").encode(key)[:-3] + b'0"}',  # signature altered
+    ]
+    for payload in forged:
+        state(payload)
+        assert relay.gateway_online is None
+        assert uploads_go()
+    rejected = dev.journal.db.execute(
+        "SELECT count(*) FROM journal WHERE kind = 'command_rejected'"
+    )
+    assert rejected.fetchone()[0] >= 1  # journalled (at most one a minute per reason)
+    state(GatewayState(True, "run-1").encode(key))
+    assert relay.gateway_online is True and uploads_go()
+    state(GatewayState(False, "run-0").encode(key))  # an older run's end, replayed
+    assert relay.gateway_online is True and uploads_go()
+    state(GatewayState(False, "run-1").encode(key))  # the end of the run we know
+    assert relay.gateway_online is False and not uploads_go()
+    state(GatewayState(True, "run-2").encode(key))  # a new run: resynchronise, go on
+    assert relay.gateway_online is True and relay.gateway_session == "run-2"
+    assert uploads_go()
+    dev.close()
