@@ -190,6 +190,9 @@ class Relay:
         elif isinstance(event, Disconnected):
             self.connected = False
             self._reset_session()
+            # The retained gateway state on the next connection is the truth, whichever run
+            # it names: runs may have come and gone meanwhile.
+            self.gateway_session = None
             # The next connection gets a new session number, like Sparkplug's bd_seq.
             self.bd_seq = bump_counter(self.journal.db, "bd_seq")
             log.info("%s disconnected: %s", self.device_id, event.reason)
@@ -267,8 +270,14 @@ class Relay:
     def _on_gateway_state(self, payload: bytes) -> None:
         if not payload:
             return  # a retained state cleared: it says nothing either way
-        # Unsigned or mis-signed: ``ProtocolError``, refused and journalled by ``_handle``.
-        state = GatewayState.decode(payload, self.gateway_key)
+        try:
+            state = GatewayState.decode(payload, self.gateway_key)
+        except ProtocolError:
+            # Unsigned (a gateway from before 2026-11-27, after a rollback, say) or forged:
+            # refused and journalled by ``_handle``. Holding uploads only saves bandwidth,
+            # so a state the device cannot believe never keeps it holding them.
+            self.gateway_online = None
+            raise
         online, session = state.online, state.session
         if not online and self.gateway_session not in (None, session):
             # The end of some other run of the gateway (a second process that stopped, a

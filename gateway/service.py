@@ -10,7 +10,6 @@ workers can join the group; all state lives in the database and blob store.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import socket
@@ -31,6 +30,7 @@ from gateway.db import open_db, storage_full
 from gateway.evidence import Verdict
 from gateway.ingest import Ingest, Outgoing
 from gateway.mqttwire import LeanClient
+from protocol.errors import ProtocolError
 from protocol.state import GatewayState
 from protocol.throttle import Throttle
 from protocol.topics import GATEWAY_STATE, gateway_subscriptions, parse_broker
@@ -98,6 +98,7 @@ class GatewayService:
         # not tried yet); repeated failures are logged once a minute, not at every retry.
         self.broker_problem: str | None = "not connected yet"
         self._broker_warnings = Throttle()
+        self._state_warnings = Throttle()
         self._storage_full_at: float | None = None  # the last write refused for want of space
         self._storage_warnings = Throttle()
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
@@ -231,21 +232,27 @@ class GatewayService:
         self.inbox.put(msg)  # blocks when ingest is behind: back-pressure, not growth
 
     def _on_gateway_state(self, payload: bytes) -> None:
-        """Devices hold bulk uploads while the retained gateway state says offline. Another
-        gateway process on this broker (a worker that stopped, one that crashed and left
-        its Last Will, a second gateway started by mistake) leaves exactly that behind
-        while this one is running: say again that a gateway is here."""
+        """Devices hold bulk uploads while the retained gateway state says offline, and
+        believe only a state signed with the gateway key. Another gateway process on this
+        broker (a worker that stopped, one that crashed and left its Last Will, a second
+        gateway started by mistake, an older release that does not sign) leaves exactly
+        that behind while this one is running: say again, signed, that a gateway is here.
+        Any signed "online" stands, whichever run it is from (no ping-pong between two)."""
         try:
-            online = json.loads(payload or b"{}").get("online") is True
-        except (ValueError, AttributeError):
-            online = False
-        with self._state_lock:  # never "online" after stop() said "offline"
-            if online or self._stopping or not self.connected.is_set():
+            if GatewayState.decode(payload, self.ingest.key.verify_key).online:
                 return
-            log.warning(
-                "another gateway process marked the gateway offline on this broker; this one "
-                "is running, so it says so again (devices hold uploads while it reads offline)"
-            )
+        except (ProtocolError, RecursionError, ValueError):
+            pass  # unsigned, forged or garbage: devices cannot believe it either
+        with self._state_lock:  # never "online" after stop() said "offline"
+            if self._stopping or not self.connected.is_set():
+                return
+            if self._state_warnings.due("state", time.monotonic()):
+                log.warning(
+                    "another gateway process (or someone with the gateway's broker "
+                    "identity) left a gateway state devices cannot use on this broker; this "
+                    "one is running, so it says so again (devices hold uploads while it "
+                    "reads offline)"
+                )
             self.client.publish(GATEWAY_STATE, self._state(True), 1, retain=True)
 
     def _ingest_loop(self) -> None:

@@ -239,7 +239,7 @@ def test_the_gateway_state_is_believed_only_when_signed_and_for_the_run_it_ends(
     "offline" (anyone who may publish on ``gw/state``) would stop a fleet: it must carry the
     gateway's signature, and an "offline" ends only the gateway run the device last heard
     from (another process's end, or an old Last Will replayed, changes nothing)."""
-    from agent.transport import Message
+    from agent.transport import Connected, Disconnected, Message
     from protocol.encoding import canonical
     from protocol.signing import SigningKey
     from protocol.state import GatewayState
@@ -288,4 +288,16 @@ def test_the_gateway_state_is_believed_only_when_signed_and_for_the_run_it_ends(
     state(GatewayState(True, "run-2").encode(key))  # a new run: resynchronise, go on
     assert relay.gateway_online is True and relay.gateway_session == "run-2"
     assert uploads_go()
+    # Holding is only ever what a signed state says: after a rollback to a gateway that
+    # does not sign, its unsigned "online" ends the hold a signed "offline" began.
+    state(GatewayState(False, "run-2").encode(key))
+    assert not uploads_go()
+    state(canonical({"v": 1, "online": True, "session": "run-3"}))
+    assert relay.gateway_online is None and uploads_go()
+    # Runs come and go while a device is off the broker: the retained state it finds when
+    # it connects again is the truth, whichever run it names.
+    relay._handle(Disconnected("network"))
+    relay._handle(Connected())
+    state(GatewayState(False, "run-4").encode(key))
+    assert relay.gateway_online is False and not uploads_go()
     dev.close()
