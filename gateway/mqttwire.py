@@ -11,15 +11,16 @@ spent 0.5, and the gateway then copied the chunk twice more (``bytes(payload)``,
 ``LeanClient`` reads each large packet with ``recv_into`` into one buffer of exactly its
 remaining length, and gives a PUBLISH's payload as a ``memoryview`` into that buffer: the
 chunk's bytes go from the kernel to the part file and the running hash without being
-copied again. The buffers are reused (``_Buffers``), but only once nothing refers to them
-any more, so a view never sees its bytes overwritten: a fresh 256 KiB ``bytearray`` is
+copied again. The buffers are reused (``_Buffers``), but only once no view of them is
+left, so a payload never sees its bytes overwritten: a fresh 256 KiB ``bytearray`` is
 zeroed and then page-faulted in, which cost the network thread a fifth of its CPU.
 Packets under ``LEAN_FROM`` (acks, telemetry, journal batches: thousands a second from a
 large fleet) take paho's own path: for them the lean one saved nothing and cost ≈ 2 %
 more instructions (callgrind).
 Everything else (CONNACK, SUBACK, PUBACK, QoS 2, the callbacks, keepalive) is paho's own
-code: only two private methods are replaced, and only on the paho version they were
-written against; on any other version the client is stock paho (``LEAN`` says which).
+code: only two private methods are replaced (the constructor only adds the buffer pool),
+and only on the paho version they were written against; on any other version the client
+is stock paho (``LEAN`` says which).
 """
 
 from __future__ import annotations
