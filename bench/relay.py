@@ -17,6 +17,11 @@ Then: time-to-receipt for a single small file on an idle link, p50/p99 over ROUN
 
 CPU is reported per MiB moved, per process, so a change shows where it saved or cost.
 
+Both sides also get the CPU the whole machine spent (every process, the kernel's threads
+and soft interrupts: ``/proc/stat``) in the steady middle of each round, from 15 % to 85 %
+of the bytes sent, and how many of the cores were busy meanwhile: on a machine where both
+are bound by CPU, the ratio is the ratio of those two CPU costs, which is what to work on.
+
 Prints ``relay_vs_raw_ratio: X`` (custody throughput / raw throughput) as its last line.
 Usage: python bench/relay.py [--files 50] [--size-mib 4] [--chunk-kib 256]
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import socket
 import statistics
@@ -52,6 +58,29 @@ from gateway.registry import enroll  # noqa: E402
 
 ROUNDS = 50
 MIB = 1024 * 1024
+STEADY = (0.15, 0.85)  # the middle of a round, in bytes sent
+
+
+Mark = tuple[float, list[int]]  # (perf_counter, /proc/stat's first line)
+
+
+def mark() -> Mark | None:
+    try:
+        with open("/proc/stat") as f:
+            return time.perf_counter(), [int(x) for x in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None  # not Linux: no machine-wide figures
+
+
+def steady(a: Mark | None, b: Mark | None, nbytes: int) -> tuple[float, float] | None:
+    """(cores busy, machine CPU ms per MiB) between two marks ``nbytes`` apart."""
+    if a is None or b is None or nbytes <= 0:
+        return None
+    d = [y - x for x, y in zip(a[1], b[1], strict=True)]
+    if sum(d) <= 0:
+        return None
+    cores = (sum(d) - d[3] - d[4]) / sum(d) * (os.cpu_count() or 1)  # minus idle, iowait
+    return cores, cores * (b[0] - a[0]) * 1000 / (nbytes / MIB)
 
 
 def make_data(directory: Path, files: int, size: int, tag: str = "") -> list[Path]:
@@ -87,15 +116,19 @@ def raw_throughput(
     pub_tls: Creds = None,
     sub_tls: Creds = None,
     topic: str = "raw",
-) -> float:
+) -> tuple[float, tuple[float, float] | None]:
     total = sum(p.stat().st_size for p in paths)
     received = 0
     done = threading.Event()
     subscribed = threading.Event()
 
+    marks: list[tuple[Mark | None, int]] = []  # counted where the bytes arrive
+
     def on_message(c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
         nonlocal received
         received += len(msg.payload)
+        if len(marks) < 2 and received >= STEADY[len(marks)] * total:
+            marks.append((mark(), received))
         if received >= total:
             done.set()
 
@@ -133,16 +166,18 @@ def raw_throughput(
     for c in (pub, sub):
         c.disconnect()
         c.loop_stop()
-    return total / elapsed
+    middle = steady(marks[0][0], marks[1][0], marks[1][1] - marks[0][1]) if marks[1:] else None
+    return total / elapsed, middle
 
 
 def custody_round(
     config: AgentConfig, paths: list[Path], procs: dict[str, psutil.Process]
-) -> tuple[float, dict[str, float], Agent, threading.Thread]:
+) -> tuple[float, dict[str, float], tuple[float, float] | None, Agent, threading.Thread]:
     """Fill the outbox, then time one agent from its start to the last receipt.
 
-    Returns the throughput, the CPU seconds per process, and the still running agent
-    (the caller stops it, or measures latency with it first).
+    Returns the throughput, the CPU seconds per process, the steady middle's (cores busy,
+    machine CPU ms per MiB), and the still running agent (the caller stops it, or
+    measures latency with it first).
     """
     feeder = Device(config)
     for p in paths:
@@ -155,13 +190,19 @@ def custody_round(
     start = time.perf_counter()
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
+    total = sum(p.stat().st_size for p in paths)
+    marks: list[tuple[Mark | None, int]] = []  # by bytes sent: the window keeps it near flow
     while relay.counters["receipts"] < len(paths):
-        time.sleep(0.005)
+        time.sleep(0.002 if len(marks) < 2 else 0.005)
+        sent = relay.counters["bytes_sent"]
+        if len(marks) < 2 and sent >= STEADY[len(marks)] * total:
+            marks.append((mark(), sent))
         if time.perf_counter() - start > 600:
             raise SystemExit("custody: backlog did not drain in 600 s")
-    throughput = sum(p.stat().st_size for p in paths) / (time.perf_counter() - start)
+    throughput = total / (time.perf_counter() - start)
     cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in procs.items()}
-    return throughput, cpu, agent, thread
+    middle = steady(marks[0][0], marks[1][0], marks[1][1] - marks[0][1]) if marks[1:] else None
+    return throughput, cpu, middle, agent, thread
 
 
 def main() -> None:
@@ -251,6 +292,7 @@ def main() -> None:
             }
             raws: list[tuple[float, float]] = []  # (bytes/s, cpu seconds)
             customs: list[tuple[float, dict[str, float]]] = []
+            middles: dict[str, list[tuple[float, float]]] = {"raw": [], "custody": []}
             agent: Agent | None = None
             thread: threading.Thread | None = None
             for n in range(args.rounds):
@@ -261,11 +303,16 @@ def main() -> None:
                     thread.join(timeout=10)
                 # Alternating rounds share whatever the machine is doing at the moment.
                 cpu0 = sum(me.cpu_times()[:2]) + sum(broker_proc.cpu_times()[:2])
-                raw = raw_throughput(port, paths, chunk, inflight, pub_tls, sub_tls, topic)
+                raw, raw_middle = raw_throughput(
+                    port, paths, chunk, inflight, pub_tls, sub_tls, topic
+                )
                 cpu = sum(me.cpu_times()[:2]) + sum(broker_proc.cpu_times()[:2]) - cpu0
                 raws.append((raw, cpu))
-                got, ccpu, agent, thread = custody_round(config, paths, procs)
+                got, ccpu, middle, agent, thread = custody_round(config, paths, procs)
                 customs.append((got, ccpu))
+                for side, found in (("raw", raw_middle), ("custody", middle)):
+                    if found is not None:
+                        middles[side].append(found)
                 shutil.rmtree(paths[0].parent)  # sealed into the outbox; the copies can go
                 print(
                     f"round {n + 1}: raw {raw / MIB:.1f} MiB/s, custody {got / MIB:.1f} MiB/s, "
@@ -312,6 +359,15 @@ def main() -> None:
         + ", ".join(f"{k} {v * 1000 / total_mib:.1f}" for k, v in custody_cpu.items())
         + ")"
     )
+    if middles["raw"] and middles["custody"]:
+        (rc, rm), (cc, cm) = (
+            tuple(statistics.median(x[i] for x in middles[side]) for i in (0, 1))
+            for side in ("raw", "custody")
+        )
+        print(
+            f"steady middle of a round, whole machine: raw {rm:.1f} ms per MiB on {rc:.2f} "
+            f"cores busy, custody {cm:.1f} ms per MiB on {cc:.2f} (of {os.cpu_count()})"
+        )
     print(f"raw_paho_qos1_throughput_mib_s: {raw_mid / MIB:.1f}")
     print(f"custody_end_to_end_throughput_mib_s: {custody_mid / MIB:.1f}")
     print(f"time_to_receipt_small_file_p50_ms: {statistics.median(latencies) * 1000:.1f}")
