@@ -29,7 +29,14 @@ MiB = 1024 * 1024
 CHUNK = 64 * 1024
 WINDOW = 16
 # Slow the link so there is an upload in progress to interrupt.
-SLOW = {"chunk_size": str(CHUNK), "window": str(WINDOW), "bandwidth_limit_bps": str(2 * MiB)}
+# A long ack timeout: a gateway stalled a second or two (a slow fsync on a shared disk)
+# must not make the agent resend its window, which the byte allowance below would count.
+SLOW = {
+    "chunk_size": str(CHUNK),
+    "window": str(WINDOW),
+    "bandwidth_limit_bps": str(2 * MiB),
+    "ack_timeout_s": "10",
+}
 
 
 def random_moment(rng: random.Random, lo: float, hi: float) -> None:
@@ -172,7 +179,8 @@ def test_uploads_wait_while_the_gateway_is_offline(tmp_path: Path, gateway, make
         agent.start()
         wait_for(lambda: len(tap.messages) > 3, 60, "chunks flowing")
         gateway.kill()  # no goodbye: the broker publishes the gateway's Last Will
-        time.sleep(3)  # the Will is delivered and what was in flight settles
+        wait_for(lambda: "uploads wait for it" in agent.log.read_text(), 30, "the Will heard")
+        time.sleep(1)  # what was in flight settles
         before = len(tap.messages)
         time.sleep(4)
         assert len(tap.messages) == before, "chunks were sent while the gateway was offline"

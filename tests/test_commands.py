@@ -31,6 +31,7 @@ def post_command(gateway, device_id: str, body: dict) -> httpx.Response:
         f"{gateway.base}/api/v1/devices/{device_id}/commands",
         json=body,
         headers={"Authorization": f"Bearer {gateway.token}"},
+        timeout=30,
     )
 
 

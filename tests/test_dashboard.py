@@ -44,7 +44,9 @@ class Admin:
         self.headers = {"Authorization": f"Bearer {gateway.token}"}
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        r = httpx.request(method, self.gateway.base + path, json=body, headers=self.headers)
+        r = httpx.request(
+            method, self.gateway.base + path, json=body, headers=self.headers, timeout=30
+        )
         assert r.status_code in (200, 201, 202), (path, r.status_code, r.text)
         return r.json()
 
@@ -166,8 +168,11 @@ def test_the_dashboard_in_a_browser(
     page.wait_for_function("document.querySelector('video').readyState >= 1", timeout=30_000)
     duration = page.evaluate("document.querySelector('video').duration")
     manifest_ms = int(video.get_attribute("data-manifest-ms") or 0)
-    # Chromium reports a fragmented MP4's duration up to its last frame's start.
-    assert abs(duration * 1000 - manifest_ms) <= 1000 / FPS + 1, (duration, manifest_ms)
+    # Chromium reports a fragmented MP4's duration up to its last frame's start, or to the
+    # end of its audio when that is longer: the tone read until the encoder took the last
+    # frame, so a loaded machine adds tens of milliseconds. Never shorter than the video.
+    late = duration * 1000 - manifest_ms
+    assert -(1000 / FPS + 1) <= late <= 250, (duration, manifest_ms)
     shot(page, "case")
     page.goto(gateway.base + "/dashboard/devices/cam-hp")
     assert page.locator("svg[aria-label='telemetry history']").count() == 1

@@ -25,6 +25,8 @@ def test_mcu_events_reach_the_journal_and_telemetry(tmp_path, gateway, make_agen
         agent = make_agent("cam-hw", gateway, mcu_port=str(port))
         agent.start()
         wait_for(lambda: gateway.get("/api/v1/journal", device_id="cam-hw"), 30, "boot record")
+        # pyserial flushes what came before the agent opened the port, as on a device.
+        wait_for(mcu.listening.is_set, 30, "the agent on the serial port")
         mcu.send(BatteryEvent(64, 3800, False))
         mcu.send(DockEvent(False))
         mcu.send(GpsFix(0, 0, True, NMEA))

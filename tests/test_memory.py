@@ -55,6 +55,7 @@ class PeakRSS:
 
 
 @pytest.mark.chaos
+@pytest.mark.timeout(900)  # ~6 GiB through a shared disk; it waits up to 600 s itself
 def test_two_gib_file_does_not_grow_gateway_or_agent_memory(tmp_path, gateway, make_agent):
     agent = make_agent("cam-big", gateway)
     warmup = tmp_path / "warmup.bin"

@@ -24,6 +24,7 @@ def test_rotation_by_command_keeps_the_chain(tmp_path, gateway, make_agent):
         f"{gateway.base}/api/v1/devices/cam-rot/commands",
         json={"name": "rotate_key"},
         headers={"Authorization": f"Bearer {gateway.token}"},
+        timeout=30,
     )
     assert r.status_code == 202, r.text
 

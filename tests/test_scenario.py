@@ -57,7 +57,8 @@ def test_scenario_played_into_a_running_agent(tmp_path, gateway, make_agent):
     )
     port = tmp_path / "ttyMCU"
     mcu = McuSimulator(port)
-    runner = ScenarioRunner(Scenario.load(scenario), mcu)
+    # Events sent before the agent opens the port are flushed by pyserial, as on a device.
+    runner = ScenarioRunner(Scenario.load(scenario), mcu, ready=mcu.listening.is_set)
     try:
         agent = make_agent("cam-scn", gateway, mcu_port=str(port))
         agent.start()
