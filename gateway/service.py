@@ -10,6 +10,7 @@ workers can join the group; all state lives in the database and blob store.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import socket
@@ -99,6 +100,7 @@ class GatewayService:
         self.broker_problem: str | None = "not connected yet"
         self._broker_warnings = Throttle()
         self._state_warnings = Throttle()
+        self._foreign_online = Throttle()  # "online" states another key signed, or none
         self._storage_full_at: float | None = None  # the last write refused for want of space
         self._storage_warnings = Throttle()
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
@@ -237,12 +239,23 @@ class GatewayService:
         broker (a worker that stopped, one that crashed and left its Last Will, a second
         gateway started by mistake, an older release that does not sign) leaves exactly
         that behind while this one is running: say again, signed, that a gateway is here.
-        Any signed "online" stands, whichever run it is from (no ping-pong between two)."""
+
+        At once for anything that is not an "online" (devices of an older release would
+        hold on it); at most once a minute for an "online" this key did not sign, so two
+        gateways with different keys on one broker do not answer each other for ever
+        (devices refuse the other's "online" and hold nothing on it meanwhile). A signed
+        "online" stands, whichever run it is from."""
         try:
-            if GatewayState.decode(payload, self.ingest.key.verify_key).online:
-                return
-        except (ProtocolError, RecursionError, ValueError):
-            pass  # unsigned, forged or garbage: devices cannot believe it either
+            claimed = json.loads(payload or b"{}").get("online") is True
+        except (ValueError, AttributeError, RecursionError):
+            claimed = False
+        if claimed:
+            try:
+                GatewayState.decode(payload, self.ingest.key.verify_key)
+                return  # ours, whichever run
+            except ProtocolError:
+                if not self._foreign_online.due("online", time.monotonic()):
+                    return
         with self._state_lock:  # never "online" after stop() said "offline"
             if self._stopping or not self.connected.is_set():
                 return

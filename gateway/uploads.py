@@ -133,37 +133,39 @@ class ActiveUpload:
     def take_over_legacy(self) -> None:
         """Convert the part file an earlier release left for this upload, if any.
 
-        Its evidence bytes stay where they are; the records of its ``.claims`` file (whole
-        ones, at most ``max_claims``) are copied after them, made durable, and only then is
-        the file renamed and the claims file deleted, so a crash at any point leaves either
-        the old layout or the new one, never a part file without its claims. Copying again
-        after a crash writes the same records to the same place.
+        First the evidence file is renamed (``.part`` → ``.upload``, durably), and only
+        then are the whole records of its ``.claims`` file (at most ``max_claims``) copied
+        after the evidence and the claims file deleted. So no file named ``.part`` ever
+        holds claims, whatever crash or rollback comes in between; a crash after the rename
+        leaves ``.claims`` to be copied on the next call (the same records to the same
+        place). A ``.part`` beside an ``.upload`` means a rollback came in between: the
+        earlier release started the upload again in the ``.part``, which is what the
+        database now describes, so the stale ``.upload`` goes.
         """
         legacy = self.path.with_suffix(".part")
         legacy_claims = self.path.with_suffix(".claims")
-        if self.path.exists() or not legacy.exists():
+        if legacy.exists():
+            self.close()
+            self.path.unlink(missing_ok=True)
+            os.rename(legacy, self.path)
+            fsync_dir(self.path.parent)
+        if not legacy_claims.exists() or not self.path.exists():
             return
-        fd = os.open(legacy, os.O_RDWR)
+        fd = os.open(self.path, os.O_RDWR)
         try:
-            if os.fstat(fd).st_size > self.size:
-                os.ftruncate(fd, self.size)  # cannot happen: evidence ends at ``size``
-            try:
-                with open(legacy_claims, "rb") as f:
-                    pos, left = self.size, self.max_claims * CLAIM.size
-                    while left and (block := f.read(min(left, 4096 * CLAIM.size))):
-                        block = block[: len(block) // CLAIM.size * CLAIM.size]
-                        if not block:
-                            break
-                        os.pwrite(fd, block, pos)
-                        pos, left = pos + len(block), left - len(block)
-            except FileNotFoundError:
-                pass  # evidence without claims: its bytes are asked for again on a mismatch
+            # Written after ``size`` (a hole before them while evidence is still missing).
+            with open(legacy_claims, "rb") as f:
+                pos, left = self.size, self.max_claims * CLAIM.size
+                while left and (block := f.read(min(left, 4096 * CLAIM.size))):
+                    block = block[: len(block) // CLAIM.size * CLAIM.size]
+                    if not block:
+                        break
+                    os.pwrite(fd, block, pos)
+                    pos, left = pos + len(block), left - len(block)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(legacy, self.path)
-        fsync_dir(self.path.parent)
-        legacy_claims.unlink(missing_ok=True)
+        legacy_claims.unlink()
 
     def _claim(self, fd: int, offset: int, length: int, claim: bytes) -> None:
         if self.claims < 0:

@@ -289,3 +289,30 @@ def test_another_gateway_marking_the_gateway_offline_does_not_stop_uploads(
         old.disconnect()
         old.loop_stop()
     wait_for(lambda: (s := retained()) is not None and s.online, 30, "a signed online again")
+
+
+def test_the_gateway_answers_states_devices_cannot_believe_without_a_loop(tmp_path: Path):
+    """Two gateways with different keys on one broker (a second one started by mistake)
+    must not answer each other's "online" for ever; an "offline" is answered at once."""
+    from gateway.datadir import DataDir
+    from gateway.service import GatewayService
+    from protocol.state import GatewayState
+
+    service = GatewayService(DataDir.open(tmp_path / "gw"), "mqtt://127.0.0.1:1")
+    published: list[bytes] = []
+    service.client.publish = lambda topic, payload, *a, **k: published.append(payload)  # type: ignore[method-assign,assignment,return-value]
+    service.connected.set()
+    own = service.ingest.key
+    foreign = SigningKey.generate()
+    try:
+        service._on_gateway_state(GatewayState(True, "other-run").encode(own))
+        assert published == []  # ours, another run: it stands
+        for _ in range(5):
+            service._on_gateway_state(GatewayState(True, "stranger").encode(foreign))
+        assert len(published) == 1  # once a minute, not once per message
+        for _ in range(3):
+            service._on_gateway_state(GatewayState(False, "stranger").encode(foreign))
+        assert len(published) == 4  # "offline" would hold older devices: at once
+        assert all(GatewayState.decode(p, own.verify_key).online for p in published)
+    finally:
+        service.db.close()

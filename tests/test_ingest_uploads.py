@@ -187,6 +187,41 @@ def test_an_upload_left_by_an_earlier_release_is_taken_over_with_its_claims(tmp_
     assert stored(ingest, data) == data
 
 
+def test_a_takeover_cut_short_by_a_crash_or_a_rollback_ends_right(tmp_path):
+    data = bytes(range(256)) * 12
+    claims = b"".join(
+        CLAIM.pack(off, CHUNK, hashlib.sha256(data[off : off + CHUNK]).digest())
+        for off in range(0, 2 * CHUNK, CHUNK)
+    )
+    path = tmp_path / "7.upload"
+
+    def fresh() -> ActiveUpload:
+        return ActiveUpload("cam-i", 7, len(data), hashlib.sha256(data).digest(), path)
+
+    # A crash after the rename, before the claims were copied: the next call copies them.
+    path.write_bytes(data[: 2 * CHUNK])
+    path.with_suffix(".claims").write_bytes(claims + b"to")
+    up = fresh()
+    up.take_over_legacy()
+    assert not path.with_suffix(".claims").exists()
+    assert path.read_bytes()[len(data) :] == claims  # whole records, after the evidence
+    up.ranges = ((0, len(data)),)
+    up.write(2 * CHUNK, b"x" * CHUNK)  # the last chunk arrives damaged
+    assert up.suspect_ranges() == ((2 * CHUNK, len(data)),)  # the copied claims vouch
+    up.close()
+    # A rollback came in between: the earlier release began again in a ``.part`` (the
+    # database describes that one), and the stale ``.upload`` gives way to it.
+    path.with_suffix(".part").write_bytes(data[:CHUNK])
+    up = fresh()
+    up.take_over_legacy()
+    assert path.read_bytes() == data[:CHUNK] and not path.with_suffix(".part").exists()
+    # Settled, an upload leaves nothing of either layout behind.
+    path.with_suffix(".part").write_bytes(b"left")
+    path.with_suffix(".claims").write_bytes(b"left")
+    up.discard()
+    assert list(tmp_path.glob("7.*")) == []
+
+
 def test_a_rolled_back_gateway_never_finds_a_part_file_with_claims_in_it(tmp_path):
     # An earlier release moves ``<seq>.part`` into the blob store whole; the claims after
     # the evidence would go with it. This layout's file has another name, so a rolled

@@ -285,6 +285,8 @@ def test_the_gateway_state_is_believed_only_when_signed_and_for_the_run_it_ends(
     assert relay.gateway_online is True and uploads_go()
     state(GatewayState(False, "run-1").encode(key))  # the end of the run we know
     assert relay.gateway_online is False and not uploads_go()
+    state(b"")  # a retained state cleared says nothing either way
+    assert relay.gateway_online is False and not uploads_go()
     state(GatewayState(True, "run-2").encode(key))  # a new run: resynchronise, go on
     assert relay.gateway_online is True and relay.gateway_session == "run-2"
     assert uploads_go()
