@@ -72,8 +72,12 @@ def mark() -> Mark | None:
         return None  # not Linux: no machine-wide figures
 
 
-def steady(a: Mark | None, b: Mark | None, nbytes: int) -> tuple[float, float] | None:
-    """(cores busy, machine CPU ms per MiB) between two marks ``nbytes`` apart."""
+def steady(marks: list[tuple[Mark | None, int]]) -> tuple[float, float] | None:
+    """(cores busy, machine CPU ms per MiB) between the two (mark, bytes so far) taken."""
+    if len(marks) < 2:
+        return None
+    (a, first), (b, last) = marks
+    nbytes = last - first
     if a is None or b is None or nbytes <= 0:
         return None
     d = [y - x for x, y in zip(a[1], b[1], strict=True)]
@@ -166,8 +170,7 @@ def raw_throughput(
     for c in (pub, sub):
         c.disconnect()
         c.loop_stop()
-    middle = steady(marks[0][0], marks[1][0], marks[1][1] - marks[0][1]) if marks[1:] else None
-    return total / elapsed, middle
+    return total / elapsed, steady(marks)
 
 
 def custody_round(
@@ -201,8 +204,7 @@ def custody_round(
             raise SystemExit("custody: backlog did not drain in 600 s")
     throughput = total / (time.perf_counter() - start)
     cpu = {k: sum(p.cpu_times()[:2]) - cpu0[k] for k, p in procs.items()}
-    middle = steady(marks[0][0], marks[1][0], marks[1][1] - marks[0][1]) if marks[1:] else None
-    return throughput, cpu, middle, agent, thread
+    return throughput, cpu, steady(marks), agent, thread
 
 
 def main() -> None:

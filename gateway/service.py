@@ -246,16 +246,15 @@ class GatewayService:
         (devices refuse the other's "online" and hold nothing on it meanwhile). A signed
         "online" stands, whichever run it is from."""
         try:
-            claimed = json.loads(payload or b"{}").get("online") is True
-        except (ValueError, AttributeError, RecursionError):
-            claimed = False
-        if claimed:
-            try:
-                GatewayState.decode(payload, self.ingest.key.verify_key)
+            if GatewayState.decode(payload, self.ingest.key.verify_key).online:
                 return  # ours, whichever run
-            except ProtocolError:
-                if not self._foreign_online.due("online", time.monotonic()):
-                    return
+        except ProtocolError:
+            try:
+                foreign_online = json.loads(payload).get("online") is True
+            except (ValueError, AttributeError, RecursionError):
+                foreign_online = False
+            if foreign_online and not self._foreign_online.due("online", time.monotonic()):
+                return
         with self._state_lock:  # never "online" after stop() said "offline"
             if self._stopping or not self.connected.is_set():
                 return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -41,7 +42,6 @@ class Received:
         self.messages: list[mqtt.MQTTMessage] = []
         self.payloads: list[bytes] = []
         self.kinds: list[type] = []
-        self.subscribed = threading.Event()
 
     def on_message(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
         self.kinds.append(type(msg.payload))
@@ -58,22 +58,50 @@ def connect(
     return client
 
 
+def start_broker(tmp_path: Path, tls: bool) -> tuple[Broker, Identity | None]:
+    """A private mosquitto, plain or mutual TLS (then with the gateway's identity to use)."""
+    gateway_dir = tmp_path / "gateway"
+    who = None
+    if tls:
+        DataDir.open(gateway_dir)
+        who = Identity.gateway(gateway_dir)
+    broker = Broker(tmp_path / "broker", tls_dir=gateway_dir / "ca" if tls else None)
+    broker.start()
+    return broker, who
+
+
+def subscribe(
+    cls: type[mqtt.Client],
+    broker: Broker,
+    who: Identity | None,
+    client_id: str,
+    topic: str,
+    on_message: Callable[[mqtt.Client, object, mqtt.MQTTMessage], None],
+) -> tuple[mqtt.Client, threading.Event]:
+    """A started subscriber to ``topic``; the event is set once the broker confirmed it."""
+    sub = connect(cls, broker, who, client_id)
+    subscribed = threading.Event()
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+    sub.connect("127.0.0.1", broker.port)
+    sub.loop_start()
+    return sub, subscribed
+
+
 def exchange(
     cls: type[mqtt.Client], broker: Broker, who: Identity | None, topic: str
 ) -> tuple[Received, list[tuple[str, bytes, int, bool]]]:
     got = Received()
-    sub = connect(cls, broker, who, f"sub-{cls.__name__}")
-    sub.on_message = got.on_message
-    sub.on_subscribe = lambda *a: got.subscribed.set()
-    sub.on_connect = lambda c, *a: c.subscribe(f"{topic}/#", qos=1)
-    sub.connect("127.0.0.1", broker.port)
-    sub.loop_start()
+    sub, subscribed = subscribe(
+        cls, broker, who, f"sub-{cls.__name__}", f"{topic}/#", got.on_message
+    )
     pub = connect(mqtt.Client, broker, who, f"pub-{cls.__name__}")
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
     sent: list[tuple[str, bytes, int, bool]] = []
     try:
-        assert got.subscribed.wait(10)
+        assert subscribed.wait(10)
         for i, size in enumerate(SIZES):
             for qos in (0, 1):
                 props = Properties(PacketTypes.PUBLISH)
@@ -112,13 +140,7 @@ def check_same_as_sent(got: Received, sent: list[tuple[str, bytes, int, bool]]) 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_lean_client_receives_what_stock_paho_receives(tmp_path: Path, tls: bool) -> None:
     assert mqttwire.LEAN, "the pinned paho is the one LeanClient was written against"
-    gateway_dir = tmp_path / "gateway"
-    who = None
-    if tls:
-        DataDir.open(gateway_dir)
-        who = Identity.gateway(gateway_dir)
-    broker = Broker(tmp_path / "broker", tls_dir=gateway_dir / "ca" if tls else None)
-    broker.start()
+    broker, who = start_broker(tmp_path, tls)
     try:
         topic = "custody/v1/dev/wire-test/up"
         stock, sent = exchange(mqtt.Client, broker, who, topic + "/stock")
@@ -137,8 +159,7 @@ def test_lean_client_receives_what_stock_paho_receives(tmp_path: Path, tls: bool
 
 
 def test_retained_message_and_reconnect(tmp_path: Path) -> None:
-    broker = Broker(tmp_path / "broker")
-    broker.start()
+    broker, _ = start_broker(tmp_path, tls=False)
     try:
         body = payload(99, 200_000)
         pub = connect(mqtt.Client, broker, None, "retainer")
@@ -172,8 +193,7 @@ def test_buffers_are_reused_only_when_nothing_holds_them(tmp_path: Path) -> None
     the ingest queue are kept) and drops the rest; the kept views must still hold exactly what was
     sent after hundreds of later packets, and the dropped buffers must have been reused.
     """
-    broker = Broker(tmp_path / "broker")
-    broker.start()
+    broker, _ = start_broker(tmp_path, tls=False)
     kept: list[tuple[bytes, memoryview]] = []
     pooled: list[bool] = []  # whether each payload arrived in one of the pool's buffers
     done = threading.Event()
@@ -192,13 +212,7 @@ def test_buffers_are_reused_only_when_nothing_holds_them(tmp_path: Path) -> None
         if i == len(sizes) - 1:
             done.set()
 
-    sub = LeanClient(CallbackAPIVersion.VERSION2, client_id="keeper", protocol=mqtt.MQTTv5)
-    subscribed = threading.Event()
-    sub.on_message = on_message
-    sub.on_subscribe = lambda *a: subscribed.set()
-    sub.on_connect = lambda c, *a: c.subscribe("pool/#", qos=1)
-    sub.connect("127.0.0.1", broker.port)
-    sub.loop_start()
+    sub, subscribed = subscribe(LeanClient, broker, None, "keeper", "pool/#", on_message)
     pub = connect(mqtt.Client, broker, None, "pool-pub")
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
@@ -271,22 +285,17 @@ def test_device_sends_large_packets_as_views_through_partial_writes(
     tmp_path: Path, tls: bool
 ) -> None:
     """A tiny send buffer makes every chunk-sized packet go out in many partial writes."""
-    gateway_dir = tmp_path / "gateway"
-    who = None
-    if tls:
-        DataDir.open(gateway_dir)
-        who = Identity.gateway(gateway_dir)
-    broker = Broker(tmp_path / "broker", tls_dir=gateway_dir / "ca" if tls else None)
-    broker.start()
+    broker, who = start_broker(tmp_path, tls)
     sends: list[tuple[type, int, int]] = []  # (what was written, its length, bytes taken)
     got: dict[str, bytes] = {}
-    sub = connect(LeanClient, broker, who, "view-sub")
-    subscribed = threading.Event()
-    sub.on_message = lambda c, u, m: got.__setitem__(m.topic, bytes(m.payload))
-    sub.on_subscribe = lambda *a: subscribed.set()
-    sub.on_connect = lambda c, *a: c.subscribe("custody/v1/dev/wire-test/views/#", qos=1)
-    sub.connect("127.0.0.1", broker.port)
-    sub.loop_start()
+    sub, subscribed = subscribe(
+        LeanClient,
+        broker,
+        who,
+        "view-sub",
+        "custody/v1/dev/wire-test/views/#",
+        lambda c, u, m: got.__setitem__(m.topic, bytes(m.payload)),
+    )
     pub = connect(_ViewClient, broker, who, "view-pub")
     pub.on_socket_open = lambda c, u, sock: sock.setsockopt(  # type: ignore[union-attr]
         socket.SOL_SOCKET, socket.SO_SNDBUF, 4096

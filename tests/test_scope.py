@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.field import O1, O3, FieldWorld, at
+from tests.field import O1, O3, FieldDevice, FieldWorld, at
 
 
 class World(FieldWorld):
@@ -195,6 +195,12 @@ def test_the_log_gives_out_only_leaves_in_scope(world: World) -> None:
     assert seen["hp"] and seen["hidden"]
 
 
+def open_from(device: FieldDevice, step_id: int) -> None:
+    """A signed terminal record opening step ``step_id`` of Hexi's case at 12:00."""
+    when = at("2025-09-30T12:00")
+    device.record(when, "case_context", action="open", case_id="HX-1", step_id=step_id, at_ms=when)
+
+
 def test_a_device_cannot_write_into_another_agencys_case(world: World) -> None:
     hx_step, _ = hexi_case(world)
     world.post(
@@ -205,14 +211,7 @@ def test_a_device_cannot_write_into_another_agencys_case(world: World) -> None:
     open_step = next(s for s in hx["steps"] if s["start_ms"] is None)
     a = world.devices["cam-a"]  # Heping's
     # A signed terminal record opening Hexi's step, and a segment claiming to belong to it.
-    a.record(
-        at("2025-09-30T12:00"),
-        "case_context",
-        action="open",
-        case_id="HX-1",
-        step_id=open_step["step_id"],
-        at_ms=at("2025-09-30T12:00"),
-    )
+    open_from(a, open_step["step_id"])
     seq = a.segment(
         at("2025-09-30T12:01"),
         at("2025-09-30T12:05"),
@@ -227,14 +226,7 @@ def test_a_device_cannot_write_into_another_agencys_case(world: World) -> None:
     assert (hx_step,) not in bound
     # Hexi's own device still can.
     x = world.devices["cam-x"]
-    x.record(
-        at("2025-09-30T12:00"),
-        "case_context",
-        action="open",
-        case_id="HX-1",
-        step_id=open_step["step_id"],
-        at_ms=at("2025-09-30T12:00"),
-    )
+    open_from(x, open_step["step_id"])
     x.deliver()
     hx = world.get("/api/v1/cases/HX-1")
     opened = next(s for s in hx["steps"] if s["step_id"] == open_step["step_id"])
