@@ -9,6 +9,7 @@ workers can join the group; all state lives in the database and blob store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -67,6 +69,8 @@ class GatewayService:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finalize")
         self.ingest = Ingest(data, self.db, data.signing_key(), background=self._background)
         self.inbox: queue.Queue[Item] = queue.Queue(QUEUE_DEPTH)
+        # Finished verifications wait here, not in ``inbox`` (see ``_background``).
+        self._finished: deque[Callable[[], list[Outgoing]]] = deque()
         self.connected = threading.Event()
         # A stable client id per data directory: a restarted gateway takes over its old
         # session at once (and the broker publishes the old Last Will then, not 20 s later).
@@ -110,15 +114,32 @@ class GatewayService:
         work: Callable[[], Verdict | None],
         then: Callable[[Verdict | None], list[Outgoing]],
     ) -> None:
+        """Run ``work`` on the finalize thread, then ``then`` on the ingest thread.
+
+        The result never goes through a blocking ``inbox.put``: when ``work`` is done
+        before ``add_done_callback`` is reached, ``done`` runs right here on the ingest
+        thread, and with the inbox full (the normal state under load) that thread would
+        wait for ever on a queue only it drains. Results wait in ``_finished`` (one per
+        upload being finalized, so bounded by the uploads); the inbox only carries a
+        wake-up when it has room, and the ingest loop looks at ``_finished`` anyway.
+        """
+
         def done(future: Future[Verdict | None]) -> None:
             try:
                 result = future.result()
             except Exception:
                 log.exception("background verification failed")
                 result = None
-            self.inbox.put(lambda: then(result))
+            self._finished.append(lambda: then(result))
+            with contextlib.suppress(queue.Full):
+                self.inbox.put_nowait(self._run_finished)
 
         self._io.submit(work).add_done_callback(done)
+
+    def _run_finished(self) -> list[Outgoing]:
+        """Commit the oldest finished verification (ingest thread only); one per call, so
+        a failing one costs only its own replies."""
+        return self._finished.popleft()() if self._finished else []
 
     def _state(self, online: bool) -> bytes:
         """The retained ``gw/state``, signed (devices hold uploads while it says offline)."""
@@ -300,6 +321,8 @@ class GatewayService:
                 except queue.Empty:
                     break
                 batch.append(msg)
+            # Their wake-ups may have found the inbox full; extra wake-ups do nothing.
+            batch[:0] = [self._run_finished] * len(self._finished)
             for item in batch:
                 if item is None:
                     self._publish(self.ingest.flush())

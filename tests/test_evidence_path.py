@@ -316,3 +316,47 @@ def test_the_gateway_answers_states_devices_cannot_believe_without_a_loop(tmp_pa
         assert all(GatewayState.decode(p, own.verify_key).online for p in published)
     finally:
         service.db.close()
+
+
+def test_a_verification_finishing_at_once_does_not_block_a_full_inbox(tmp_path: Path):
+    """The ingest thread hands a finished file to the finalize thread. If the work is done
+    before ``add_done_callback`` is reached (the ingest thread descheduled in between),
+    the callback runs on the ingest thread itself; with the inbox full, as under load, a
+    blocking put there waited for ever on a queue only that thread drains."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from gateway.datadir import DataDir
+    from gateway.service import QUEUE_DEPTH, GatewayService
+
+    class DoneBeforeReturn(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            future = super().submit(fn, *args, **kwargs)
+            wait([future])  # the work finishes before the caller adds its callback
+            return future
+
+    service = GatewayService(DataDir.open(tmp_path / "gw"), "mqtt://127.0.0.1:1")
+    service._io.shutdown()
+    service._io = DoneBeforeReturn(max_workers=1)
+    committed: list[object] = []
+    try:
+        for _ in range(QUEUE_DEPTH):
+            service.inbox.put_nowait(lambda: [])
+        caller = threading.Thread(
+            target=service._background,
+            args=(lambda: None, lambda verdict: committed.append(verdict) or []),
+            daemon=True,
+        )
+        caller.start()
+        caller.join(10)
+        assert not caller.is_alive(), "the ingest thread blocked on its own inbox"
+        assert committed == []  # not yet: committing is the ingest loop's job
+        service._thread.start()  # the ingest loop drains the inbox and commits
+        wait_for(lambda: committed == [None], 10, "the finished verification committed")
+    finally:
+        if service._thread.ident is None:
+            service._thread.start()  # drains the inbox, so the put below cannot block
+        service.inbox.put(None)
+        service._thread.join(10)
+        service._io.shutdown()
+        service.db.close()
