@@ -29,6 +29,10 @@ BROKER_IDENTITY = "custody-broker"
 CA_YEARS = 10
 DEFAULT_DEVICE_DAYS = 365
 MAX_DEVICE_DAYS = CA_YEARS * 365  # a device certificate outliving its CA is useless
+#: How long a CRL is valid. mosquitto refuses *every* client certificate, the gateway's
+#: included, once the CRL it checks is past its next update; the gateway reissues it
+#: long before (``gateway.policy.refresh_crl``).
+CRL_DAYS = 30
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -156,6 +160,15 @@ class CertificateAuthority:
             _key_pem(key), cert.public_bytes(serialization.Encoding.PEM), serial, not_after
         )
 
+    def crl_next_update(self) -> dt.datetime | None:
+        """When the published CRL stops being valid; ``None`` when there is none that
+        parses (the broker then refuses everyone, so it is as good as expired)."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return crl.next_update_utc
+
     def write_crl(self, revoked_serials: list[int]) -> None:
         """Publish the CRL the broker checks on every new connection."""
         ca_key, ca_cert = self._load()
@@ -164,7 +177,7 @@ class CertificateAuthority:
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)
             .last_update(now - dt.timedelta(minutes=5))
-            .next_update(now + dt.timedelta(days=30))
+            .next_update(now + dt.timedelta(days=CRL_DAYS))
         )
         for serial in revoked_serials:
             builder = builder.add_revoked_certificate(

@@ -10,11 +10,21 @@ refuses its next connection. Nothing else may connect: there is no anonymous acc
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+
 import sqlite_utils
 
-from gateway.ca import GATEWAY_IDENTITY, CertificateAuthority
+from gateway.ca import CRL_DAYS, GATEWAY_IDENTITY, CertificateAuthority
 from gateway.files import write_public
 from protocol.topics import ROOT
+
+log = logging.getLogger("custody.gateway.policy")
+
+#: The CRL is reissued once it is this old: daily, so a gateway that was down for weeks
+#: (or a broker restored from a backup) is never more than a day from a fresh one, and
+#: the 30 days of validity cover any outage of the gateway shorter than a month.
+CRL_REISSUE_AFTER = dt.timedelta(days=1)
 
 ACL_HEADER = f"""\
 # Written by custody from the device registry; do not edit.
@@ -45,3 +55,30 @@ def write_broker_policy(db: sqlite_utils.Database, ca: CertificateAuthority) -> 
     ca.write_crl(serials)
     text = ACL_HEADER + "".join(f"\nuser {d}\ntopic deny {ROOT}/#\n" for d in revoked)
     write_public(ca.root / "acl", text.encode())
+
+
+def refresh_crl(
+    db: sqlite_utils.Database, ca: CertificateAuthority, now: dt.datetime | None = None
+) -> bool:
+    """Reissue the CRL (and the ACL beside it) once it is a day old; True if it was.
+
+    Revocations and renewals rewrite it, but nothing else did, and mosquitto refuses
+    every client certificate, the gateway's own included, once the CRL is past its next
+    update: 30 days after the last revocation the whole fleet, and the gateway, could no
+    longer reconnect. The gateway calls this at start and then hourly; the broker's
+    watcher reloads the new file without dropping anyone.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    expires = ca.crl_next_update()
+    if expires is not None and expires - now > dt.timedelta(days=CRL_DAYS) - CRL_REISSUE_AFTER:
+        return False
+    write_broker_policy(db, ca)
+    if expires is None or expires <= now:
+        log.warning(
+            "the broker's CRL (%s) had %s; reissued it, valid for %d days (the broker "
+            "refuses every certificate, the gateway's too, while it is stale)",
+            ca.crl_path,
+            "expired" if expires is not None else "gone missing or become unreadable",
+            CRL_DAYS,
+        )
+    return True

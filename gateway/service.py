@@ -28,11 +28,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway.ca import CertificateAuthority
 from gateway.datadir import DataDir
 from gateway.db import open_db, storage_full
 from gateway.evidence import Verdict
 from gateway.ingest import Ingest, Outgoing
 from gateway.mqttwire import LeanClient
+from gateway.policy import refresh_crl
 from protocol.errors import ProtocolError
 from protocol.state import GatewayState
 from protocol.throttle import Throttle
@@ -43,6 +45,7 @@ log = logging.getLogger("custody.gateway.service")
 QUEUE_DEPTH = 512
 COMMAND_POLL_S = 0.25
 HOUSEKEEPING_S = 1.0
+CRL_CHECK_S = 3600.0  # the CRL is reissued daily (``gateway.policy.refresh_crl``)
 Item = mqtt.MQTTMessage | Callable[[], list[Outgoing]] | None
 BATCH = 64
 #: How long after the last "disk full" the gateway still reports it (devices resend
@@ -288,10 +291,19 @@ class GatewayService:
                 )
             self.client.publish(GATEWAY_STATE, self._state(True), 1, retain=True)
 
+    def _refresh_crl(self) -> None:
+        try:
+            refresh_crl(self.db, CertificateAuthority.open(self.data.ca_dir))
+        except Exception:
+            log.exception("reissuing the broker's CRL failed (will try again in an hour)")
+
     def _ingest_loop(self) -> None:
-        next_commands = next_housekeeping = 0.0
+        next_commands = next_housekeeping = next_crl = 0.0
         while True:
             now = time.monotonic()
+            if now >= next_crl:
+                next_crl = now + CRL_CHECK_S
+                self._refresh_crl()
             if now >= next_commands:
                 # Commands are queued in the database by the API (any process); send them.
                 next_commands = now + COMMAND_POLL_S

@@ -267,3 +267,66 @@ def test_secrets_never_appear_in_logs_or_api_responses(tmp_path, gateway, make_a
     for name, value in secrets.items():
         assert value not in logs, f"{name} in a log"
         assert value not in responses, f"{name} in an API response"
+
+
+def test_a_stale_crl_is_reissued_before_the_broker_refuses_everyone(tmp_path, gateway, make_agent):
+    """mosquitto refuses every certificate, the gateway's included, once its CRL is past
+    its next update; nothing but a revocation used to rewrite it, so 30 days after the last
+    one nobody could reconnect. The gateway reissues it (at start, then hourly) and keeps
+    the revocations in it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    lost = make_agent("cam-stale-crl", gateway)
+    revoking = run_custody("revoke", "cam-stale-crl", "--gateway-data", str(gateway.data))
+    assert revoking.returncode == 0, revoking.stderr
+    ca = CertificateAuthority.open(gateway.data / "ca")
+    revoked = {r.serial_number for r in x509.load_pem_x509_crl(ca.crl_path.read_bytes())}
+    assert revoked
+    gateway.stop()
+    # What a CRL issued 31 days ago looks like today.
+    ca_key, ca_cert = ca._load()
+    now = dt.datetime.now(dt.UTC)
+    stale = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(days=31))
+        .next_update(now - dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca.crl_path.write_bytes(stale.public_bytes(serialization.Encoding.PEM))
+    ca_file, port = ca.cert_path, gateway.broker.port
+    wait_for(
+        lambda: connect_result(port, Identity.gateway(gateway.data), ca_file).startswith("refused"),
+        10,
+        "the broker to refuse even the gateway on a stale CRL",
+    )
+    gateway.start()
+    wait_for(
+        lambda: connect_result(port, Identity.gateway(gateway.data), ca_file) == "ok",
+        20,
+        "the broker to let the gateway in on the reissued CRL",
+    )
+    fresh = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert fresh.next_update_utc is not None and fresh.next_update_utc > now + dt.timedelta(days=29)
+    assert {r.serial_number for r in fresh} == revoked
+    assert connect_result(port, Identity.device(lost.dir), ca_file).startswith("refused")
+    assert "reissued it" in gateway.log.read_text()
+
+
+def test_the_crl_is_reissued_daily_not_at_every_check(tmp_path):
+    from gateway.datadir import DataDir
+    from gateway.policy import refresh_crl
+
+    data = DataDir.open(tmp_path / "gw")
+    db = data.open_db()
+    ca = CertificateAuthority.open(data.ca_dir)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        assert not refresh_crl(db, ca, now + dt.timedelta(hours=12))
+        assert refresh_crl(db, ca, now + dt.timedelta(hours=25))
+        ca.crl_path.write_bytes(b"not a CRL")
+        assert refresh_crl(db, ca, now)
+        assert ca.crl_next_update() is not None
+    finally:
+        db.conn.close()
