@@ -3,7 +3,8 @@
 A blob is moved into place only after its bytes are fsync'd and verified against the
 signed manifest; the directory is fsync'd after the rename, so a receipt never names a
 file that a power cut could take back. Blobs are never rewritten: storing content that
-already exists leaves the existing file alone.
+already exists leaves the existing file alone, but makes it durable first (``settle``):
+it may have been renamed in just before a crash.
 """
 
 from __future__ import annotations
@@ -38,10 +39,27 @@ class BlobStore:
                 directory.mkdir(exist_ok=True)
                 fsync_dir(directory.parent)
 
+    def settle(self, sha256_hex: str) -> None:
+        """Make a blob found already in the store durable before anything rests on it.
+
+        It may have been renamed in just before a crash, with its directories not yet
+        fsync'd; a receipt naming it must not be undone by a power cut. A few fsyncs,
+        only when content is stored twice or after a crash.
+        """
+        target = self.path(sha256_hex)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for directory in (target.parent, target.parent.parent, self.root):
+            fsync_dir(directory)
+
     def adopt(self, verified_file: Path, sha256_hex: str) -> Path:
         """Move an fsync'd, verified file into the store (or drop it if already stored)."""
         target = self.path(sha256_hex)
         if target.exists():
+            self.settle(sha256_hex)
             verified_file.unlink()
             return target
         self._make_dirs(target.parent)

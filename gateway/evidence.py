@@ -129,10 +129,15 @@ class EvidenceIntake:
             up.take_over_legacy()  # a part file an earlier release left
             up.ranges = up.durable = ranges_from_json(row[0])
             # A missing part file was either moved into the blob store just before a crash
-            # (``_verify_and_store`` then finds the blob) or lost: then start over.
-            lost = not up.path.exists() and not self.blobs.exists(info.sha256.hex())
-            if up.ranges and lost:
-                up.ranges = up.durable = ()
+            # or lost: then start over. Moved, it is all there, whatever the last
+            # checkpoint (up to ``CHECKPOINT_BYTES`` earlier) says: the device is asked
+            # for nothing, and ``_verify_and_store`` finds the blob. Asked for the tail
+            # instead, it sent it into a new part file with a hole where the head had
+            # been, and the whole-file hash failed: a false "corrupted in transit", and
+            # a false ``hash_mismatch`` for an upload out of rechecks.
+            if up.ranges and not up.path.exists():
+                stored = self.blobs.exists(info.sha256.hex())
+                up.ranges = up.durable = ((0, info.size),) if stored else ()
             up.bytes_received, up.inits, up.resumed_from = int(row[1]), int(row[2]), int(row[3])
             up.rechecks = int(row[4] or 0)
             if up.ranges and up.resumed_from < 0:
@@ -360,6 +365,7 @@ class EvidenceIntake:
         sha = up.sha256.hex()
         if not up.path.exists() and self.blobs.exists(sha):
             # Moved into the store just before a crash; the store holds only verified bytes.
+            self.blobs.settle(sha)
             up.discard()
             return Verdict(up.sha256)
         up.open()  # an empty file never saw a chunk, so its part file may not exist yet

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from agent.config import load_config
 from agent.service import Device
-from gateway import uploads
+from gateway import blobs, uploads
 from gateway.datadir import DataDir
 from gateway.db import open_db
 from gateway.ingest import Ingest
@@ -478,3 +478,44 @@ def test_a_stored_manifest_that_no_longer_reads_refuses_its_upload(tmp_path):
     (ack,) = acks(ingest, replies)
     assert (ack.state, ack.reason) == ("rejected", "bad_manifest")
     assert "bad_record" in alarms(ingest)
+
+
+def test_a_crash_after_the_file_went_into_the_store_asks_the_device_for_nothing(
+    tmp_path, monkeypatch
+):
+    # The background step moved the verified file into the blob store; the gateway died
+    # before the ingest thread committed the evidence. The last checkpoint says only part
+    # of the file was held. Asked for the rest, the device sent it into a new part file
+    # with a hole where the head had been: a false "corrupted in transit" alarm and the
+    # whole file again (or, out of rechecks, a false hash_mismatch and a rejection).
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    chunk(ingest, seq, 0, data[:CHUNK])
+    up = ingest.evidence.active.get("cam-i", seq)
+    assert up is not None
+    ingest.evidence._checkpoint(up)  # durable: the first chunk only
+    for offset in (CHUNK, 2 * CHUNK):
+        piece = data[offset : offset + CHUNK]
+        up.write(offset, piece, hashlib.sha256(piece).digest())
+    assert ingest.evidence._verify_and_store(up) is not None  # the finalize thread's part
+    ingest.db.conn.close()  # killed before its commit
+    gw = DataDir.open(tmp_path / "gw")
+    ingest = Ingest(gw, open_db(gw.db_path), gw.signing_key())
+    synced: list[Path] = []
+    real_fsync_dir = blobs.fsync_dir
+    monkeypatch.setattr(blobs, "fsync_dir", lambda d: (synced.append(d), real_fsync_dir(d)))
+    replies = ingest.handle(
+        device_topic("cam-i", DeviceTopic.UPLOAD_INIT),
+        UploadInit("cam-i", seq, len(data), hashlib.sha256(data).digest(), CHUNK).encode(),
+    )
+    assert [a.state for a in acks(ingest, replies)] == ["complete"]
+    # The rename may not have been durable when the crash came: it is made so before the
+    # receipt rests on it.
+    blob = ingest.evidence.blobs.path(hashlib.sha256(data).hexdigest())
+    assert blob.parent in synced and ingest.evidence.blobs.root in synced
+    assert any(r.topic == gateway_topic("cam-i", GatewayTopic.RECEIPT) for r in replies)
+    assert stored(ingest, data) == data
+    assert alarms(ingest) == []
+    assert ingest.db.execute("SELECT count(*) FROM evidence").fetchone()[0] == 1
+    ingest.close()
+    device.close()
