@@ -45,6 +45,7 @@ from protocol.journal import SignedRecord
 from protocol.receipt import JournalAck, Receipt
 from protocol.signing import SigningKey, VerifyKey
 from protocol.state import DeviceState, GatewayState, Telemetry
+from protocol.throttle import Throttle
 from protocol.topics import (
     GATEWAY_STATE,
     DeviceTopic,
@@ -81,6 +82,7 @@ CLOCK_EVERY_S = 600.0
 CLOCK_MIN_GAP_S = 10.0
 #: Longest stretch the relay holds new chunks back while capture is behind.
 MAX_YIELD_S = 0.5
+READ_ATTEMPTS = 3  # reads of a media file that may fail before it is given up
 
 
 class Relay:
@@ -137,7 +139,10 @@ class Relay:
             "yields_to_capture": 0,  # pumps that held new chunks back for capture
         }
         self.yield_since: float | None = None
-        self.unknown_until: dict[int, float] = {}  # seq -> when to ask about it again
+        # seq -> when to try it again: the gateway did not know it, or it did not read
+        self.unknown_until: dict[int, float] = {}
+        self.read_failures: dict[int, int] = {}  # seq -> reads failed in a row
+        self._pump_failures = Throttle()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -160,9 +165,13 @@ class Relay:
                         event = self.inbox.get_nowait()
                     except queue.Empty:
                         event = None
-                self._settle_receipts()
-                if self.connected:
-                    self._pump()
+                try:
+                    self._settle_receipts()
+                    if self.connected:
+                        self._pump()
+                except Exception:  # a bug or a full disk must not end the agent
+                    if self._pump_failures.due("pump", time.monotonic()):
+                        log.exception("sending failed; carrying on (capture is unaffected)")
         finally:
             if self.connected:
                 state = DeviceState(self.device_id, False, self.bd_seq, now_ms())
@@ -611,6 +620,10 @@ class Relay:
             up.close()
             del self.uploads[up.item.seq]
             return False
+        except OSError as exc:
+            self._unreadable(up, exc)
+            return False
+        self.read_failures.pop(up.item.seq, None)
         if len(data) != length:
             log.error("media for seq %d is shorter than its manifest", up.item.seq)
             self.outbox.reject(up.item.seq, "truncated_on_device")
@@ -626,6 +639,32 @@ class Relay:
         self.counters["chunks_sent"] += 1
         self.counters["bytes_sent"] += length
         return True
+
+    def _unreadable(self, up: Upload, exc: OSError) -> None:
+        """The media would not read (an I/O error on a failing card, say): try it again
+        later, and after ``READ_ATTEMPTS`` give it up and journal why (the file stays).
+
+        Escaping, the error ended the relay and the agent with it; restarted, the agent
+        took the same file first again: a crash loop in which nothing else was uploaded
+        and the camera did not record.
+        """
+        seq = up.item.seq
+        up.close()
+        del self.uploads[seq]
+        failures = self.read_failures[seq] = self.read_failures.get(seq, 0) + 1
+        why = exc.strerror or str(exc)
+        if failures >= READ_ATTEMPTS:
+            log.error("media for seq %d cannot be read (%s); giving it up", seq, why)
+            self.read_failures.pop(seq)
+            self.outbox.reject(seq, f"unreadable_on_device: {why}")
+            return
+        log.error(
+            "media for seq %d did not read (%s); trying again in %.0f s",
+            seq,
+            why,
+            self.config.ack_timeout_s,
+        )
+        self.unknown_until[seq] = time.monotonic() + self.config.ack_timeout_s
 
     def telemetry(self) -> Telemetry:
         status = self.outbox.status()

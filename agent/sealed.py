@@ -38,6 +38,10 @@ MAGIC = b"CSTDYv1\0"
 HEADER = struct.Struct(">8s8sI")
 TAG = 16
 BLOCK_SIZE = 64 * 1024
+#: The largest block a header may claim. The header is authenticated only with the first
+#: block, which is read by the size the header gives: a flipped high bit asked for
+#: gigabytes (a MemoryError on a small device, not the ``CorruptMedia`` it is).
+MAX_BLOCK_SIZE = 4 * 1024 * 1024
 
 
 class CorruptMedia(Exception):
@@ -64,6 +68,8 @@ def seal_blocks(
     key: bytes, chunks: Iterable[bytes], block_size: int = BLOCK_SIZE
 ) -> Iterator[bytes]:
     """Encrypt a stream of plaintext pieces into the sealed file format, block by block."""
+    if not 0 < block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be 1..{MAX_BLOCK_SIZE}, not {block_size}")
     aes = AESGCM(key)
     file_id = os.urandom(8)
     header = HEADER.pack(MAGIC, file_id, block_size)
@@ -111,7 +117,7 @@ class SealedReader:
         if len(header) != HEADER.size:
             raise CorruptMedia(f"{self.path.name}: too short for a sealed file")
         magic, file_id, block_size = HEADER.unpack(header)
-        if magic != MAGIC or block_size <= 0:
+        if magic != MAGIC or not 0 < block_size <= MAX_BLOCK_SIZE:
             raise CorruptMedia(f"{self.path.name}: not a sealed media file (bad header)")
         body = os.fstat(self._file.fileno()).st_size - HEADER.size
         full, rest = divmod(body, block_size + TAG)

@@ -303,3 +303,50 @@ def test_the_gateway_state_is_believed_only_when_signed_and_for_the_run_it_ends(
     state(GatewayState(False, "run-4").encode(key))
     assert relay.gateway_online is False and not uploads_go()
     dev.close()
+
+
+def test_media_that_does_not_read_is_tried_again_then_given_up_not_a_crash(tmp_path) -> None:
+    """Found by a review: an I/O error reading media (a failing card) escaped the relay and
+    ended the agent; restarted, it took the same file first again, for ever. Now it is held
+    and tried again, and after a few failures given up, journalled, and kept."""
+    import shutil
+
+    from agent.relay import READ_ATTEMPTS
+    from agent.transport import Message
+    from protocol.topics import DeviceTopic, GatewayTopic, device_topic, gateway_topic
+    from protocol.upload import UploadAck
+
+    dev = device(tmp_path, 1024)
+    src = tmp_path / "clip.bin"
+    src.write_bytes(bytes(3000))
+    seq = dev.outbox.add_file(src)
+    dev.db.execute("UPDATE journal SET acked = 1")
+    item = dev.outbox.get(seq)
+    assert item is not None
+    kept = tmp_path / "kept"
+    shutil.move(item.path, kept)
+    item.path.mkdir()  # the file's name now opens with an OSError (EISDIR), not ENOENT
+    wire = Wire()
+    relay = relay_for(dev, wire)
+    relay.connected = True
+    chunks = device_topic("cam-hash", DeviceTopic.UPLOAD_CHUNK)
+    receiving = UploadAck("cam-hash", seq, "receiving", (), "", 1).encode(_gateway_key(tmp_path))
+    for attempt in range(READ_ATTEMPTS):
+        relay.unknown_until.clear()  # its time has come
+        relay.next_outbox_poll = 0.0
+        relay._admit_uploads(time.monotonic(), 0)
+        assert seq in relay.uploads, f"attempt {attempt + 1} not made"
+        relay._handle(Message(gateway_topic("cam-hash", GatewayTopic.UPLOAD_ACK), receiving))
+        relay._pump_uploads(time.monotonic())  # raised before
+        assert seq not in relay.uploads
+        if attempt < READ_ATTEMPTS - 1:
+            assert dev.outbox.state(seq) == "pending"
+            assert relay.unknown_until[seq] > time.monotonic(), "held, not tried at once"
+    assert [t for t, _ in wire.sent].count(chunks) == 0
+    assert dev.outbox.state(seq) == "rejected"
+    (reason,) = dev.db.execute("SELECT reason FROM media WHERE seq = ?", [seq]).fetchone()
+    assert reason.startswith("unreadable_on_device")
+    kinds = [r[0] for r in dev.db.execute("SELECT kind FROM journal").fetchall()]
+    assert "media_corrupt" in kinds
+    assert kept.exists()
+    dev.close()

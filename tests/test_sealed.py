@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.sealed import HEADER, TAG, CorruptMedia, RecordCipher, SealedReader, seal_blocks
+from agent.sealed import (
+    HEADER,
+    MAX_BLOCK_SIZE,
+    TAG,
+    CorruptMedia,
+    RecordCipher,
+    SealedReader,
+    seal_blocks,
+)
 from tests.conftest import run_custody
 
 KEY = bytes(range(32))
@@ -63,6 +71,20 @@ def test_any_flipped_byte_is_detected(tmp_path, where):
     path.write_bytes(bytes(raw))
     with pytest.raises(CorruptMedia), SealedReader(path, KEY) as reader:
         b"".join(reader.blocks())
+
+
+def test_a_flipped_high_bit_in_the_block_size_is_refused_before_any_read(tmp_path):
+    # The header is authenticated with the first block, read by the size the header
+    # gives: a high bit flipped there asked for 2 GiB, a MemoryError on a device (which
+    # ended the relay), not the corruption it is.
+    path = seal(tmp_path, os.urandom(10_000), 1000)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER.size - 4] ^= 0x80  # the block size's top byte
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptMedia, match="bad header"):
+        SealedReader(path, KEY)
+    with pytest.raises(ValueError):
+        list(seal_blocks(KEY, [b"x"], block_size=MAX_BLOCK_SIZE + 1))
 
 
 def read(path: Path, key: bytes, length: int = -1, offset: int = 0) -> bytes:
