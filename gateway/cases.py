@@ -318,6 +318,11 @@ def _push_context(conn: sqlite3.Connection, step_id: int, now_ms: int, actor: st
     )
     for officer in step["officers"]:
         for device_id in devices_of_officer(conn, officer):
+            status = conn.execute(
+                "SELECT status FROM devices WHERE device_id = ?", [device_id]
+            ).fetchone()
+            if status is None or status[0] != "active":
+                continue  # a lost device is told nothing, not even which case is open
             cmd_id = conn.execute(
                 "SELECT coalesce(max(cmd_id), 0) + 1 FROM commands WHERE device_id = ?",
                 [device_id],

@@ -436,8 +436,9 @@ class Ingest:
         state = DeviceState.decode(payload)
         if state.device_id != device_id:
             raise MessageError(f"state names {state.device_id} on {device_id}'s topic")
-        dev = self.device(device_id)
-        if dev is None:
+        # A revoked device is not shown online again (``revoke`` marked it offline), nor
+        # is one never enrolled; the first of each raises its alarm (deduplicated).
+        if self._active_device(device_id) is None:
             return []
         with transaction(self.db, durable=False) as conn:
             if state.online:
@@ -461,6 +462,8 @@ class Ingest:
         tele = Telemetry.decode(payload)
         if tele.device_id != device_id:
             raise MessageError(f"telemetry names {tele.device_id} on {device_id}'s topic")
+        if not self._is_active_cached(device_id):
+            return []  # nothing of a revoked or unknown device is stored, telemetry neither
         self._telemetry.append((device_id, payload.decode("utf-8"), now_ms(), tele))
         if len(self._telemetry) >= TELEMETRY_BATCH:
             self.write_telemetry()
@@ -543,7 +546,8 @@ class Ingest:
         rows = self.db.execute(
             "SELECT c.device_id, c.cmd_id, c.name, c.args, c.issued_ms, c.expires_ms "
             "FROM commands c JOIN devices d ON d.device_id = c.device_id "
-            "WHERE c.state = 'pending' AND d.online = 1 ORDER BY c.device_id, c.cmd_id"
+            "WHERE c.state = 'pending' AND d.online = 1 AND d.status = 'active' "
+            "ORDER BY c.device_id, c.cmd_id"
         ).fetchall()
         now = now_ms()
         out = []

@@ -330,3 +330,58 @@ def test_the_crl_is_reissued_daily_not_at_every_check(tmp_path):
         assert ca.crl_next_update() is not None
     finally:
         db.conn.close()
+
+
+def test_ingest_stores_nothing_of_a_revoked_or_unknown_device_and_commands_it_nothing(tmp_path):
+    """A revoked device's "online" showed it online again, telemetry of revoked and never
+    enrolled ids was stored, and commands queued for a revoked device (a step's case
+    context, say) were signed and published to it once it looked online."""
+    from gateway.datadir import DataDir
+    from gateway.db import open_db
+    from gateway.ingest import Ingest
+    from gateway.registry import enroll, revoke
+    from protocol.state import DeviceState, Telemetry
+
+    gw = tmp_path / "gw"
+    enroll("cam-1", gw, tmp_path / "dev", "mqtt://127.0.0.1:1")
+    data = DataDir.open(gw)
+    ingest = Ingest(data, open_db(data.db_path), data.signing_key())
+
+    def state(device_id: str, online: bool, bd_seq: int) -> None:
+        payload = DeviceState(device_id, online, bd_seq, 1).encode()
+        ingest.handle(device_topic(device_id, DeviceTopic.STATE), payload)
+
+    def telemetry(device_id: str) -> None:
+        payload = Telemetry(device_id, 1, 0, 0, 0, 0, 0, 0).encode()
+        ingest.handle(device_topic(device_id, DeviceTopic.TELEMETRY), payload)
+
+    def row() -> tuple:
+        return ingest.db.execute(
+            "SELECT status, online FROM devices WHERE device_id = 'cam-1'"
+        ).fetchone()
+
+    try:
+        state("cam-1", True, 1)
+        assert row() == ("active", 1)
+        revoke("cam-1", gw)
+        ingest._status_cache.clear()
+        assert row() == ("revoked", 0)
+        state("cam-1", True, 99)
+        assert row() == ("revoked", 0), "a revoked device shown online again"
+        telemetry("cam-1")
+        telemetry("ghost-9")
+        ingest.write_telemetry()
+        assert ingest.db.execute("SELECT count(*) FROM telemetry_log").fetchone()[0] == 0
+        kinds = {r[0] for r in ingest.db.execute("SELECT kind FROM alarms").fetchall()}
+        assert {"revoked_device", "unknown_device"} <= kinds
+        ingest.db.execute(
+            "INSERT INTO commands(device_id, cmd_id, name, args, issued_ms, expires_ms, "
+            "state, created_by) VALUES ('cam-1', 1, 'case_context', '{}', 1, ?, 'pending', 'x')",
+            [2**62],
+        )
+        ingest.db.execute("UPDATE devices SET online = 1 WHERE device_id = 'cam-1'")
+        ingest.db.conn.commit()
+        assert ingest.pending_commands() == []
+    finally:
+        ingest.close()
+        ingest.db.conn.close()
