@@ -198,8 +198,13 @@ class EvidenceIntake:
     def _names_another(self, what: str, device_id: str, named: str) -> bool:
         if named == device_id:
             return False
+        # One alarm per kind of message, however many ids a device makes up (keyed by the
+        # text, each made-up id was a new row and a durable commit).
         self._alarm(
-            "topic_mismatch", device_id, f"upload {what} naming {named} on {device_id}'s topic"
+            "topic_mismatch",
+            device_id,
+            f"upload {what} naming {named} on {device_id}'s topic",
+            key=what,
         )
         return True
 
@@ -260,6 +265,7 @@ class EvidenceIntake:
                 "topic_mismatch",
                 device_id,
                 f"chunk claiming {chunk.device_id} on {device_id}'s topic",
+                key="chunk",
             )
             return []
         if not self._is_active_cached(device_id):

@@ -193,6 +193,7 @@ class Ingest:
                 "topic_mismatch",
                 device_id,
                 f"journal batch claiming to be from {claimed} arrived on {device_id}'s topic",
+                key="journal",
             )
             return []
         dev = self._active_device(device_id)

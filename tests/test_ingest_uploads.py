@@ -20,6 +20,7 @@ from gateway.registry import enroll
 from gateway.uploads import CLAIM, ActiveUpload
 from protocol.encoding import decode
 from protocol.journal import SignedRecord
+from protocol.signing import SigningKey
 from protocol.topics import DeviceTopic, GatewayTopic, device_topic, gateway_topic
 from protocol.upload import Chunk, JournalBatch, UploadAck, UploadInit, add_range, subtract
 
@@ -422,6 +423,20 @@ def test_init_or_fin_naming_another_device_is_a_topic_mismatch(tmp_path):
     details = [r[0] for r in ingest.db.execute("SELECT detail FROM alarms").fetchall()]
     assert any("upload init naming cam-other" in d for d in details), details
     assert any("upload fin naming cam-other" in d for d in details), details
+    # Made-up ids, a new one in every message: one alarm per kind of message, counted.
+    for n in range(20):
+        made_up = f"cam-made-up-{n}"
+        for topic, payload in (
+            (DeviceTopic.UPLOAD_INIT, UploadInit(made_up, seq, len(data), sha, CHUNK).encode()),
+            (DeviceTopic.UPLOAD_FIN, UploadFin(made_up, seq).encode()),
+            (DeviceTopic.UPLOAD_CHUNK, Chunk(made_up, seq, 0, data[:CHUNK]).encode()),
+            (DeviceTopic.JOURNAL, JournalBatch(made_up, n + 9, ()).encode(SigningKey.generate())),
+        ):
+            assert ingest.handle(device_topic("cam-i", topic), payload) == []
+    rows = ingest.db.execute(
+        "SELECT count(*), sum(count) FROM alarms WHERE kind = 'topic_mismatch'"
+    ).fetchone()
+    assert rows == (4, 2 + 4 * 20), rows
 
 
 def test_a_signed_manifest_too_large_to_store_is_refused(tmp_path):
