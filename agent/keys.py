@@ -7,9 +7,11 @@ firmware bridge can implement the same interface later. Keys are never logged.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +31,14 @@ def _write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -68,6 +78,23 @@ class FileKeyStore:
     def next_path(self) -> Path:
         return self.path.with_name(self.path.name + ".next")
 
+    @contextlib.contextmanager
+    def _rotation_lock(self) -> Iterator[None]:
+        """Held for a whole rotation, and by ``finish_rotation`` in every other process.
+
+        Without it, ``custody agent add`` (or ``status``) started while the agent was
+        between writing ``.next`` and journalling the hand-over found a ``.next`` the
+        journal did not name yet and deleted it as a crash's leftover; the agent then
+        journalled a hand-over to a key that existed only in its memory, and no record
+        could be signed again.
+        """
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def rotate(self, hand_over: Callable[[SigningKey], None]) -> SigningKey:
         """Replace the signing key, so that the journal chain continues across keys.
 
@@ -76,17 +103,23 @@ class FileKeyStore:
         new public key; only then does the new key replace the old. ``finish_rotation``
         completes or abandons a rotation that a crash interrupted.
         """
-        old = self.signing_key()
-        new = SigningKey.generate()
-        self.next_path.unlink(missing_ok=True)
-        _write_new(self.next_path, new.seed())
-        # The old key stays until the gateway has acknowledged the hand-over: the records
-        # before it are signed with it, and so must be the envelopes that carry them.
-        self.prev_path.unlink(missing_ok=True)
-        _write_new(self.prev_path, old.seed())
-        hand_over(new)
-        os.replace(self.next_path, self.path)
-        return new
+        with self._rotation_lock():
+            old = self.signing_key()
+            new = SigningKey.generate()
+            self.next_path.unlink(missing_ok=True)
+            _write_new(self.next_path, new.seed())
+            # The old key stays until the gateway has acknowledged the hand-over: the
+            # records before it are signed with it, and so must be the envelopes that
+            # carry them.
+            self.prev_path.unlink(missing_ok=True)
+            _write_new(self.prev_path, old.seed())
+            # Both files durable before the journal names the new key: a power cut must
+            # not leave a hand-over to a key that is gone.
+            _fsync_dir(self.path.parent)
+            hand_over(new)
+            os.replace(self.next_path, self.path)
+            _fsync_dir(self.path.parent)
+            return new
 
     @property
     def prev_path(self) -> Path:
@@ -113,15 +146,24 @@ class FileKeyStore:
                     return key
         raise KeyStoreError(f"no device key matches the journal's signer {public_hex[:16]}…")
 
-    def finish_rotation(self, handed_over_to: str | None) -> None:
-        """After a crash: keep ``.next`` if the journal already names it, else drop it."""
+    def finish_rotation(self, handed_over_to: Callable[[], str | None]) -> None:
+        """After a crash: keep ``.next`` if the journal already names it, else drop it.
+
+        ``handed_over_to`` reads the journal's newest hand-over; it is asked under the
+        rotation lock, so a rotation running in another process is waited for, and a
+        crashed one is judged by what it committed, not by what was there before.
+        """
         if not self.next_path.exists():
             return
-        pending = SigningKey.from_seed(_read_private(self.next_path, "next device key"))
-        if handed_over_to == pending.verify_key.hex:
-            os.replace(self.next_path, self.path)
-        else:
-            self.next_path.unlink()
+        with self._rotation_lock():
+            if not self.next_path.exists():
+                return  # the rotation we waited for has finished
+            pending = SigningKey.from_seed(_read_private(self.next_path, "next device key"))
+            if handed_over_to() == pending.verify_key.hex:
+                os.replace(self.next_path, self.path)
+            else:
+                self.next_path.unlink()
+            _fsync_dir(self.path.parent)
 
     @staticmethod
     def create(path: Path) -> SigningKey:

@@ -44,7 +44,7 @@ class Device:
         cipher = RecordCipher(data_key) if data_key is not None else None
         # A key rotation a crash interrupted is completed (or dropped) according to what
         # the journal says, before the signing key is read.
-        self.keys.finish_rotation(last_handover(self.db, config.device_id, cipher))
+        self.keys.finish_rotation(lambda: last_handover(self.db, config.device_id, cipher))
         self.key = self.keys.signing_key()
         self.journal = Journal(
             self.db, config.device_id, self.key, cipher, key_loader=self.keys.key_for

@@ -116,11 +116,41 @@ def test_interrupted_rotation_is_completed_or_dropped(
         with pytest.raises(Crash):
             store.rotate(hand_over)
     assert store.next_path.exists()
-    store.finish_rotation(seen[0] if handed_over else None)
+    store.finish_rotation(lambda: seen[0] if handed_over else None)
     assert not store.next_path.exists()
     current = store.signing_key().verify_key.hex
     assert current == (seen[0] if handed_over else old.verify_key.hex)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_another_process_starting_mid_rotation_waits_instead_of_deleting_the_new_key(
+    tmp_path: Path,
+):
+    """Found by a review: ``custody agent add`` (or ``status``) starting while the agent
+    was between writing ``.next`` and journalling the hand-over took ``.next`` for a
+    crash's leftover and deleted it; the agent then handed the journal over to a key that
+    existed only in its memory, and after a restart nothing could be signed."""
+    import threading
+
+    path = tmp_path / "device.key"
+    FileKeyStore.create(path)
+    agent_store, other_store = FileKeyStore(path), FileKeyStore(path)
+    journal: list[str] = []  # what the journal names, as the other process reads it
+    other_done = threading.Event()
+
+    def other_process() -> None:
+        other_store.finish_rotation(lambda: journal[-1] if journal else None)
+        other_done.set()
+
+    def hand_over(new: SigningKey) -> None:
+        threading.Thread(target=other_process, daemon=True).start()
+        assert not other_done.wait(0.5), "the other process did not wait for the rotation"
+        journal.append(new.verify_key.hex)  # the key_rotation record is committed
+
+    new = agent_store.rotate(hand_over)
+    assert other_done.wait(10)
+    assert not agent_store.next_path.exists()
+    assert agent_store.signing_key().verify_key.hex == new.verify_key.hex == journal[-1]
 
 
 def test_rotation_with_a_backlog_longer_than_a_batch(tmp_path, gateway, make_agent):
