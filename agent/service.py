@@ -7,6 +7,7 @@ visible in the chain; then the relay runs until ``stop`` is set.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -70,6 +71,19 @@ class Device:
         self.db.conn.close()
 
 
+def mqtt_client_id(device_id: str, key: SigningKey) -> str:
+    """The device's MQTT client id: its id plus a suffix only its key can compute.
+
+    The broker takes the identity from the certificate, but the client id from the client,
+    and a second connection under a client id disconnects the first: any enrolled device
+    could keep another one off the broker by connecting as its (plain) device id. The
+    suffix is stable (a restarted agent still takes over its own half-open session at
+    once) and changes with a key rotation, which is harmless.
+    """
+    suffix = hashlib.sha256(b"custody mqtt client id\0" + key.seed()).hexdigest()[:16]
+    return f"{device_id}-{suffix}"
+
+
 class Agent:
     """``camera``/``audio`` make the frame and sound sources when ``config.camera`` /
     ``config.audio`` are set; by default what ``agent.camera`` opens (the ``custody``
@@ -93,7 +107,7 @@ class Agent:
             return Will(topic, payload)
 
         self.transport = MqttTransport(
-            client_id=config.device_id,
+            client_id=mqtt_client_id(config.device_id, self.device.key),
             host=host,
             port=port,
             subscriptions=agent_subscriptions(config.device_id),

@@ -77,8 +77,14 @@ class GatewayService:
         self.connected = threading.Event()
         # A stable client id per data directory: a restarted gateway takes over its old
         # session at once (and the broker publishes the old Last Will then, not 20 s later).
+        # Derived with the gateway key too: a client id is the client's to choose, and a
+        # device connecting under the gateway's would disconnect it (the whole fleet's
+        # uploads stalled); this one cannot be guessed from the data directory's path.
         # ``session`` tells devices that this is a new gateway process.
-        client_id = "custody-gateway-" + hashlib.sha256(str(data.root).encode()).hexdigest()[:12]
+        secret = b"custody mqtt client id\0" + self.ingest.key.seed()
+        client_id = (
+            "custody-gateway-" + hashlib.sha256(secret + str(data.root).encode()).hexdigest()[:16]
+        )
         self.session = uuid.uuid4().hex
         # Chunks arrive as views into the one buffer each packet was received into.
         self.client = LeanClient(

@@ -385,3 +385,38 @@ def test_ingest_stores_nothing_of_a_revoked_or_unknown_device_and_commands_it_no
     finally:
         ingest.close()
         ingest.db.conn.close()
+
+
+def test_a_device_cannot_knock_another_device_or_the_gateway_off_the_broker(
+    tmp_path, gateway, make_agent
+):
+    """The broker takes the identity from the certificate but the client id from the
+    client, and a second connection under a client id disconnects the first. Devices
+    connected as their plain device id and the gateway under a hash of its data path:
+    any enrolled device could keep another, or the gateway and so the whole fleet, off."""
+    import hashlib
+    import time
+
+    from tests.conftest import mqtt_client
+
+    victim = make_agent("cam-victim", gateway)
+    hostile = make_agent("cam-hostile", gateway)
+    victim.start()
+
+    def online() -> bool:
+        return any(
+            d["device_id"] == "cam-victim" and d["online"] for d in gateway.get("/api/v1/devices")
+        )
+
+    wait_for(online, 30, "the victim online")
+    path_hash = hashlib.sha256(str(gateway.data).encode()).hexdigest()
+    old_gateway_id = "custody-gateway-" + path_hash[:12]
+    for guess in ("cam-victim", old_gateway_id):
+        client = mqtt_client(gateway.broker, Identity.device(hostile.dir), client_id=guess)
+        time.sleep(1.5)
+        client.disconnect()
+        client.loop_stop()
+    time.sleep(1)
+    assert "cam-victim disconnected" not in victim.log.read_text()
+    assert "lost the broker" not in gateway.log.read_text()
+    assert online()
