@@ -202,6 +202,8 @@ class Ingest:
         try:
             batch = self._decode_batch(payload, dev.public_key)
         except SignatureError as exc:
+            if self._resent_across_rotation(dev, payload):
+                return [self._journal_ack(device_id, dev.head_seq, dev.head_hash)]
             self._alarm("bad_signature", device_id, f"journal batch: {exc}", key="batch")
             return [
                 self._journal_ack(
@@ -228,6 +230,37 @@ class Ingest:
             )
             return []
         return [self._accept_batch(dev, batch, batch_hash)]
+
+    def _resent_across_rotation(self, dev: Device, payload: bytes) -> bool:
+        """A batch sent again after its ack was lost, when it carried a key hand-over.
+
+        The device signs envelopes with the key before the hand-over until the gateway
+        acknowledges it; the gateway already verifies with the new key, so the resend
+        failed as a forgery (``bad_signature``). Accepted as a resend only when signed by
+        the key just before the current one and when every record in it is already
+        stored, byte for byte: it then changes nothing, and is answered with the head.
+        """
+        row = self.db.execute(
+            "SELECT public_key FROM device_keys WHERE device_id = ? AND public_key != ? "
+            "ORDER BY from_seq DESC LIMIT 1",
+            [dev.device_id, dev.public_key.hex],
+        ).fetchone()
+        if row is None:
+            return False
+        try:
+            batch = JournalBatch.decode(payload, VerifyKey.from_hex(row[0]))
+        except ProtocolError:
+            return False
+        if not batch.records:
+            return False
+        for signed in batch.records:
+            stored = self.db.execute(
+                "SELECT hash FROM journal WHERE device_id = ? AND seq = ?",
+                [dev.device_id, signed.record.seq],
+            ).fetchone()
+            if stored is None or stored[0] != signed.hash().hex():
+                return False
+        return True
 
     @staticmethod
     def _decode_batch(payload: bytes, key: VerifyKey) -> JournalBatch:

@@ -201,3 +201,52 @@ def test_a_forged_hand_over_cannot_lock_a_device_out(tmp_path, gateway, make_age
     agent.start()
     wait_for(lambda: len(gateway.evidence("cam-lock")) == 1, 30, "the real device still uploads")
     assert gateway.alarms(kind="replay", device_id="cam-lock") == []
+
+
+def test_a_hand_over_sent_again_after_its_ack_was_lost_is_not_a_forgery(tmp_path):
+    """The gateway accepted a batch carrying a key hand-over and switched keys; the ack
+    was lost, and the device sent the same records again in an envelope signed, rightly,
+    with the old key. That raised ``bad_signature`` (a forgery alarm) and held the
+    device's journal for 30 s. A resend of stored records is answered with the head; an
+    old-key envelope carrying anything new is still refused."""
+    import json
+
+    from gateway.datadir import DataDir
+    from gateway.ingest import Ingest
+    from gateway.registry import enroll
+    from protocol.journal import GENESIS, JournalRecord
+    from protocol.topics import DeviceTopic, device_topic
+    from protocol.upload import JournalBatch
+
+    gw = tmp_path / "gw"
+    enroll("cam-1", gw, tmp_path / "dev", "mqtt://127.0.0.1:1")
+    data = DataDir.open(gw)
+    ingest = Ingest(data, data.open_db(), data.signing_key())
+    old = SigningKey.from_seed((tmp_path / "dev" / "device.key").read_bytes())
+    new = SigningKey.generate()
+    r1 = JournalRecord("cam-1", 1, GENESIS, "mark", 1, 1, {}).sign(old)
+    body = {"new_public_key": new.verify_key.hex}
+    r2 = JournalRecord("cam-1", 2, r1.hash(), "key_rotation", 2, 2, body).sign(old)
+    topic = device_topic("cam-1", DeviceTopic.JOURNAL)
+
+    def send(counter: int, *records, key: SigningKey = old) -> dict:
+        [ack] = ingest.handle(topic, JournalBatch("cam-1", counter, records).encode(key))
+        return json.loads(ack.payload)
+
+    def alarms() -> list[str]:
+        return [r[0] for r in ingest.db.execute("SELECT kind FROM alarms").fetchall()]
+
+    try:
+        assert send(1, r1, r2)["acked_through"] == 2
+        again = send(2, r1, r2)  # the ack was lost: the same records, the old key
+        assert again["acked_through"] == 2 and again["reason"] == "", again
+        assert alarms() == []
+        # Not a way in for the old key: a new record in an old-key envelope is refused.
+        r3 = JournalRecord("cam-1", 3, r2.hash(), "mark", 3, 3, {}).sign(old)
+        assert send(3, r2, r3)["reason"] == "bad_signature"
+        assert alarms() == ["bad_signature"]
+        r3 = JournalRecord("cam-1", 3, r2.hash(), "mark", 3, 3, {}).sign(new)
+        assert send(4, r3, key=new)["acked_through"] == 3
+    finally:
+        ingest.close()
+        ingest.db.conn.close()
