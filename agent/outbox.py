@@ -387,9 +387,6 @@ class Outbox:
 
         self.journal.append("media_corrupt", {"media_seq": seq, "reason": reason}, also=mark)
 
-    def _unlink(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-
     # -- crash repair --------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
@@ -404,15 +401,19 @@ class Outbox:
         rows = self.db.execute("SELECT seq, path, state FROM media").fetchall()
         known = {str(path): (int(seq), str(state)) for seq, path, state in rows}
         removed = missing = adopted = 0
+        receipted: list[Path] = []
         for path, (seq, state) in known.items():
             exists = (self.media_dir / path).exists()
             if state == "receipted" and exists:
-                self._unlink(self.media_dir / path)
-                removed += 1
+                receipted.append(self.media_dir / path)
             elif state == "pending" and not exists:
                 missing += 1
                 log.error("media for seq %d vanished from %s before its receipt", seq, path)
                 self.reject(seq, "missing_on_device")
+        # Through ``purge``: its receipt may not be durable yet (receipts are committed
+        # without fsync until a purge), and a file must never go before its receipt.
+        self.purge(receipted)
+        removed = len(receipted)
         for orphan in sorted(self.media_dir.glob("*.bin")):
             if orphan.name in known or orphan.stat().st_mtime >= cutoff:
                 continue

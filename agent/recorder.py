@@ -44,14 +44,14 @@ import cv2
 import numpy as np
 
 from agent.camera import AudioSource, Frame, FrameSource
-from agent.db import get_counter
+from agent.db import get_counter, immediate
 from agent.encoder import MEDIA_TYPE, EncodedSegment, EncoderSettings, SegmentEncoder
 from agent.errors import AgentError
 from agent.hardware import HardwareState
 from agent.journal import Journal
 from agent.outbox import Outbox
 from agent.sealed import TAG
-from agent.spool import SpoolWriter
+from agent.spool import SpoolWriter, fsync_dir
 from agent.spool import read as spool_read
 from agent.watermark import Overlay, Watermark
 from firmware_bridge.messages import BatteryEvent, Button, ButtonEvent, Event
@@ -324,6 +324,13 @@ class Recorder:
                 duration_ms,
                 meta.get("recording_id"),
             )
+        # A ``spool:<id>`` mark only guards a spool still on disk; kept, they were a row
+        # per segment for ever. The unlinks above durable first, so none comes back
+        # without its mark (it would be recovered a second time).
+        if self.spool_dir.exists():
+            fsync_dir(self.spool_dir)
+        with immediate(self.db) as conn:
+            conn.execute("DELETE FROM kv WHERE key LIKE 'spool:%'")
         return recovered
 
     def _close_interrupted_recording(self) -> None:

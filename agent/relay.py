@@ -35,7 +35,7 @@ from agent.db import add_to_counter, bump_counter
 from agent.errors import AgentError
 from agent.hardware import DeviceHardware, HardwareState
 from agent.journal import Journal, now_ms
-from agent.outbox import MediaItem, Outbox
+from agent.outbox import SETTLE_S, MediaItem, Outbox
 from agent.sealed import CorruptMedia
 from agent.transport import Connected, Disconnected, Event, Message, Transport
 from agent.uploading import TokenBucket, Upload
@@ -83,6 +83,7 @@ CLOCK_MIN_GAP_S = 10.0
 #: Longest stretch the relay holds new chunks back while capture is behind.
 MAX_YIELD_S = 0.5
 READ_ATTEMPTS = 3  # reads of a media file that may fail before it is given up
+RECOVER_EVERY_S = 300.0  # see ``Relay._recover_late``
 
 
 class Relay:
@@ -142,6 +143,7 @@ class Relay:
         # seq -> when to try it again: the gateway did not know it, or it did not read
         self.unknown_until: dict[int, float] = {}
         self.read_failures: dict[int, int] = {}  # seq -> reads failed in a row
+        self.next_recover = time.monotonic() + SETTLE_S + 1.0
         self._pump_failures = Throttle()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -167,6 +169,7 @@ class Relay:
                         event = None
                 try:
                     self._settle_receipts()
+                    self._recover_late(time.monotonic())
                     if self.connected:
                         self._pump()
                 except Exception:  # a bug or a full disk must not end the agent
@@ -639,6 +642,23 @@ class Relay:
         self.counters["chunks_sent"] += 1
         self.counters["bytes_sent"] += length
         return True
+
+    def _recover_late(self, now: float) -> None:
+        """``Outbox.recover`` again, ``SETTLE_S`` after start and then every few minutes.
+
+        At boot it leaves alone files younger than ``SETTLE_S`` (another process may be
+        about to commit them); a photo renamed into place just before a crash, the agent
+        restarted two seconds later, then sat uncounted and unsent until some later
+        restart. The same goes for a ``custody agent add`` killed mid-commit while the
+        agent runs.
+        """
+        if now < self.next_recover:
+            return
+        self.next_recover = now + RECOVER_EVERY_S
+        report = self.outbox.recover()
+        if report.adopted_orphans or report.missing:
+            log.warning("recovered while running: %s", report)
+            self.next_outbox_poll = 0.0
 
     def _unreadable(self, up: Upload, exc: OSError) -> None:
         """The media would not read (an I/O error on a failing card, say): try it again

@@ -45,6 +45,12 @@ class SpoolWriter:
         self._file = open(self.path, "xb")  # noqa: SIM115 - closed in close()
         self.flushed = 0  # bytes of media appended so far
         self._append(json.dumps({**meta, "spool_id": self.id}).encode())
+        # The spool's name durable in its directory, once: fsyncing the file alone does
+        # not promise that on every filesystem, and a power cut would take the whole
+        # open segment, not the last second of it.
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        fsync_dir(directory)
 
     def _append(self, data: bytes) -> None:
         if self._aes is not None:
@@ -68,6 +74,14 @@ class SpoolWriter:
     def discard(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _aad(spool_id: str, index: int) -> bytes:

@@ -340,3 +340,20 @@ def test_a_spool_survives_a_torn_append_and_is_never_recovered_twice(rig: Rig) -
     recovered = segments[-1]["body"]
     assert recovered["recovered"] and recovered["recording_id"] == 3
     assert rig.media(segments[-1]["seq"]) == fragments
+    # The marks guard spools on disk only: none is left to grow a row per segment.
+    marks = rig.outbox.db.execute("SELECT count(*) FROM kv WHERE key LIKE 'spool:%'")
+    assert marks.fetchone() == (0,)
+    assert rig.recorder.recover_spools() == 0
+
+
+def test_a_new_spool_is_made_durable_in_its_directory(tmp_path, monkeypatch) -> None:
+    """fsync of a new file does not promise its name on every filesystem: without the
+    directory's, a power cut could take the whole open segment, not its last second."""
+    from agent import spool
+
+    synced: list[Path] = []
+    real = spool.fsync_dir
+    monkeypatch.setattr(spool, "fsync_dir", lambda d: (synced.append(d), real(d)))
+    writer = spool.SpoolWriter(tmp_path / "capture", DATA_KEY, {"recording_id": 1})
+    assert synced == [tmp_path / "capture"]
+    writer.discard()

@@ -4,6 +4,7 @@ that give way to capture."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -349,4 +350,28 @@ def test_media_that_does_not_read_is_tried_again_then_given_up_not_a_crash(tmp_p
     kinds = [r[0] for r in dev.db.execute("SELECT kind FROM journal").fetchall()]
     assert "media_corrupt" in kinds
     assert kept.exists()
+    dev.close()
+
+
+def test_a_file_renamed_in_just_before_a_crash_is_adopted_while_the_agent_runs(tmp_path):
+    """At boot, recovery leaves files younger than ``SETTLE_S`` alone (another process may
+    be about to commit them). A photo renamed into place just before a crash, with the
+    agent back two seconds later, then sat uncounted and unsent until some later restart."""
+    from agent.outbox import SETTLE_S
+    from agent.sealed import seal_blocks
+
+    dev = device(tmp_path, 1024)
+    key = dev.outbox.data_key
+    assert key is not None
+    orphan = dev.outbox.media_dir / "orphan.bin"
+    orphan.write_bytes(b"".join(seal_blocks(key, [b"a photo" * 100])))
+    assert dev.outbox.recover().adopted_orphans == 0  # boot: too young to judge
+    relay = relay_for(dev, Wire())
+    relay._recover_late(time.monotonic())  # nothing yet: SETTLE_S after start
+    assert dev.outbox.status()["backlog_items"] == 0
+    old = time.time() - SETTLE_S - 1
+    os.utime(orphan, (old, old))
+    relay._recover_late(time.monotonic() + SETTLE_S + 2)
+    assert dev.outbox.status()["backlog_items"] == 1
+    assert dev.db.execute("SELECT count(*) FROM media WHERE path = 'orphan.bin'").fetchone() == (1,)
     dev.close()
