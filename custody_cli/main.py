@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GATEWAY_DIR",
         help="TLS only, client certificates from this gateway's CA, per-device ACLs",
     )
+    b.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --tls: a DNS name or IP address devices use to reach the broker (its "
+        "certificate is reissued to cover it; repeatable; a concrete --host is added)",
+    )
 
     g = sub.add_parser("gateway", help="run the gateway (ingest + HTTP API)")
     g.add_argument("--data", type=Path, required=True, help="gateway data directory")
@@ -230,6 +238,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
         # An existing gateway only: a typo must not grow a new CA the devices don't trust.
         tls_dir = DataDir.open(args.tls, create=False).ca_dir
+        _broker_names(tls_dir, args.name, args.host)
+    elif args.name:
+        raise UsageError("--name names the TLS broker's certificate: it needs --tls")
+    elif not _loopback(args.host):
+        print(
+            f"custody broker: warning: without --tls the broker on {args.host} takes anyone, "
+            "with no certificate and no ACLs; use --tls GATEWAY_DIR off this machine",
+            file=sys.stderr,
+            flush=True,
+        )
     _directory_arg(args.data, "--data")
     try:
         args.data.mkdir(parents=True, exist_ok=True)
@@ -237,6 +255,38 @@ def cmd_broker(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} cannot be created: {exc.strerror}") from exc
     print(f"custody broker: {scheme}://{args.host}:{args.port} (config in {args.data})", flush=True)
     return run_foreground(args.data, args.port, args.host, tls_dir)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _broker_names(tls_dir: Path, names: list[str], host: str) -> None:
+    """Make the broker's certificate cover the names devices reach it by."""
+    from gateway.ca import CertificateAuthority
+
+    wanted = list(names)
+    if host not in ("0.0.0.0", "::", "") and not _loopback(host):
+        wanted.append(host)  # bound to one address: devices reach it there
+    if not wanted:
+        return
+    try:
+        reissued = CertificateAuthority(tls_dir).ensure_broker_names(wanted)
+    except ValueError as exc:
+        raise UsageError(f"--name: {exc}") from exc
+    if reissued:
+        print(
+            f"custody broker: certificate reissued for {', '.join(sorted(set(wanted)))} "
+            "(and localhost, 127.0.0.1)",
+            flush=True,
+        )
 
 
 def _listenable(host: str, port: int) -> bool:

@@ -183,11 +183,20 @@ def start(
 def run_foreground(
     data_dir: Path, port: int, host: str = "127.0.0.1", tls_dir: Path | None = None
 ) -> int:
-    broker = start(data_dir, port, host, tls_dir)
+    # The handlers go in before mosquitto starts: a SIGTERM while it was starting killed
+    # this process and left mosquitto (in a process group of its own) running, orphaned.
+    stopping = threading.Event()
+    started: list[BrokerProcess] = []
 
     def stop(signum: int, frame: object) -> None:
-        broker.terminate()
+        stopping.set()
+        for broker in started:
+            broker.terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    broker = start(data_dir, port, host, tls_dir)
+    started.append(broker)
+    if stopping.is_set():
+        broker.terminate()
     return broker.wait()

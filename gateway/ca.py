@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,21 @@ MAX_DEVICE_DAYS = CA_YEARS * 365  # a device certificate outliving its CA is use
 #: included, once the CRL it checks is past its next update; the gateway reissues it
 #: long before (``gateway.policy.refresh_crl``).
 CRL_DAYS = 30
+
+
+LOCAL_NAMES = ("localhost", "127.0.0.1")
+
+
+def _general_name(name: str) -> x509.DNSName | x509.IPAddress:
+    """An IP address or a DNS name, as a certificate's subject alternative name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    label = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    if len(name) > 253 or not re.fullmatch(rf"{label}(\.{label})*", name):
+        raise ValueError(f"{name!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(name.lower())
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -122,8 +138,10 @@ class CertificateAuthority:
         server: bool = False,
         days: int = DEFAULT_DEVICE_DAYS,
         not_before: dt.datetime | None = None,
+        names: tuple[str, ...] = (),
     ) -> Issued:
-        """A new key and certificate for ``common_name`` (client unless ``server``)."""
+        """A new key and certificate for ``common_name`` (client unless ``server``; a
+        server's names are ``localhost``, ``127.0.0.1`` and ``names``)."""
         ca_key, ca_cert = self._load()
         key = ec.generate_private_key(ec.SECP256R1())
         start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
@@ -151,7 +169,7 @@ class CertificateAuthority:
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                    [_general_name(n) for n in dict.fromkeys((*LOCAL_NAMES, *names))]
                 ),
                 critical=False,
             )
@@ -159,6 +177,39 @@ class CertificateAuthority:
         return Issued(
             _key_pem(key), cert.public_bytes(serialization.Encoding.PEM), serial, not_after
         )
+
+    @property
+    def broker_cert_path(self) -> Path:
+        return self.root / "broker.crt"
+
+    def broker_names(self) -> set[str]:
+        """The names (DNS names and IP addresses) the broker's certificate is valid for."""
+        cert = x509.load_pem_x509_certificate(self.broker_cert_path.read_bytes())
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return set()
+        return {str(n.value) for n in san if isinstance(n, x509.DNSName | x509.IPAddress)}
+
+    def ensure_broker_names(self, names: list[str]) -> bool:
+        """Reissue the broker's certificate if it does not cover all of ``names`` (the
+        names devices use to reach it over the network); True if it was reissued.
+
+        Devices check the broker's name: one reached as ``gateway.lan`` or ``10.0.0.5``
+        must present a certificate for that name, and the first one covers only
+        ``localhost`` and ``127.0.0.1``. Names already covered are kept.
+        """
+        wanted = {str(_general_name(n).value) for n in names}
+        have = self.broker_names()
+        if wanted <= have:
+            return False
+        keep = sorted(have - set(LOCAL_NAMES))
+        issued = self.issue(
+            BROKER_IDENTITY, server=True, days=CA_YEARS * 365, names=(*keep, *sorted(wanted))
+        )
+        write_secret(self.root / "broker.key", issued.key_pem, replace=True)
+        write_public(self.broker_cert_path, issued.cert_pem)
+        return True
 
     def crl_next_update(self) -> dt.datetime | None:
         """When the published CRL stops being valid; ``None`` when there is none that

@@ -420,3 +420,70 @@ def test_a_device_cannot_knock_another_device_or_the_gateway_off_the_broker(
     assert "cam-victim disconnected" not in victim.log.read_text()
     assert "lost the broker" not in gateway.log.read_text()
     assert online()
+
+
+def test_the_broker_certificate_covers_the_names_devices_reach_it_by(tmp_path, gateway_dir):
+    """The broker's first certificate covers localhost and 127.0.0.1 only; a device
+    reaching it as gateway.lan (it checks the name) could not connect over TLS at all,
+    which pushed operators to plain MQTT. ``--name`` makes the certificate cover more."""
+    import socket
+    import subprocess
+
+    from gateway import broker as broker_mod
+    from tests.conftest import ROOT, custody_cmd
+
+    ca_dir = gateway_dir / "ca"
+    gateway = Identity.gateway(gateway_dir)
+    context = ssl.create_default_context(cafile=str(ca_dir / "ca.crt"))
+    context.load_cert_chain(str(gateway.cert), str(gateway.key))
+
+    def handshake(port: int, name: str) -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname=name):
+                    return "ok"
+            except ssl.SSLCertVerificationError as exc:
+                return f"refused: {exc.verify_message}"
+
+    def run_broker(*names: str) -> tuple[subprocess.Popen[bytes], int]:
+        port = broker_mod.free_port()
+        args = ["broker", "--port", str(port), "--data", str(tmp_path / "b"), "--tls"]
+        args += [str(gateway_dir), *[a for n in names for a in ("--name", n)]]
+        proc = subprocess.Popen(custody_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE)
+        broker_mod.wait_for_port("127.0.0.1", port)
+        return proc, port
+
+    def stop(proc: subprocess.Popen[bytes]) -> str:
+        proc.terminate()
+        return proc.communicate(timeout=10)[0].decode()
+
+    proc, port = run_broker()
+    try:
+        assert handshake(port, "localhost") == "ok"
+        assert handshake(port, "gateway.lan").startswith("refused")
+    finally:
+        stop(proc)
+    proc, port = run_broker("gateway.lan", "10.1.2.3")
+    try:
+        assert handshake(port, "gateway.lan") == "ok"
+        assert handshake(port, "localhost") == "ok"  # still
+        assert handshake(port, "other.lan").startswith("refused")
+    finally:
+        out = stop(proc)
+    assert "certificate reissued for 10.1.2.3, gateway.lan" in out
+    names = CertificateAuthority(ca_dir).broker_names()
+    assert {"localhost", "127.0.0.1", "gateway.lan", "10.1.2.3"} == names
+    bad = run_custody("broker", "--port", "1", "--data", str(tmp_path / "c"), "--name", "x")
+    assert bad.returncode == 2 and "needs --tls" in bad.stderr
+    bad = run_custody(
+        "broker",
+        "--port",
+        "1",
+        "--data",
+        str(tmp_path / "c"),
+        "--tls",
+        str(gateway_dir),
+        "--name",
+        "not a name!",
+    )
+    assert bad.returncode == 2 and "neither an IP address nor a DNS name" in bad.stderr
