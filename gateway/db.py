@@ -11,7 +11,9 @@ The ingest thread is the only writer inside the gateway; ``custody enroll`` may 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -37,6 +39,11 @@ def wal_mode(conn: sqlite3.Connection, attempts: int = 200) -> None:
 
 
 def connect(path: Path) -> sqlite_utils.Database:
+    # Owner-only from the start (SQLite gives its -wal and -shm files the same mode): the
+    # database holds password hashes and the whole registry, and a umask of 022 made it
+    # readable by every local user unless systemd's UMask=0077 applied.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
     wal_mode(conn)  # custody enroll may be opening the database at the same moment
     conn.execute("PRAGMA synchronous=FULL")

@@ -487,3 +487,24 @@ def test_the_broker_certificate_covers_the_names_devices_reach_it_by(tmp_path, g
         "not a name!",
     )
     assert bad.returncode == 2 and "neither an IP address nor a DNS name" in bad.stderr
+
+
+def test_the_gateway_database_is_readable_by_its_owner_only(tmp_path):
+    """It holds password hashes and the registry; created under a umask of 022 it was
+    readable by every local user (unless systemd's UMask=0077 applied)."""
+    import os
+
+    from gateway.datadir import DataDir
+
+    old = os.umask(0o022)
+    try:
+        data = DataDir.open(tmp_path / "gw")
+        db = data.open_db()
+        db.execute("CREATE TABLE probe(x)")  # the -wal file exists now too
+        try:
+            for path in (data.db_path, data.db_path.with_name(data.db_path.name + "-wal")):
+                assert path.stat().st_mode & 0o777 == 0o600, path
+        finally:
+            db.conn.close()
+    finally:
+        os.umask(old)
