@@ -291,6 +291,10 @@ class EvidenceIntake:
                 key=f"bounds {chunk.seq}",
             )
             return []
+        if up.complete:
+            # All held already (resumed as complete after a crash, say): nothing to write;
+            # writing would start a new part file with a hole where the rest had been.
+            return self._finalize(up)
         if up.eager:
             try:
                 chunk.check()
@@ -371,6 +375,9 @@ class EvidenceIntake:
         sha = up.sha256.hex()
         if not up.path.exists() and self.blobs.exists(sha):
             # Moved into the store just before a crash; the store holds only verified bytes.
+            # (Not when a part file exists: its bytes are what this device sent, and they
+            # are checked like any others; the same content stored for another upload must
+            # not vouch for bytes a device never had.)
             self.blobs.settle(sha)
             up.discard()
             return Verdict(up.sha256)

@@ -10,6 +10,8 @@ import random
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from agent.config import load_config
 from agent.service import Device
 from gateway import blobs, uploads
@@ -495,8 +497,9 @@ def test_a_stored_manifest_that_no_longer_reads_refuses_its_upload(tmp_path):
     assert "bad_record" in alarms(ingest)
 
 
+@pytest.mark.parametrize("first", ["init", "a resent chunk"])
 def test_a_crash_after_the_file_went_into_the_store_asks_the_device_for_nothing(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, first
 ):
     # The background step moved the verified file into the blob store; the gateway died
     # before the ingest thread committed the evidence. The last checkpoint says only part
@@ -519,10 +522,13 @@ def test_a_crash_after_the_file_went_into_the_store_asks_the_device_for_nothing(
     synced: list[Path] = []
     real_fsync_dir = blobs.fsync_dir
     monkeypatch.setattr(blobs, "fsync_dir", lambda d: (synced.append(d), real_fsync_dir(d)))
-    replies = ingest.handle(
-        device_topic("cam-i", DeviceTopic.UPLOAD_INIT),
-        UploadInit("cam-i", seq, len(data), hashlib.sha256(data).digest(), CHUNK).encode(),
-    )
+    if first == "init":
+        replies = ingest.handle(
+            device_topic("cam-i", DeviceTopic.UPLOAD_INIT),
+            UploadInit("cam-i", seq, len(data), hashlib.sha256(data).digest(), CHUNK).encode(),
+        )
+    else:  # the device's last chunk timed out and it sent it again, before any init
+        replies = chunk(ingest, seq, 2 * CHUNK, data[2 * CHUNK :])
     assert [a.state for a in acks(ingest, replies)] == ["complete"]
     # The rename may not have been durable when the crash came: it is made so before the
     # receipt rests on it.
