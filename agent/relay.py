@@ -19,6 +19,7 @@ dropped; they never crash the relay.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -84,6 +85,18 @@ CLOCK_MIN_GAP_S = 10.0
 MAX_YIELD_S = 0.5
 READ_ATTEMPTS = 3  # reads of a media file that may fail before it is given up
 RECOVER_EVERY_S = 300.0  # see ``Relay._recover_late``
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EAGAIN,
+        errno.EINTR,
+        errno.ENOMEM,
+        errno.ESTALE,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+    }
+)
 
 
 class Relay:
@@ -671,8 +684,12 @@ class Relay:
         seq = up.item.seq
         up.close()
         del self.uploads[seq]
-        failures = self.read_failures[seq] = self.read_failures.get(seq, 0) + 1
         why = exc.strerror or str(exc)
+        # The process's or the system's trouble, not the file's: never a reason to give
+        # evidence up, however often.
+        transient = exc.errno in TRANSIENT_ERRNOS
+        failures = self.read_failures.get(seq, 0) + (not transient)
+        self.read_failures[seq] = failures
         if failures >= READ_ATTEMPTS:
             log.error("media for seq %d cannot be read (%s); giving it up", seq, why)
             self.read_failures.pop(seq)

@@ -41,7 +41,8 @@ BLOCK_SIZE = 64 * 1024
 #: The largest block a header may claim. The header is authenticated only with the first
 #: block, which is read by the size the header gives: a flipped high bit asked for
 #: gigabytes (a MemoryError on a small device, not the ``CorruptMedia`` it is).
-MAX_BLOCK_SIZE = 4 * 1024 * 1024
+#: 8 MiB: releases before 2026-11-27 sealed in blocks of the chunk size, up to 8 MiB.
+MAX_BLOCK_SIZE = 8 * 1024 * 1024
 
 
 class CorruptMedia(Exception):

@@ -42,8 +42,13 @@ def connect(path: Path) -> sqlite_utils.Database:
     # Owner-only from the start (SQLite gives its -wal and -shm files the same mode): the
     # database holds password hashes and the whole registry, and a umask of 022 made it
     # readable by every local user unless systemd's UMask=0077 applied.
+    # An existing one (from before this rule) is narrowed too, with its -wal and -shm.
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
     conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
     wal_mode(conn)  # custody enroll may be opening the database at the same moment
     conn.execute("PRAGMA synchronous=FULL")

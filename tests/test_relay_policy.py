@@ -314,6 +314,7 @@ def test_media_that_does_not_read_is_tried_again_then_given_up_not_a_crash(tmp_p
 
     from agent.relay import READ_ATTEMPTS
     from agent.transport import Message
+    from agent.uploading import Upload
     from protocol.topics import DeviceTopic, GatewayTopic, device_topic, gateway_topic
     from protocol.upload import UploadAck
 
@@ -345,6 +346,18 @@ def test_media_that_does_not_read_is_tried_again_then_given_up_not_a_crash(tmp_p
             assert relay.unknown_until[seq] > time.monotonic(), "held, not tried at once"
     assert [t for t, _ in wire.sent].count(chunks) == 0
     assert dev.outbox.state(seq) == "rejected"
+    # Trouble of the process's or the system's own (too many open files, say) never gives
+    # evidence up, however often it comes.
+    import errno
+
+    src.write_bytes(bytes(2000))
+    other = dev.outbox.add_file(src)
+    item = dev.outbox.get(other)
+    assert item is not None
+    for _ in range(READ_ATTEMPTS + 2):
+        relay.uploads[other] = Upload(item)
+        relay._unreadable(relay.uploads[other], OSError(errno.EMFILE, "Too many open files"))
+    assert dev.outbox.state(other) == "pending"
     (reason,) = dev.db.execute("SELECT reason FROM media WHERE seq = ?", [seq]).fetchone()
     assert reason.startswith("unreadable_on_device")
     kinds = [r[0] for r in dev.db.execute("SELECT kind FROM journal").fetchall()]
