@@ -7,6 +7,7 @@ others because one caller forgot a flag.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -14,21 +15,36 @@ def write_secret(path: Path, data: bytes, *, replace: bool = False) -> None:
     """Write ``data`` with mode 0600. Without ``replace`` an existing file is an error
     (``FileExistsError``); with it the file is swapped in atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    target = path.with_name(path.name + ".tmp") if replace else path
+    target = _tmp_name(path) if replace else path
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
     fd = os.open(target, flags, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.replace(target, path)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(target, path)
+    except BaseException:
+        target.unlink(missing_ok=True)  # a full disk must not leave half a secret behind
+        raise
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Swap in a non-secret file (certificate, CRL, ACL) atomically: readers never see
     half of it (the broker reloads these while it runs)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temporary name of this writer's own: two processes writing the same file (the
+    gateway reissuing the CRL while ``custody revoke`` writes it) shared one, and one's
+    ``os.replace`` then found it gone."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")

@@ -10,8 +10,12 @@ refuses its next connection. Nothing else may connect: there is no anonymous acc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import logging
+import os
+from collections.abc import Iterator
 
 import sqlite_utils
 
@@ -38,7 +42,26 @@ topic readwrite {ROOT}/#
 """
 
 
+@contextlib.contextmanager
+def _policy_lock(ca: CertificateAuthority) -> Iterator[None]:
+    """One writer of the broker's policy at a time, across processes: the read of the
+    registry and the writes it decides. The gateway's daily reissue read the registry,
+    ``custody revoke`` then committed and wrote its files, and the reissue wrote its older
+    snapshot over them: the revoked device was back on the broker for a day."""
+    fd = os.open(ca.root / "policy.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_broker_policy(db: sqlite_utils.Database, ca: CertificateAuthority) -> None:
+    with _policy_lock(ca):
+        _write_broker_policy(db, ca)
+
+
+def _write_broker_policy(db: sqlite_utils.Database, ca: CertificateAuthority) -> None:
     revoked = [
         r[0]
         for r in db.execute(

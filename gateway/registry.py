@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import os
 import secrets
 from pathlib import Path
@@ -148,7 +149,8 @@ class _Staged:
     def discard(self) -> None:
         for staged in self.files:
             staged.unlink(missing_ok=True)
-            staged.with_name(staged.name + ".tmp").unlink(missing_ok=True)
+            for leftover in staged.parent.glob(glob.escape(staged.name) + ".*.tmp"):
+                leftover.unlink(missing_ok=True)
         self.files.clear()
         if self.created_dir:
             with contextlib.suppress(OSError):

@@ -512,3 +512,54 @@ def test_the_gateway_database_is_readable_by_its_owner_only(tmp_path):
         assert data.db_path.stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_the_daily_crl_reissue_cannot_undo_a_revocation_made_meanwhile(tmp_path):
+    """The gateway's reissue read the registry; ``custody revoke`` then committed and
+    wrote its CRL and ACL; the reissue wrote its older snapshot over them, and the revoked
+    device was back on the broker until the next day's reissue."""
+    import threading
+
+    from cryptography import x509
+
+    from gateway.datadir import DataDir
+    from gateway.policy import refresh_crl
+    from gateway.registry import enroll, revoke
+
+    gw = tmp_path / "gw"
+    enroll("cam-lost", gw, tmp_path / "dev", "mqtt://127.0.0.1:1")
+    data = DataDir.open(gw)
+    db = data.open_db()
+    ca = CertificateAuthority.open(data.ca_dir)
+    read, go = threading.Event(), threading.Event()
+    real_write_crl = ca.write_crl
+
+    def slow_write_crl(serials: list[int]) -> None:
+        read.set()  # the registry is read: this reissue knows no revocation
+        go.wait(10)
+        real_write_crl(serials)
+
+    ca.write_crl = slow_write_crl  # type: ignore[method-assign]
+    reissue = threading.Thread(
+        target=refresh_crl, args=(db, ca, dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
+    )
+    reissue.start()
+    assert read.wait(10)
+    revoking = threading.Thread(target=revoke, args=("cam-lost", gw))
+    revoking.start()
+    revoking.join(1.5)  # without the lock it is done by now, and the reissue writes last
+    go.set()
+    reissue.join(10)
+    revoking.join(10)
+    db.conn.close()
+    serials = {r.serial_number for r in x509.load_pem_x509_crl(ca.crl_path.read_bytes())}
+    db = data.open_db()
+    try:
+        (cert_serial,) = db.execute(
+            "SELECT serial FROM certificates WHERE device_id = 'cam-lost'"
+        ).fetchone()
+    finally:
+        db.conn.close()
+    assert int(cert_serial, 16) in serials
+    assert "user cam-lost\ntopic deny" in (ca.root / "acl").read_text()
+    assert not list(ca.root.glob("*.tmp"))
