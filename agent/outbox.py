@@ -184,6 +184,10 @@ class Outbox:
             os.fsync(out.fileno())
         final = self.media_dir / f"{uuid.uuid4().hex}.bin"
         os.rename(tmp, final)
+        # Dated now: ``recover`` leaves files alone for ``SETTLE_S`` after this date, and
+        # a rename keeps the last write's, which a slow fsync of a large file can leave
+        # minutes behind (recovery running meanwhile adopted the file a second time).
+        os.utime(final)
         fsync_dir(self.media_dir)
         if chunks is None:
             return Written(final, size, digest.digest())
@@ -389,10 +393,20 @@ class Outbox:
 
     # -- crash repair --------------------------------------------------------------------
 
-    def recover(self) -> RecoveryReport:
+    def recover(self, *, at_boot: bool = True) -> RecoveryReport:
+        """Repair what a crash left: adopt media renamed into place but never committed,
+        delete receipted media (receipts made durable first), reject rows whose media
+        vanished, and (``at_boot``) discard half-written temporary files.
+
+        Files are judged only once settled for ``SETTLE_S``: another process (``custody
+        agent add``) may be between its rename and its commit (``_write_durably`` dates
+        a file at its rename, not its last write, for this). Temporary files are
+        discarded at boot only; while the agent runs, one may belong to an add still
+        writing it.
+        """
         discarded = 0
         cutoff = time.time() - SETTLE_S
-        for tmp in self.incoming.glob("*.part"):
+        for tmp in self.incoming.glob("*.part") if at_boot else ():
             # Never counted as captured: the commit that would have made it evidence did
             # not happen. `agent add` still has the original.
             if tmp.stat().st_mtime < cutoff:

@@ -668,7 +668,7 @@ class Relay:
         if now < self.next_recover:
             return
         self.next_recover = now + RECOVER_EVERY_S
-        report = self.outbox.recover()
+        report = self.outbox.recover(at_boot=False)
         if report.adopted_orphans or report.missing:
             log.warning("recovered while running: %s", report)
             self.next_outbox_poll = 0.0

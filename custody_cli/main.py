@@ -272,13 +272,16 @@ def _broker_names(tls_dir: Path, names: list[str], host: str) -> None:
     """Make the broker's certificate cover the names devices reach it by."""
     from gateway.ca import CertificateAuthority
 
+    ca = CertificateAuthority(tls_dir)
+    if ca.broker_cert_path.exists() and ca.repair_broker():
+        print("custody broker: its key and certificate did not match; issued again", flush=True)
     wanted = list(names)
     if host not in ("0.0.0.0", "::", "") and not _loopback(host):
         wanted.append(host)  # bound to one address: devices reach it there
     if not wanted:
         return
     try:
-        reissued = CertificateAuthority(tls_dir).ensure_broker_names(wanted)
+        reissued = ca.ensure_broker_names(wanted)
     except ValueError as exc:
         raise UsageError(f"--name: {exc}") from exc
     if reissued:

@@ -81,9 +81,9 @@ class CertificateAuthority:
         if not ca.cert_path.exists():
             ca._create()
         if not (root / "broker.crt").exists():
-            issued = ca.issue(BROKER_IDENTITY, server=True, days=CA_YEARS * 365)
-            write_secret(root / "broker.key", issued.key_pem, replace=True)
-            write_public(root / "broker.crt", issued.cert_pem)
+            ca._issue_broker(())
+        else:
+            ca.repair_broker()
         if not (root / "gateway.crt").exists():
             issued = ca.issue(GATEWAY_IDENTITY, days=CA_YEARS * 365)
             write_secret(root / "gateway.key", issued.key_pem, replace=True)
@@ -204,12 +204,36 @@ class CertificateAuthority:
         if wanted <= have:
             return False
         keep = sorted(have - set(LOCAL_NAMES))
-        issued = self.issue(
-            BROKER_IDENTITY, server=True, days=CA_YEARS * 365, names=(*keep, *sorted(wanted))
-        )
+        self._issue_broker((*keep, *sorted(wanted - set(keep))))
+        return True
+
+    def repair_broker(self) -> bool:
+        """Issue the broker's key and certificate again if they do not belong together (a
+        crash between writing one and the other: mosquitto would not start), for the
+        names the certificate has. True if it did."""
+        if self._broker_pair_matches():
+            return False
+        self._issue_broker(tuple(sorted(self.broker_names() - set(LOCAL_NAMES))))
+        return True
+
+    def _issue_broker(self, names: tuple[str, ...]) -> None:
+        issued = self.issue(BROKER_IDENTITY, server=True, days=CA_YEARS * 365, names=names)
         write_secret(self.root / "broker.key", issued.key_pem, replace=True)
         write_public(self.broker_cert_path, issued.cert_pem)
-        return True
+
+    def _broker_pair_matches(self) -> bool:
+        try:
+            key = serialization.load_pem_private_key(
+                (self.root / "broker.key").read_bytes(), password=None
+            )
+            cert = x509.load_pem_x509_certificate(self.broker_cert_path.read_bytes())
+        except (OSError, ValueError):
+            return False
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        return bool(
+            key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+        )
 
     def crl_next_update(self) -> dt.datetime | None:
         """When the published CRL stops being valid; ``None`` when there is none that

@@ -52,6 +52,7 @@ TELEMETRY_BATCH = 256  # telemetry messages written at most in one transaction
 log = logging.getLogger("custody.gateway.ingest")
 
 STATUS_TTL_S = 1.0
+STATUS_CACHE_MAX = 4096
 events = logging.getLogger("custody.events")
 
 TELEMETRY_KEEP_MS = 24 * 3600 * 1000
@@ -173,6 +174,28 @@ class Ingest:
             return None
         return dev
 
+    def _active_quietly(self, device_id: str, *, cached: bool = True) -> bool:
+        """For state and telemetry: whether the device is enrolled and active, with the
+        ``revoked_device`` alarm (one per device) but no ``unknown_device`` one: on a
+        broker without TLS anyone can publish state under made-up ids, and each would be
+        an alarm row."""
+        now = time.monotonic()
+        hit = self._status_cache.get(device_id) if cached else None
+        if hit is not None and now - hit[1] < STATUS_TTL_S:
+            return hit[0]
+        dev = self.device(device_id)
+        if dev is None:
+            return False
+        if dev.status != "active":
+            self._alarm("revoked_device", device_id, f"{device_id} is {dev.status}", key="x")
+        return self._remember(device_id, dev.status == "active", now)
+
+    def _remember(self, device_id: str, active: bool, now: float) -> bool:
+        if len(self._status_cache) >= STATUS_CACHE_MAX:
+            self._status_cache.clear()  # made-up ids must not grow it without bound
+        self._status_cache[device_id] = (active, now)
+        return active
+
     def _is_active_cached(self, device_id: str) -> bool:
         """Chunks arrive by the hundred per second; re-read the registry at most every
         ``STATUS_TTL_S`` for them (revocation still takes effect within that time)."""
@@ -180,9 +203,7 @@ class Ingest:
         cached = self._status_cache.get(device_id)
         if cached is not None and now - cached[1] < STATUS_TTL_S:
             return cached[0]
-        active = self._active_device(device_id) is not None
-        self._status_cache[device_id] = (active, now)
-        return active
+        return self._remember(device_id, self._active_device(device_id) is not None, now)
 
     # -- journal -------------------------------------------------------------------------
 
@@ -251,7 +272,13 @@ class Ingest:
             batch = JournalBatch.decode(payload, VerifyKey.from_hex(row[0]))
         except ProtocolError:
             return False
-        if not batch.records:
+        # The device's resend: a new counter, and it ends with the hand-over to the key
+        # in use now (records after it travel under the new key). Anything else under
+        # the old key (a replay of an older batch, say) is still a bad_signature.
+        if batch.counter <= dev.batch_counter or not batch.records:
+            return False
+        last = batch.records[-1].record
+        if last.kind != "key_rotation" or last.body.get("new_public_key") != dev.public_key.hex:
             return False
         for signed in batch.records:
             stored = self.db.execute(
@@ -472,7 +499,7 @@ class Ingest:
             raise MessageError(f"state names {state.device_id} on {device_id}'s topic")
         # A revoked device is not shown online again (``revoke`` marked it offline), nor
         # is one never enrolled; the first of each raises its alarm (deduplicated).
-        if self._active_device(device_id) is None:
+        if not self._active_quietly(device_id, cached=False):
             return []
         with transaction(self.db, durable=False) as conn:
             if state.online:
@@ -496,7 +523,7 @@ class Ingest:
         tele = Telemetry.decode(payload)
         if tele.device_id != device_id:
             raise MessageError(f"telemetry names {tele.device_id} on {device_id}'s topic")
-        if not self._is_active_cached(device_id):
+        if not self._active_quietly(device_id):
             return []  # nothing of a revoked or unknown device is stored, telemetry neither
         self._telemetry.append((device_id, payload.decode("utf-8"), now_ms(), tele))
         if len(self._telemetry) >= TELEMETRY_BATCH:

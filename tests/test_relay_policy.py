@@ -366,25 +366,47 @@ def test_media_that_does_not_read_is_tried_again_then_given_up_not_a_crash(tmp_p
     dev.close()
 
 
-def test_a_file_renamed_in_just_before_a_crash_is_adopted_while_the_agent_runs(tmp_path):
+def test_a_file_renamed_in_just_before_a_crash_is_adopted_while_the_agent_runs(
+    tmp_path, monkeypatch
+):
     """At boot, recovery leaves files younger than ``SETTLE_S`` alone (another process may
     be about to commit them). A photo renamed into place just before a crash, with the
-    agent back two seconds later, then sat uncounted and unsent until some later restart."""
-    from agent.outbox import SETTLE_S
+    agent back two seconds later, then sat uncounted and unsent until some later restart.
+    While the agent runs, "settled" is judged by the rename, not the last write (a slow
+    fsync of a big file), and half-written temporary files are left to their writer."""
+    from agent import outbox as outbox_mod
     from agent.sealed import seal_blocks
 
     dev = device(tmp_path, 1024)
     key = dev.outbox.data_key
     assert key is not None
+    sealed = b"".join(seal_blocks(key, [b"a photo" * 100]))
     orphan = dev.outbox.media_dir / "orphan.bin"
-    orphan.write_bytes(b"".join(seal_blocks(key, [b"a photo" * 100])))
+    orphan.write_bytes(sealed)
     assert dev.outbox.recover().adopted_orphans == 0  # boot: too young to judge
     relay = relay_for(dev, Wire())
     relay._recover_late(time.monotonic())  # nothing yet: SETTLE_S after start
     assert dev.outbox.status()["backlog_items"] == 0
-    old = time.time() - SETTLE_S - 1
-    os.utime(orphan, (old, old))
-    relay._recover_late(time.monotonic() + SETTLE_S + 2)
+    monkeypatch.setattr(outbox_mod, "SETTLE_S", 0.5)
+    time.sleep(0.6)  # the orphan has settled
+    # An add still at work: its last write long ago (a slow fsync), renamed just now, not
+    # committed yet; and another one's temporary file.
+    written_long_ago = time.time() - 3600
+    real_rename = os.rename
+
+    def rename_after_a_slow_fsync(src, dst):  # type: ignore[no-untyped-def]
+        os.utime(src, (written_long_ago, written_long_ago))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(outbox_mod.os, "rename", rename_after_a_slow_fsync)
+    adding = dev.outbox._write_durably([b"a large file"])
+    monkeypatch.setattr(outbox_mod.os, "rename", real_rename)
+    part = dev.outbox.incoming / "still-writing.part"
+    part.write_bytes(b"half")
+    os.utime(part, (written_long_ago, written_long_ago))
+    relay._recover_late(relay.next_recover)  # its time has come
+    adopted = {r[0] for r in dev.db.execute("SELECT path FROM media").fetchall()}
+    assert adopted == {"orphan.bin"}, "an add between its rename and its commit adopted"
+    assert adding.path.exists() and part.exists()
     assert dev.outbox.status()["backlog_items"] == 1
-    assert dev.db.execute("SELECT count(*) FROM media WHERE path = 'orphan.bin'").fetchone() == (1,)
     dev.close()

@@ -241,6 +241,14 @@ def test_a_hand_over_sent_again_after_its_ack_was_lost_is_not_a_forgery(tmp_path
         again = send(2, r1, r2)  # the ack was lost: the same records, the old key
         assert again["acked_through"] == 2 and again["reason"] == "", again
         assert alarms() == []
+        # Only that: old-key envelopes of stored records not ending with the hand-over,
+        # or under a counter already seen, are still refused.
+        assert send(5, r1)["reason"] == "bad_signature"
+        ingest.db.execute("DELETE FROM alarms")
+        ingest.db.conn.commit()
+        assert send(1, r1, r2)["reason"] == "bad_signature"
+        ingest.db.execute("DELETE FROM alarms")
+        ingest.db.conn.commit()
         # Not a way in for the old key: a new record in an old-key envelope is refused.
         r3 = JournalRecord("cam-1", 3, r2.hash(), "mark", 3, 3, {}).sign(old)
         assert send(3, r2, r3)["reason"] == "bad_signature"

@@ -372,8 +372,10 @@ def test_ingest_stores_nothing_of_a_revoked_or_unknown_device_and_commands_it_no
         telemetry("ghost-9")
         ingest.write_telemetry()
         assert ingest.db.execute("SELECT count(*) FROM telemetry_log").fetchone()[0] == 0
-        kinds = {r[0] for r in ingest.db.execute("SELECT kind FROM alarms").fetchall()}
-        assert {"revoked_device", "unknown_device"} <= kinds
+        kinds = [r[0] for r in ingest.db.execute("SELECT kind FROM alarms").fetchall()]
+        # One alarm for the revoked device; none per made-up id (anyone can publish those
+        # on a broker without TLS).
+        assert kinds == ["revoked_device"]
         ingest.db.execute(
             "INSERT INTO commands(device_id, cmd_id, name, args, issued_ms, expires_ms, "
             "state, created_by) VALUES ('cam-1', 1, 'case_context', '{}', 1, ?, 'pending', 'x')",
@@ -473,6 +475,15 @@ def test_the_broker_certificate_covers_the_names_devices_reach_it_by(tmp_path, g
     assert "certificate reissued for 10.1.2.3, gateway.lan" in out
     names = CertificateAuthority(ca_dir).broker_names()
     assert {"localhost", "127.0.0.1", "gateway.lan", "10.1.2.3"} == names
+    # A crash between writing the new key and the new certificate: mosquitto would not
+    # start. The next start issues the pair again, names kept.
+    (ca_dir / "broker.key").write_bytes(CertificateAuthority(ca_dir).issue("x").key_pem)
+    proc, port = run_broker()
+    try:
+        assert handshake(port, "gateway.lan") == "ok"
+    finally:
+        out = stop(proc)
+    assert "did not match; issued again" in out
     bad = run_custody("broker", "--port", "1", "--data", str(tmp_path / "c"), "--name", "x")
     assert bad.returncode == 2 and "needs --tls" in bad.stderr
     bad = run_custody(
