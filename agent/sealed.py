@@ -4,38 +4,47 @@ A copy of the buffer taken off a device (a lost or stolen camera, a copied SD ca
 reveals nothing without the device's data key, and any change to a buffered file is
 detected before a single byte of it is uploaded.
 
-File layout::
+File layout (version 2, written since 2026-11-27)::
 
-    "CSTDYv1\\0" | file_id (8 random bytes) | block_size (u32 BE)      -- header, 20 bytes
+    "CSTDYv2\\0" | salt (16 random bytes) | block_size (u32 BE)        -- header, 28 bytes
     block 0: ciphertext || tag(16)
     block 1: ...
 
-Block ``i`` uses nonce ``file_id || i`` (u32 BE): unique for the key as long as file ids
-do not collide (64 random bits per file) and a file has < 2**32 blocks — so a nonce is
-never reused. Each block's associated data is the header, ``i``, and a final-block flag,
-so blocks cannot be reordered, moved between files, or cut off at the end unnoticed.
-Blocks let the relay decrypt exactly the chunk it is about to send (random access),
-with memory bounded by one block. The outbox seals in blocks of the upload chunk size
-(at most 1 MiB, ``Outbox.seal_block``), so a chunk is one read and one decryption; the
-block size is in the header, so files sealed with another size (64 KiB before, or a chunk
-size since changed) read the same way, and the reader keeps its last block for reads
-smaller than one.
+Each file has a key of its own, HKDF-SHA256 of the device's data key with the file's salt,
+and block ``i`` uses nonce ``0 (8 bytes) || i`` (u32 BE) under it: unique within the file,
+and a key is shared by two files only if two 128-bit salts collide — so a nonce is never
+reused, for as many files as a device will ever write. (Version 1 used the data key
+itself with nonce ``file_id || i`` and a 64-bit random file id: for a given key, the odds
+of two files colliding passed NIST's 2**-32 for random nonces after some 90,000 files,
+a month of a camera's segments. Version 1 files still read.)
+
+Each block's associated data is the header, ``i``, and a final-block flag, so blocks
+cannot be reordered, moved between files, or cut off at the end unnoticed. Blocks let the
+relay decrypt exactly the chunk it is about to send (random access), with memory bounded
+by one block. The outbox seals in blocks of the upload chunk size (at most 1 MiB,
+``Outbox.seal_block``), so a chunk is one read and one decryption; the block size is in
+the header, so files sealed with another size (64 KiB before, or a chunk size since
+changed) read the same way, and the reader keeps its last block for reads smaller than one.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-MAGIC = b"CSTDYv1\0"
-HEADER = struct.Struct(">8s8sI")
+MAGIC_V1 = b"CSTDYv1\0"
+HEADER_V1 = struct.Struct(">8s8sI")  # magic, file id, block size
+MAGIC = b"CSTDYv2\0"
+HEADER = struct.Struct(">8s16sI")  # magic, salt, block size
 TAG = 16
 BLOCK_SIZE = 64 * 1024
 #: The largest block a header may claim. The header is authenticated only with the first
@@ -49,20 +58,34 @@ class CorruptMedia(Exception):
     """A buffered file failed authentication: altered, truncated, or not ours."""
 
 
-def sealed_file_id(header: bytes) -> bytes:
-    """The random id in a sealed file's header (what ties the file to its capture)."""
-    magic, file_id, _ = HEADER.unpack(header[: HEADER.size])
-    if magic != MAGIC:
+def _parse_header(header: bytes) -> tuple[struct.Struct, bytes, int]:
+    """(layout, file id or salt, block size) of a header of either version."""
+    layout = {MAGIC: HEADER, MAGIC_V1: HEADER_V1}.get(header[:8])
+    if layout is None or len(header) < layout.size:
         raise CorruptMedia("not a sealed media header")
-    return bytes(file_id)
+    _, file_id, block_size = layout.unpack(header[: layout.size])
+    return layout, bytes(file_id), block_size
+
+
+def sealed_file_id(header: bytes) -> bytes:
+    """The random id (the salt, since version 2) in a sealed file's header: what ties
+    the file to its capture."""
+    return _parse_header(header)[1]
+
+
+def _file_cipher(key: bytes, header: bytes) -> tuple[AESGCM, Callable[[int], bytes]]:
+    """The cipher and the nonce for block ``i`` of the file with this header."""
+    layout, file_id, _ = _parse_header(header)
+    if layout is HEADER_V1:
+        return AESGCM(key), lambda index: file_id + struct.pack(">I", index)
+    file_key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=file_id, info=b"custody sealed media v2"
+    ).derive(key)
+    return AESGCM(file_key), lambda index: bytes(8) + struct.pack(">I", index)
 
 
 def _aad(header: bytes, index: int, final: bool) -> bytes:
     return header + struct.pack(">I?", index, final)
-
-
-def _nonce(file_id: bytes, index: int) -> bytes:
-    return file_id + struct.pack(">I", index)
 
 
 def seal_blocks(
@@ -71,9 +94,8 @@ def seal_blocks(
     """Encrypt a stream of plaintext pieces into the sealed file format, block by block."""
     if not 0 < block_size <= MAX_BLOCK_SIZE:
         raise ValueError(f"block_size must be 1..{MAX_BLOCK_SIZE}, not {block_size}")
-    aes = AESGCM(key)
-    file_id = os.urandom(8)
-    header = HEADER.pack(MAGIC, file_id, block_size)
+    header = HEADER.pack(MAGIC, os.urandom(16), block_size)
+    aes, nonce = _file_cipher(key, header)
     yield header
     pending = bytearray()
     index = 0
@@ -84,10 +106,10 @@ def seal_blocks(
         ready = (len(pending) - 1) // block_size if pending else 0
         for k in range(ready):
             block = bytes(pending[k * block_size : (k + 1) * block_size])
-            yield aes.encrypt(_nonce(file_id, index), block, _aad(header, index, False))
+            yield aes.encrypt(nonce(index), block, _aad(header, index, False))
             index += 1
         del pending[: ready * block_size]
-    yield aes.encrypt(_nonce(file_id, index), bytes(pending), _aad(header, index, True))
+    yield aes.encrypt(nonce(index), bytes(pending), _aad(header, index, True))
 
 
 @dataclass(frozen=True)
@@ -104,23 +126,27 @@ class SealedReader:
 
     def __init__(self, path: Path, key: bytes) -> None:
         self.path = path
-        self._aes = AESGCM(key)
         self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in close()
         self._last: tuple[int, bytes] | None = None
         try:
             self.info = self._read_info()
+            self._aes, self._nonce = _file_cipher(key, self.info.header)
         except BaseException:
             self._file.close()
             raise
 
     def _read_info(self) -> SealedInfo:
-        header = self._file.read(HEADER.size)
-        if len(header) != HEADER.size:
+        header = self._file.read(max(HEADER.size, HEADER_V1.size))
+        layout = {MAGIC: HEADER, MAGIC_V1: HEADER_V1}.get(header[:8])
+        if len(header) < (layout or HEADER_V1).size:
             raise CorruptMedia(f"{self.path.name}: too short for a sealed file")
-        magic, file_id, block_size = HEADER.unpack(header)
-        if magic != MAGIC or not 0 < block_size <= MAX_BLOCK_SIZE:
+        if layout is None:
             raise CorruptMedia(f"{self.path.name}: not a sealed media file (bad header)")
-        body = os.fstat(self._file.fileno()).st_size - HEADER.size
+        header = header[: layout.size]
+        _, file_id, block_size = _parse_header(header)
+        if not 0 < block_size <= MAX_BLOCK_SIZE:
+            raise CorruptMedia(f"{self.path.name}: not a sealed media file (bad header)")
+        body = os.fstat(self._file.fileno()).st_size - layout.size
         full, rest = divmod(body, block_size + TAG)
         if rest and rest < TAG:
             raise CorruptMedia(f"{self.path.name}: truncated inside a block")
@@ -145,13 +171,11 @@ class SealedReader:
 
     def _decrypt_block(self, index: int) -> bytes:
         info = self.info
-        start = HEADER.size + index * (info.block_size + TAG)
+        start = len(info.header) + index * (info.block_size + TAG)
         data = os.pread(self._file.fileno(), info.block_size + TAG, start)
         final = index == info.blocks - 1
         try:
-            return self._aes.decrypt(
-                _nonce(info.file_id, index), data, _aad(info.header, index, final)
-            )
+            return self._aes.decrypt(self._nonce(index), data, _aad(info.header, index, final))
         except InvalidTag as exc:
             raise CorruptMedia(
                 f"{self.path.name}: block {index} failed authentication (altered on the device)"

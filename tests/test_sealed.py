@@ -57,6 +57,51 @@ def test_ciphertext_reveals_nothing_and_nonces_differ(tmp_path):
     assert p1.read_bytes()[HEADER.size :] != p2.read_bytes()[HEADER.size :]
 
 
+def seal_v1(key: bytes, data: bytes, block: int) -> bytes:
+    """The first format, as releases before 2026-11-27 wrote it: the data key itself,
+    nonce = 64-bit random file id || block index."""
+    import struct
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    file_id = os.urandom(8)
+    header = struct.pack(">8s8sI", b"CSTDYv1\0", file_id, block)
+    pieces = [data[i : i + block] for i in range(0, len(data), block)] or [b""]
+    out = [header]
+    for i, piece in enumerate(pieces):
+        aad = header + struct.pack(">I?", i, i == len(pieces) - 1)
+        out.append(AESGCM(key).encrypt(file_id + struct.pack(">I", i), piece, aad))
+    return b"".join(out)
+
+
+def test_each_file_has_a_key_of_its_own_and_files_of_the_first_format_still_read(tmp_path):
+    # A nonce must never be reused under a key. The first format drew a 64-bit file id
+    # per file under the one data key: past NIST's 2**-32 for random nonces after about
+    # 90,000 files, a month of a camera's segments. Now each file's key is derived from a
+    # 128-bit salt, and the nonces are counters under it.
+    data = os.urandom(5000)
+    a, b = seal(tmp_path, data, 1000), seal(tmp_path, data, 1000)
+    header_a, header_b = a.read_bytes()[: HEADER.size], b.read_bytes()[: HEADER.size]
+    assert header_a[:8] == b"CSTDYv2\0" and header_a[8:24] != header_b[8:24]
+    # Block 0 of one file does not open under the other's key, even with the headers
+    # swapped (the associated data): the keys differ, not only the nonces.
+    forged = header_b + a.read_bytes()[HEADER.size :]
+    path = tmp_path / "forged.bin"
+    path.write_bytes(forged)
+    with pytest.raises(CorruptMedia), SealedReader(path, KEY) as reader:
+        reader.pread(10, 0)
+    legacy = tmp_path / "legacy.bin"
+    legacy.write_bytes(seal_v1(KEY, data, 1000))
+    with SealedReader(legacy, KEY) as reader:
+        assert b"".join(reader.blocks()) == data
+        assert reader.pread(1500, 700) == data[700:2200]
+    raw = bytearray(legacy.read_bytes())
+    raw[30] ^= 1
+    legacy.write_bytes(bytes(raw))
+    with pytest.raises(CorruptMedia), SealedReader(legacy, KEY) as reader:
+        b"".join(reader.blocks())
+
+
 @pytest.mark.parametrize("where", ["header", "first", "middle", "last-tag"])
 def test_any_flipped_byte_is_detected(tmp_path, where):
     path = seal(tmp_path, os.urandom(10_000), 1000)
