@@ -176,18 +176,24 @@ class Outbox:
             else seal_blocks(self.data_key, plaintext(), self.seal_block)
         )
         header = b""
-        with open(tmp, "xb") as out:
-            for block in stored:
-                header = header or block  # a sealed file's first piece is its header
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
         final = self.media_dir / f"{uuid.uuid4().hex}.bin"
-        os.rename(tmp, final)
-        # Dated now: ``recover`` leaves files alone for ``SETTLE_S`` after this date, and
-        # a rename keeps the last write's, which a slow fsync of a large file can leave
-        # minutes behind (recovery running meanwhile adopted the file a second time).
-        os.utime(final)
+        try:
+            with open(tmp, "xb") as out:
+                for block in stored:
+                    header = header or block  # a sealed file's first piece is its header
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+                # Dated now, and the rename keeps the date: ``recover`` leaves files alone
+                # for ``SETTLE_S`` after it, and the last write's date, which a slow fsync
+                # of a large file can leave minutes behind, let recovery running meanwhile
+                # adopt the file a second time.
+                os.utime(out.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            # A full disk mid-segment, say: the space is not kept until the next boot.
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(self.media_dir)
         if chunks is None:
             return Written(final, size, digest.digest())
@@ -393,7 +399,7 @@ class Outbox:
 
     # -- crash repair --------------------------------------------------------------------
 
-    def recover(self, *, at_boot: bool = True) -> RecoveryReport:
+    def recover(self, *, at_boot: bool) -> RecoveryReport:
         """Repair what a crash left: adopt media renamed into place but never committed,
         delete receipted media (receipts made durable first), reject rows whose media
         vanished, and (``at_boot``) discard half-written temporary files.

@@ -201,7 +201,7 @@ class Agent:
         return recorder
 
     def run(self) -> None:
-        report = self.device.outbox.recover()
+        report = self.device.outbox.recover(at_boot=True)
         if any(asdict(report).values()):
             log.warning("recovered after a crash: %s", report)
         self.device.journal.append("boot", {"recovery": asdict(report)})

@@ -273,6 +273,7 @@ def _broker_names(tls_dir: Path, names: list[str], host: str) -> None:
     from gateway.ca import CertificateAuthority
 
     ca = CertificateAuthority(tls_dir)
+    # (A missing one is not made here: write_config says the directory is no gateway's.)
     if ca.broker_cert_path.exists() and ca.repair_broker():
         print("custody broker: its key and certificate did not match; issued again", flush=True)
     wanted = list(names)

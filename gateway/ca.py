@@ -12,9 +12,14 @@ Files live under ``DIR/ca/``; private keys are written 0600 and never printed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
+import logging
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.files import write_public, write_secret
+
+log = logging.getLogger("custody.gateway.ca")
 
 GATEWAY_IDENTITY = "custody-gateway"
 BROKER_IDENTITY = "custody-broker"
@@ -80,10 +87,7 @@ class CertificateAuthority:
         ca = cls(root)
         if not ca.cert_path.exists():
             ca._create()
-        if not (root / "broker.crt").exists():
-            ca._issue_broker(())
-        else:
-            ca.repair_broker()
+        ca.repair_broker()  # issues it the first time, too
         if not (root / "gateway.crt").exists():
             issued = ca.issue(GATEWAY_IDENTITY, days=CA_YEARS * 365)
             write_secret(root / "gateway.key", issued.key_pem, replace=True)
@@ -200,21 +204,47 @@ class CertificateAuthority:
         ``localhost`` and ``127.0.0.1``. Names already covered are kept.
         """
         wanted = {str(_general_name(n).value) for n in names}
-        have = self.broker_names()
-        if wanted <= have:
-            return False
-        keep = sorted(have - set(LOCAL_NAMES))
-        self._issue_broker((*keep, *sorted(wanted - set(keep))))
-        return True
+        with self._broker_lock():
+            have = self.broker_names()
+            if wanted <= have:
+                return False
+            keep = sorted(have - set(LOCAL_NAMES))
+            self._issue_broker((*keep, *sorted(wanted - set(keep))))
+            return True
+
+    @contextlib.contextmanager
+    def _broker_lock(self) -> Iterator[None]:
+        """One process at a time checks or reissues the broker's key and certificate:
+        ``custody broker --name`` between its two writes looked like a crash's leftover to
+        a gateway checking the pair meanwhile, which reissued it with the old names."""
+        fd = os.open(self.root / "broker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def repair_broker(self) -> bool:
         """Issue the broker's key and certificate again if they do not belong together (a
         crash between writing one and the other: mosquitto would not start), for the
         names the certificate has. True if it did."""
-        if self._broker_pair_matches():
-            return False
-        self._issue_broker(tuple(sorted(self.broker_names() - set(LOCAL_NAMES))))
-        return True
+        with self._broker_lock():
+            if not self.broker_cert_path.exists():
+                self._issue_broker(())
+                return True
+            if self._broker_pair_matches():
+                return False
+            try:
+                names = self.broker_names() - set(LOCAL_NAMES)
+            except (OSError, ValueError):
+                names = set()  # unreadable: localhost only; --name adds the rest again
+                log.warning(
+                    "the broker's certificate %s was unreadable; issued again for localhost "
+                    "only (start the broker with --name for the names devices use)",
+                    self.broker_cert_path,
+                )
+            self._issue_broker(tuple(sorted(names)))
+            return True
 
     def _issue_broker(self, names: tuple[str, ...]) -> None:
         issued = self.issue(BROKER_IDENTITY, server=True, days=CA_YEARS * 365, names=names)

@@ -36,7 +36,10 @@ def write_public(path: Path, data: bytes) -> None:
     half of it (the broker reloads these while it runs)."""
     tmp = _tmp_name(path)
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())  # a power cut must not leave an empty file renamed in
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -442,14 +442,14 @@ def test_recover_leaves_young_files_to_a_concurrent_add(store, tmp_path):
     part.write_bytes(b"being written")
     young = store.media_dir / "renamed-not-committed.bin"
     young.write_bytes(b"about to be committed")
-    report = store.outbox.recover()
+    report = store.outbox.recover(at_boot=True)
     assert (report.discarded_partial, report.adopted_orphans) == (0, 0)
     assert part.exists() and young.exists()
 
 
 def test_recover_on_a_clean_store_does_nothing(store: Store, tmp_path: Path) -> None:
     store.outbox.add_file(make_src(tmp_path / "src", "x.bin", b"x"))
-    report = store.outbox.recover()
+    report = store.outbox.recover(at_boot=True)
     assert (report.discarded_partial, report.adopted_orphans) == (0, 0)
     assert (report.removed_receipted, report.missing) == (0, 0)
     assert store.journal.head()[0] == 1
@@ -459,7 +459,7 @@ def test_recover_discards_partial_writes(store: Store) -> None:
     part = store.outbox.incoming / "0123abcd.part"
     part.write_bytes(b"half a video")
     age(part)
-    report = store.outbox.recover()
+    report = store.outbox.recover(at_boot=True)
     assert report.discarded_partial == 1
     assert not part.exists()
     assert store.journal.head() == (0, GENESIS)  # never evidence: nothing journalled
@@ -471,7 +471,7 @@ def test_recover_adopts_orphan_media(store: Store, tmp_path: Path) -> None:
     orphan = store.media_dir / "feedfacefeedfacefeedfacefeedface.bin"
     orphan.write_bytes(payload("orphan", 5_000))
     age(orphan)
-    report = store.outbox.recover()
+    report = store.outbox.recover(at_boot=True)
     assert report.adopted_orphans == 1
     assert orphan.read_bytes() == payload("orphan", 5_000)  # kept, now owned by a row
     chain = verify_store(store)
@@ -488,7 +488,7 @@ def test_recover_adopts_orphan_media(store: Store, tmp_path: Path) -> None:
         record.body["sha256"],
     )
     # A second recovery finds nothing new to adopt.
-    assert store.outbox.recover().adopted_orphans == 0
+    assert store.outbox.recover(at_boot=True).adopted_orphans == 0
     assert store.journal.head()[0] == 2
 
 
@@ -499,7 +499,7 @@ def test_recover_removes_receipted_leftovers(store: Store, tmp_path: Path) -> No
     assert store.outbox.settle(receipt, raw)
     # The crash: the row committed as receipted, the unlink never happened.
     path.write_bytes(b"evidence")
-    report = store.outbox.recover()
+    report = store.outbox.recover(at_boot=True)
     assert report.removed_receipted == 1
     assert not path.exists()
     assert store.outbox.state(seq) == "receipted"
@@ -511,7 +511,7 @@ def test_recover_rejects_vanished_pending_media(store: Store, tmp_path: Path) ->
     lost = store.outbox.add_file(make_src(tmp_path / "src", "lost.bin", b"lost"))
     rows = media_rows(store.db)
     (store.media_dir / rows[lost]["path"]).unlink()
-    report = store.outbox.recover()
+    report = store.outbox.recover(at_boot=True)
     assert report.missing == 1
     assert store.outbox.state(lost) == "rejected"
     assert media_rows(store.db)[lost]["reason"] == "missing_on_device"
@@ -521,7 +521,7 @@ def test_recover_rejects_vanished_pending_media(store: Store, tmp_path: Path) ->
     assert chain[2].record.kind == "media_corrupt"
     assert dict(chain[2].record.body) == {"media_seq": lost, "reason": "missing_on_device"}
     # Reported once: the row is no longer pending.
-    assert store.outbox.recover().missing == 0
+    assert store.outbox.recover(at_boot=True).missing == 0
     assert store.journal.head()[0] == 3
 
 
@@ -543,7 +543,7 @@ def test_recover_all_at_once_across_a_reopen(tmp_path: Path) -> None:
 
     s = open_store(tmp_path / "device", key)  # the agent restarts
     try:
-        report = s.outbox.recover()
+        report = s.outbox.recover(at_boot=True)
         assert (report.discarded_partial, report.adopted_orphans) == (1, 1)
         assert (report.removed_receipted, report.missing) == (1, 1)
         assert bin_files(s) == {"orphan.bin"}
@@ -551,3 +551,18 @@ def test_recover_all_at_once_across_a_reopen(tmp_path: Path) -> None:
         assert kinds == ["file", "file", "media_corrupt", "file"]
     finally:
         s.db.conn.close()
+
+
+def test_a_write_the_disk_refuses_leaves_no_temporary_file(store: Store) -> None:
+    """A full disk mid-segment left its temporary file, and its space, until the next
+    boot's recovery (recovery while the agent runs leaves temporary files alone)."""
+    import errno
+
+    def blocks() -> Iterator[bytes]:
+        yield b"x" * 100_000
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        store.outbox.add_blocks(blocks())
+    assert not list(store.outbox.incoming.glob("*.part"))
+    assert not list(store.outbox.media_dir.glob("*.bin"))

@@ -308,7 +308,7 @@ def test_an_adopted_sealed_orphan_records_its_own_file_id(tmp_path) -> None:
     written = dev.outbox._write_durably([hashlib.shake_256(b"orphan").digest(3000)])
     old = time.time() - agent.outbox.SETTLE_S - 5
     os.utime(written.path, (old, old))
-    assert dev.outbox.recover().adopted_orphans == 1
+    assert dev.outbox.recover(at_boot=True).adopted_orphans == 1
     [(seq, sealed_id)] = dev.db.execute("SELECT seq, sealed_id FROM media").fetchall()
     assert bytes(sealed_id) == written.sealed_id
     item = dev.outbox.get(seq)

@@ -383,7 +383,7 @@ def test_a_file_renamed_in_just_before_a_crash_is_adopted_while_the_agent_runs(
     sealed = b"".join(seal_blocks(key, [b"a photo" * 100]))
     orphan = dev.outbox.media_dir / "orphan.bin"
     orphan.write_bytes(sealed)
-    assert dev.outbox.recover().adopted_orphans == 0  # boot: too young to judge
+    assert dev.outbox.recover(at_boot=True).adopted_orphans == 0  # boot: too young to judge
     relay = relay_for(dev, Wire())
     relay._recover_late(time.monotonic())  # nothing yet: SETTLE_S after start
     assert dev.outbox.status()["backlog_items"] == 0
@@ -392,15 +392,15 @@ def test_a_file_renamed_in_just_before_a_crash_is_adopted_while_the_agent_runs(
     # An add still at work: its last write long ago (a slow fsync), renamed just now, not
     # committed yet; and another one's temporary file.
     written_long_ago = time.time() - 3600
-    real_rename = os.rename
+    real_fsync = os.fsync
 
-    def rename_after_a_slow_fsync(src, dst):  # type: ignore[no-untyped-def]
-        os.utime(src, (written_long_ago, written_long_ago))
-        real_rename(src, dst)
+    def slow_fsync(fd: int) -> None:  # the last write is an hour old when it returns
+        os.utime(fd, (written_long_ago, written_long_ago))
+        real_fsync(fd)
 
-    monkeypatch.setattr(outbox_mod.os, "rename", rename_after_a_slow_fsync)
+    monkeypatch.setattr(outbox_mod.os, "fsync", slow_fsync)
     adding = dev.outbox._write_durably([b"a large file"])
-    monkeypatch.setattr(outbox_mod.os, "rename", real_rename)
+    monkeypatch.setattr(outbox_mod.os, "fsync", real_fsync)
     part = dev.outbox.incoming / "still-writing.part"
     part.write_bytes(b"half")
     os.utime(part, (written_long_ago, written_long_ago))

@@ -574,3 +574,21 @@ def test_the_daily_crl_reissue_cannot_undo_a_revocation_made_meanwhile(tmp_path)
     assert int(cert_serial, 16) in serials
     assert "user cam-lost\ntopic deny" in (ca.root / "acl").read_text()
     assert not list(ca.root.glob("*.tmp"))
+
+
+def test_an_unreadable_broker_certificate_is_issued_again_and_revocation_still_works(tmp_path):
+    """A power cut can leave an empty certificate renamed in. Opening the CA then raised,
+    and with it every revocation after its commit (CRL and ACL never written) and the
+    gateway's hourly CRL reissue."""
+    from gateway.datadir import DataDir
+    from gateway.registry import enroll, revoke
+
+    gw = tmp_path / "gw"
+    enroll("cam-1", gw, tmp_path / "dev", "mqtt://127.0.0.1:1")
+    ca_dir = DataDir.open(gw).ca_dir
+    (ca_dir / "broker.crt").write_bytes(b"")
+    revoke("cam-1", gw)
+    assert "user cam-1\ntopic deny" in (ca_dir / "acl").read_text()
+    ca = CertificateAuthority(ca_dir)
+    assert ca.broker_names() == {"localhost", "127.0.0.1"}
+    assert ca._broker_pair_matches()
