@@ -361,6 +361,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if args.broker is None:
         print("custody enroll: --broker mqtts://HOST:PORT is required", file=sys.stderr)
         return 2
+    new_gateway = not (args.gateway_data / "gateway.key").exists()
     path = enroll(
         args.device_id,
         args.gateway_data,
@@ -370,6 +371,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         cert_days=args.cert_days,
     )
     print(f"enrolled {args.device_id}: {path}")
+    if new_gateway:
+        # Intended on a new host's first step; a typo in the path is the other way here,
+        # and it otherwise surfaced only as the device's TLS failure against the real CA.
+        print(
+            f"custody enroll: no gateway was in {args.gateway_data}, so a NEW one was created "
+            "there (its CA, signing key and admin token). If you meant an existing gateway, "
+            "the path is wrong: this device is trusted only by a gateway and a broker run "
+            "on that directory.",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -182,6 +182,17 @@ def test_enroll_refuses_a_directory_holding_any_of_its_files(tmp_path: Path) -> 
     assert (out / "agent.toml").read_text() == "someone else's"
 
 
+def test_enroll_says_so_when_it_creates_a_new_gateway(tmp_path: Path) -> None:
+    # Found by a newcomer: a typo in --gateway-data silently made a second gateway (a CA
+    # of its own); the device then failed TLS against the real one with no hint why.
+    first = enroll(tmp_path / "gw", tmp_path / "d1", "cam-new1")
+    assert first.returncode == 0, first.stderr
+    assert "a NEW one was created" in first.stderr
+    second = enroll(tmp_path / "gw", tmp_path / "d2", "cam-new2")
+    assert second.returncode == 0, second.stderr
+    assert "NEW" not in second.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Files where directories belong, and a damaged database
 # --------------------------------------------------------------------------------------------
