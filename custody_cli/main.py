@@ -326,6 +326,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         # existing gateway, so that a mistyped path never grows a CA of its own).
         print(f"custody gateway: {args.data} is ready (admin token in {data.token_path})")
         return 0
+    data.claim()  # held until this process exits
     host, port = args.http
     if not _listenable(host, port):
         # Before the banner: it used to print "API http://…" and then fail.

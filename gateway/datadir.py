@@ -16,6 +16,8 @@ Secrets are written with O_EXCL and mode 0600 and never printed.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import secrets
 import sqlite3
 import stat
@@ -134,6 +136,25 @@ class DataDir:
             f"{self.db_path} is not a custody database or is damaged ({exc}); it was left "
             "untouched: restore it from a backup, or move it away to start an empty one"
         )
+
+    def claim(self) -> int:
+        """Hold ``DIR/gateway.lock`` for this process's life (the fd is returned; closing
+        it, or exiting, lets go): one running gateway per data directory. A second one
+        started by mistake took the same MQTT client id, and the two knocked each other
+        off the broker every few seconds with nothing in either log to say why."""
+        fd = os.open(self.root / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirError(
+                f"another gateway (pid {other}) is running on {self.root}: one gateway per "
+                "data directory (stop it first, or give this one a directory of its own)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def check_database(self) -> None:
         """Refuse a ``custody.db`` that SQLite cannot read or that holds another program's

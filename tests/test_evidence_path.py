@@ -360,3 +360,18 @@ def test_a_verification_finishing_at_once_does_not_block_a_full_inbox(tmp_path: 
         service._thread.join(10)
         service._io.shutdown()
         service.db.close()
+
+
+def test_a_second_gateway_on_the_same_data_directory_is_refused(gateway):
+    """Found by a newcomer: it started, took the same MQTT client id, and the two knocked
+    each other off the broker every two seconds, neither log saying why."""
+    from gateway.broker import free_port
+    from tests.conftest import run_custody
+
+    second = run_custody(
+        "gateway", "--data", str(gateway.data), "--broker", gateway.broker.url,
+        "--http", f"127.0.0.1:{free_port()}",
+    )  # fmt: skip
+    assert second.returncode == 2, second.stderr
+    assert f"another gateway (pid {gateway.proc.pid}) is running on" in second.stderr
+    assert "lost the broker" not in gateway.log.read_text()
