@@ -43,7 +43,13 @@ from protocol.journal import GENESIS, Link, check_link
 from protocol.receipt import JournalAck, record_leaf
 from protocol.signing import SigningKey, VerifyKey
 from protocol.state import DeviceState, Telemetry
-from protocol.topics import DeviceTopic, GatewayTopic, gateway_topic, parse_device_topic
+from protocol.topics import (
+    DeviceTopic,
+    GatewayTopic,
+    device_topic,
+    gateway_topic,
+    parse_device_topic,
+)
 from protocol.upload import Chunk, JournalBatch, UploadFin, UploadInit
 
 __all__ = ["Device", "Ingest", "Outgoing"]
@@ -501,9 +507,14 @@ class Ingest:
         if state.device_id != device_id:
             raise MessageError(f"state names {state.device_id} on {device_id}'s topic")
         # A revoked device is not shown online again (``revoke`` marked it offline), nor
-        # is one never enrolled; the first of each raises its alarm (deduplicated).
+        # is one never enrolled. A revoked device's state is most likely its retained
+        # birth from before the revocation, handed to the gateway at every (re)connect:
+        # cleared, so the alarm does not come back each time as if the device were
+        # still trying to talk.
         if not self._active_quietly(device_id, cached=False):
-            return []
+            if self.device(device_id) is None:
+                return []
+            return [Outgoing(device_topic(device_id, DeviceTopic.STATE), b"", retain=True)]
         with transaction(self.db, durable=False) as conn:
             if state.online:
                 conn.execute(

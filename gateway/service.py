@@ -64,7 +64,7 @@ class GatewayService:
     def __init__(self, data: DataDir, broker: str, *, shared: bool = True) -> None:
         self.data = data
         url = parse_broker(broker)
-        self.host, self.port = url.host, url.port
+        self.host, self.port, self.tls = url.host, url.port, url.tls
         self.shared = shared
         self.db = open_db(data.db_path)
         # File verification (fsync, hashing, the move into the blob store) runs here, so
@@ -249,9 +249,14 @@ class GatewayService:
         else:
             # Closed during login: with TLS 1.3 a broker refuses a client certificate
             # only after the handshake looked done.
+            hint = (
+                "is its certificate from this CA?"
+                if self.tls
+                else "if the broker runs with --tls, the URL must be mqtts://"
+            )
             self._problem(
                 f"the broker at {self.host}:{self.port} closed the connection before "
-                f"accepting the gateway ({reason}): is its certificate from this CA?"
+                f"accepting the gateway ({reason}): {hint}"
             )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:

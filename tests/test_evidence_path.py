@@ -232,6 +232,19 @@ def test_a_gateway_that_cannot_reach_its_broker_says_why(tmp_path: Path, gateway
     finally:
         g2.stop()
         b2.stop()
+    # mqtt:// against the TLS broker (found by a newcomer: the hint was about certificates).
+    import types
+
+    b3 = Broker(tmp_path / "broker3", tls_dir=gateway_dir / "ca")
+    b3.start()
+    plain = types.SimpleNamespace(url=f"mqtt://127.0.0.1:{b3.port}")
+    g3 = Gateway(gateway_dir, plain, tmp_path / "gateway3.log")  # type: ignore[arg-type]
+    g3.start()
+    try:
+        wait_for(lambda: "mqtts://" in health(g3)["broker"], 20, "the scheme named")
+    finally:
+        g3.stop()
+        b3.stop()
 
 
 def test_another_gateway_marking_the_gateway_offline_does_not_stop_uploads(

@@ -368,6 +368,15 @@ def test_ingest_stores_nothing_of_a_revoked_or_unknown_device_and_commands_it_no
         assert row() == ("revoked", 0)
         state("cam-1", True, 99)
         assert row() == ("revoked", 0), "a revoked device shown online again"
+        # Most likely its retained birth from before the revocation, handed to the
+        # gateway at every reconnect: cleared, so its alarm does not come back each time.
+        payload = DeviceState("cam-1", True, 99, 1).encode()
+        [clear] = ingest.handle(device_topic("cam-1", DeviceTopic.STATE), payload)
+        assert (clear.topic, clear.payload, clear.retain) == (
+            device_topic("cam-1", DeviceTopic.STATE),
+            b"",
+            True,
+        )
         telemetry("cam-1")
         telemetry("ghost-9")
         ingest.write_telemetry()
