@@ -85,6 +85,7 @@ CLOCK_MIN_GAP_S = 10.0
 MAX_YIELD_S = 0.5
 READ_ATTEMPTS = 3  # reads of a media file that may fail before it is given up
 RECOVER_EVERY_S = 300.0  # see ``Relay._recover_late``
+SILENT_AFTER_ACK_TIMEOUTS = 6  # see ``Relay._warn_if_unanswered``
 TRANSIENT_ERRNOS = frozenset(
     {
         errno.EMFILE,
@@ -158,6 +159,8 @@ class Relay:
         self.read_failures: dict[int, int] = {}  # seq -> reads failed in a row
         self.next_recover = time.monotonic() + SETTLE_S + 1.0
         self._pump_failures = Throttle()
+        self.heard_at = time.monotonic()  # the last acknowledgement or receipt
+        self._silence_warnings = Throttle()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -205,6 +208,7 @@ class Relay:
     def _handle(self, event: Event) -> None:
         if isinstance(event, Connected):
             self.connected = True
+            self.heard_at = time.monotonic()
             self._reset_session()
             birth = DeviceState(self.device_id, True, self.bd_seq, now_ms())
             self.transport.publish(
@@ -243,6 +247,8 @@ class Relay:
         parsed = parse_gateway_topic(msg.topic)
         if parsed.device_id != self.device_id:
             return
+        if parsed.kind is not GatewayTopic.COMMAND:
+            self.heard_at = time.monotonic()  # (an unverifiable one raises below: fine)
         if parsed.kind is GatewayTopic.JOURNAL_ACK:
             self._on_journal_ack(JournalAck.decode(msg.payload, self.gateway_key))
         elif parsed.kind is GatewayTopic.UPLOAD_ACK:
@@ -480,9 +486,32 @@ class Relay:
         if self.gateway_online is not False:
             self._pump_journal(now)
             self._pump_uploads(now)
+            self._warn_if_unanswered(now)
         if now >= self.next_telemetry:
             self.next_telemetry = now + self.config.telemetry_interval_s
             self._publish(DeviceTopic.TELEMETRY, self.telemetry().encode())
+
+    def _warn_if_unanswered(self, now: float) -> None:
+        """Say so when the gateway answers nothing for a long while that we wait on it.
+
+        A revoked device whose connection stays open (the broker drops what it publishes
+        from the moment its ACL says so) or a gateway that is down but left no "offline"
+        looked the same from here: silence, and nothing in the log until a restart.
+        """
+        waiting = self.journal_inflight is not None or any(
+            up.inflight or up.phase != "sending" for up in self.uploads.values()
+        )
+        quiet = now - self.heard_at
+        if not waiting or quiet < max(SILENT_AFTER_ACK_TIMEOUTS * self.config.ack_timeout_s, 30):
+            return
+        if self._silence_warnings.due("silent", now):
+            log.warning(
+                "%s: nothing from the gateway for %.0f s while connected and waiting for "
+                "acknowledgements; the gateway may be down, or this device revoked (the "
+                "broker then drops what it sends); evidence stays buffered meanwhile",
+                self.device_id,
+                quiet,
+            )
 
     def _pump_journal(self, now: float) -> None:
         if self.journal_inflight is not None:

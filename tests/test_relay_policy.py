@@ -410,3 +410,25 @@ def test_a_file_renamed_in_just_before_a_crash_is_adopted_while_the_agent_runs(
     assert adding.path.exists() and part.exists()
     assert dev.outbox.status()["backlog_items"] == 1
     dev.close()
+
+
+def test_a_gateway_that_answers_nothing_is_said_so_in_the_log(tmp_path, caplog) -> None:
+    """Found by a newcomer: a revoked device whose connection stayed open (the broker drops
+    what it publishes) logged nothing at all; neither does a gateway gone quiet."""
+    import logging
+
+    dev = device(tmp_path, 1024, ack_timeout=2.0)
+    src = tmp_path / "clip.bin"
+    src.write_bytes(bytes(3000))
+    dev.outbox.add_file(src)
+    relay = relay_for(dev, Wire())
+    relay.connected = True
+    with caplog.at_level(logging.WARNING, logger="custody.agent.relay"):
+        relay._pump()  # the journal batch goes out, and waits for its ack
+        assert relay.journal_inflight is not None
+        assert "nothing from the gateway" not in caplog.text
+        relay.heard_at -= 31  # half a minute of silence
+        relay._pump()
+    assert "nothing from the gateway for 31 s" in caplog.text
+    assert "revoked" in caplog.text
+    dev.close()
