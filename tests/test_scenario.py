@@ -22,8 +22,16 @@ def test_shipped_scenario_timeline():
     assert [b.percent for b in batteries][:3] == [90, 88, 87]
     assert batteries[-1].percent == 70 and batteries[-1].charging  # docked at 110 s
     assert not batteries[0].charging
-    marks = [(t, e) for t, e in events if isinstance(e, ButtonEvent)]
-    assert [t for t, _ in marks] == [15, 60] and marks[1][1].long_press
+    presses = [(t, e.button.name.lower(), e.long_press) for t, e in events
+               if isinstance(e, ButtonEvent)]  # fmt: skip
+    # It records (a newcomer found `custody sim device` with it recorded nothing).
+    assert presses == [
+        (5, "record", False),
+        (15, "mark", False),
+        (60, "mark", True),
+        (90, "record", False),
+        (95, "photo", False),
+    ]
     assert [t for t, e in events if isinstance(e, DockEvent)] == [110]
     fixes = [e for _, e in events if isinstance(e, GpsFix)]
     assert fixes[0].lat_e6 == 39_125_000 and fixes[-1].lon_e6 == 117_204_000
