@@ -92,7 +92,8 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
         f"  token      {gw_data.admin_token()}\n"
         f"  try        curl -H 'Authorization: Bearer {gw_data.admin_token()}' "
         f"http://{host}:{http_port}/api/v1/evidence\n"
-        f"  devices    {devices} simulated body camera{"s" if devices != 1 else ""} recording H.264 + AAC, 5 s segments\n"
+        f"  devices    {devices} simulated body camera{'s' if devices != 1 else ''} "
+        "recording H.264 + AAC, 5 s segments\n"
         f"  stop       Ctrl-C{f' (or after {duration:g} s)' if duration else ''}\n",
         flush=True,
     )
