@@ -44,7 +44,7 @@ from gateway.catalogue import load_catalogue
 from gateway.dashboard import add_dashboard
 from gateway.datadir import DataDir
 from gateway.db import connect, storage_full, transaction
-from gateway.serving import evidence_response
+from gateway.serving import download_name, evidence_response
 from gateway.translog import TransparencyLog
 from protocol.command import COMMAND_ARGS, COMMANDS, check_args
 from protocol.encoding import canonical
@@ -287,7 +287,7 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
         return evidence_response(
             blobs.path(item["sha256"]),
             item["media_type"],
-            f"{item['device_id']}-{item['seq']}",
+            download_name(f"{item['device_id']}-{item['seq']}", item["name"], item["media_type"]),
             headers={"X-Custody-SHA256": item["sha256"]},
         )
 

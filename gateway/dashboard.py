@@ -46,7 +46,7 @@ from gateway.api_cases import Int64
 from gateway.blobs import BlobStore
 from gateway.datadir import DataDir
 from gateway.db import connect, transaction
-from gateway.serving import evidence_response
+from gateway.serving import download_name, evidence_response
 
 HERE = Path(__file__).parent
 COOKIE = "custody_session"
@@ -538,7 +538,8 @@ def add_dashboard(
     @app.get("/dashboard/media/{evidence_id}", include_in_schema=False)
     def media(evidence_id: Int64, conn: Db, who: Who) -> FileResponse:
         sha, media_type = evidence_row(conn, who, evidence_id, "play")
-        return evidence_response(blobs.path(sha), media_type, f"evidence-{evidence_id}")
+        name = download_name(f"evidence-{evidence_id}", None, media_type)
+        return evidence_response(blobs.path(sha), media_type, name)
 
     @app.get("/dashboard/thumb/{evidence_id}.jpg", include_in_schema=False)
     def thumb(evidence_id: Int64, conn: Db, who: Who) -> Response:

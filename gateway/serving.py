@@ -13,6 +13,8 @@ sent, exactly.
 
 from __future__ import annotations
 
+import mimetypes
+import re
 from pathlib import Path
 
 from fastapi.responses import FileResponse
@@ -32,6 +34,17 @@ INLINE = frozenset(
         "image/webp",
     }
 )
+
+
+def download_name(base: str, name: str | None, media_type: str) -> str:
+    """``base`` plus the device's own file name when it has one (``cam-7-1-notice.pdf``),
+    else an extension from the media type: a download called ``cam-7-1`` lost both.
+    Only letters, digits, ``.``, ``-`` and ``_`` of the device's name are kept (it is the
+    device's word, and ends up in a header and on the downloader's disk)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._")[:100]
+    if safe:
+        return f"{base}-{safe}"
+    return base + (mimetypes.guess_extension(media_type.split(";", 1)[0].strip()) or "")
 
 
 def evidence_response(

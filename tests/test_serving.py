@@ -29,6 +29,12 @@ def test_html_evidence_is_a_sandboxed_download_and_video_plays_inline(tmp_path: 
             assert r.content == PAGE  # exactly what was sent
             assert r.headers["content-type"].startswith("text/html")
             assert r.headers["content-disposition"].startswith("attachment"), path
+            # Named after the device's file where it has one (a newcomer got `cam-7-1`).
+            assert r.headers["content-disposition"].endswith(
+                f'filename="cam-a-{page["seq"]}-report.html"'
+                if path.startswith("/api")
+                else f'filename="evidence-{page["id"]}.html"'
+            ), r.headers["content-disposition"]
             assert r.headers["x-content-type-options"] == "nosniff"
             assert r.headers["content-security-policy"] == "sandbox"
         for path in (f"/api/v1/evidence/{video['id']}/media", f"/dashboard/media/{video['id']}"):
