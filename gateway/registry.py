@@ -20,6 +20,8 @@ import os
 import secrets
 from pathlib import Path
 
+import sqlite_utils
+
 from gateway.ca import (
     BROKER_IDENTITY,
     DEFAULT_DEVICE_DAYS,
@@ -157,6 +159,29 @@ class _Staged:
                 self.out_dir.rmdir()  # only if empty: nothing of anyone else's goes
 
 
+def _refuse_if_enrolled(
+    data: DataDir, device_id: str, db: sqlite_utils.Database | None = None
+) -> None:
+    own = db is None
+    db = db or data.open_db()
+    try:
+        row = db.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
+    finally:
+        if own:
+            db.conn.close()
+    if row is None:
+        return
+    if row[0] != "active":
+        raise EnrollmentError(
+            f"device {device_id} is enrolled at {data.root} and {row[0]}; an id is never "
+            "reused: enroll the device under a new id"
+        )
+    raise EnrollmentError(
+        f"device {device_id} is already enrolled at {data.root}; use "
+        "`custody enroll --renew` for a new certificate"
+    )
+
+
 def _write_failed(out_dir: Path, exc: OSError) -> EnrollmentError:
     where = exc.filename or out_dir
     return EnrollmentError(f"cannot write the device files in {out_dir}: {where}: {exc.strerror}")
@@ -190,6 +215,10 @@ def enroll(
     _check_id(device_id)
     _check_days(cert_days)
     _check_out_dir(out_dir)
+    if (gateway_dir / "gateway.key").exists():
+        # Said first: enrolling an id twice (into its own directory again, most likely)
+        # was answered "enroll into an empty directory", which sent people the wrong way.
+        _refuse_if_enrolled(DataDir.open(gateway_dir, create=False), device_id)
     for name in ("device.key", "data.key", "tls.key", "device.crt", "ca.crt", "agent.toml"):
         if (out_dir / name).exists():
             raise EnrollmentError(
@@ -199,11 +228,7 @@ def enroll(
     db = data.open_db()
     staged = _Staged(out_dir)
     try:
-        if db.execute("SELECT 1 FROM devices WHERE device_id = ?", [device_id]).fetchone():
-            raise EnrollmentError(
-                f"device {device_id} is already enrolled at {gateway_dir}; use "
-                "`custody enroll --renew` for a new certificate"
-            )
+        _refuse_if_enrolled(data, device_id, db)
         ca = CertificateAuthority.open(data.ca_dir)
         key = SigningKey.generate()
         issued = _issue(ca, device_id, cert_days)
@@ -265,7 +290,10 @@ def renew(
         if row is None:
             raise EnrollmentError(f"device {device_id} is not enrolled; enroll it first")
         if row[0] != "active":
-            raise EnrollmentError(f"device {device_id} is {row[0]}; it cannot be renewed")
+            raise EnrollmentError(
+                f"device {device_id} is {row[0]}; it cannot be renewed (enroll the device "
+                "again under a new id)"
+            )
         if not out_dir.is_dir() or not (out_dir / "agent.toml").is_file():
             raise EnrollmentError(f"{out_dir} is not {device_id}'s device directory")
         ca = CertificateAuthority.open(data.ca_dir)

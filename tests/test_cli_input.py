@@ -191,6 +191,9 @@ def test_enroll_says_so_when_it_creates_a_new_gateway(tmp_path: Path) -> None:
     second = enroll(tmp_path / "gw", tmp_path / "d2", "cam-new2")
     assert second.returncode == 0, second.stderr
     assert "NEW" not in second.stderr
+    # The same id again, into its own directory: the registration is what to hear about.
+    again = enroll(tmp_path / "gw", tmp_path / "d1", "cam-new1")
+    refused(again, "cam-new1 is already enrolled", "--renew")
 
 
 # --------------------------------------------------------------------------------------------
