@@ -160,6 +160,7 @@ class Relay:
         self.next_recover = time.monotonic() + SETTLE_S + 1.0
         self._pump_failures = Throttle()
         self.heard_at = time.monotonic()  # the last acknowledgement or receipt
+        self.waiting_since: float | None = None  # since when something awaits an answer
         self._silence_warnings = Throttle()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -333,6 +334,7 @@ class Relay:
         self.gateway_online = online
         if online:
             self.gateway_session = session
+            self.heard_at = time.monotonic()  # its silence while offline was not news
 
     def _on_journal_ack(self, ack: JournalAck) -> None:
         if ack.device_id != self.device_id:
@@ -498,11 +500,18 @@ class Relay:
         from the moment its ACL says so) or a gateway that is down but left no "offline"
         looked the same from here: silence, and nothing in the log until a restart.
         """
+        # Not an upload at ``fin``: the gateway answers a file only once it has verified
+        # it, which for a large one (or a queue of them) may take a while.
         waiting = self.journal_inflight is not None or any(
-            up.inflight or up.phase != "sending" for up in self.uploads.values()
+            up.inflight or up.phase == "init" for up in self.uploads.values()
         )
-        quiet = now - self.heard_at
-        if not waiting or quiet < max(SILENT_AFTER_ACK_TIMEOUTS * self.config.ack_timeout_s, 30):
+        if not waiting:
+            self.waiting_since = None
+            return
+        if self.waiting_since is None:
+            self.waiting_since = now  # an hour without traffic is not an hour of silence
+        quiet = now - max(self.heard_at, self.waiting_since)
+        if quiet < max(SILENT_AFTER_ACK_TIMEOUTS * self.config.ack_timeout_s, 30):
             return
         if self._silence_warnings.due("silent", now):
             log.warning(

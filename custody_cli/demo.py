@@ -61,6 +61,7 @@ def run_demo(devices: int, duration: float | None, data: Path | None, http: tupl
     port = broker.free_port()
     url = f"mqtts://127.0.0.1:{port}"
     gw_data = DataDir.open(data / "gateway")
+    gw_data.claim()  # one gateway per data directory, held until exit
     mosquitto = broker.start(data / "broker", port, tls_dir=gw_data.ca_dir)
     configs = []
     for i in range(1, devices + 1):

@@ -43,6 +43,7 @@ def run_fleet(
     port = broker.free_port()
     url = f"mqtts://127.0.0.1:{port}"
     gw_data = DataDir.open(root / "gateway")
+    gw_data.claim()  # one gateway per data directory, held until exit
     box = [broker.start(root / "broker", port, tls_dir=gw_data.ca_dir)]
 
     def restart_broker() -> None:

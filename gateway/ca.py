@@ -236,7 +236,7 @@ class CertificateAuthority:
                 return False
             try:
                 names = self.broker_names() - set(LOCAL_NAMES)
-            except (OSError, ValueError):
+            except (FileNotFoundError, ValueError):
                 names = set()  # unreadable: localhost only; --name adds the rest again
                 log.warning(
                     "the broker's certificate %s was unreadable; issued again for localhost "
@@ -257,8 +257,9 @@ class CertificateAuthority:
                 (self.root / "broker.key").read_bytes(), password=None
             )
             cert = x509.load_pem_x509_certificate(self.broker_cert_path.read_bytes())
-        except (OSError, ValueError):
-            return False
+        except (FileNotFoundError, ValueError):
+            return False  # missing or damaged: issue again (another OSError is raised: a
+            # certificate we cannot read for now is not one to replace, names and all)
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
         return bool(

@@ -18,6 +18,7 @@ import datetime as dt
 import glob
 import os
 import secrets
+import sqlite3
 from pathlib import Path
 
 import sqlite_utils
@@ -162,13 +163,23 @@ class _Staged:
 def _refuse_if_enrolled(
     data: DataDir, device_id: str, db: sqlite_utils.Database | None = None
 ) -> None:
-    own = db is None
-    db = db or data.open_db()
-    try:
+    """Refuse an id enrolled already. Without ``db`` the database is only read (opened
+    read-only: a refused enrollment must not create or migrate anything)."""
+    if db is not None:
         row = db.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
-    finally:
-        if own:
-            db.conn.close()
+    else:
+        try:
+            conn = sqlite3.connect(f"{data.db_path.as_uri()}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return  # no database yet: nothing is enrolled
+        try:
+            row = conn.execute(
+                "SELECT status FROM devices WHERE device_id = ?", [device_id]
+            ).fetchone()
+        except sqlite3.Error:
+            return  # not a database of ours yet: enroll's own checks say what is wrong
+        finally:
+            conn.close()
     if row is None:
         return
     if row[0] != "active":
@@ -218,7 +229,7 @@ def enroll(
     if (gateway_dir / "gateway.key").exists():
         # Said first: enrolling an id twice (into its own directory again, most likely)
         # was answered "enroll into an empty directory", which sent people the wrong way.
-        _refuse_if_enrolled(DataDir.open(gateway_dir, create=False), device_id)
+        _refuse_if_enrolled(DataDir(gateway_dir), device_id)
     for name in ("device.key", "data.key", "tls.key", "device.crt", "ca.crt", "agent.toml"):
         if (out_dir / name).exists():
             raise EnrollmentError(

@@ -13,9 +13,8 @@ sent, exactly.
 
 from __future__ import annotations
 
-import mimetypes
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from fastapi.responses import FileResponse
 
@@ -36,15 +35,35 @@ INLINE = frozenset(
 )
 
 
+#: The extension a download gets, by media type: passive formats only. A name the
+#: device chose (``evil.html``, ``run.desktop``) or a type that runs when opened
+#: (``text/html``, ``image/svg+xml``) must not make a saved file that acts on a double-click.
+EXTENSIONS = {
+    "video/mp4": ".mp4",
+    "video/webm": ".webm",
+    "audio/mp4": ".m4a",
+    "audio/mpeg": ".mp3",
+    "audio/aac": ".aac",
+    "audio/wav": ".wav",
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "image/gif": ".gif",
+    "image/webp": ".webp",
+    "application/pdf": ".pdf",
+    "text/plain": ".txt",
+}
+
+
 def download_name(base: str, name: str | None, media_type: str) -> str:
-    """``base`` plus the device's own file name when it has one (``cam-7-1-notice.pdf``),
-    else an extension from the media type: a download called ``cam-7-1`` lost both.
-    Only letters, digits, ``.``, ``-`` and ``_`` of the device's name are kept (it is the
-    device's word, and ends up in a header and on the downloader's disk)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._")[:100]
-    if safe:
-        return f"{base}-{safe}"
-    return base + (mimetypes.guess_extension(media_type.split(";", 1)[0].strip()) or "")
+    """``base``, the stem of the device's own file name when it has one, and an extension
+    for the media type (``cam-7-1-notice.pdf``; a download called ``cam-7-1`` lost
+    both). Only letters, digits, ``.``, ``-`` and ``_`` of the device's name are kept
+    (it is the device's word, and ends up in a header and on the downloader's disk), and
+    never its own extension: ``.bin`` for anything not known to be passive."""
+    stem = PurePosixPath(name or "").stem if name and "." in name.strip(".") else name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem or "").strip("._")[:100]
+    ext = EXTENSIONS.get(media_type.split(";", 1)[0].strip().lower(), ".bin")
+    return (f"{base}-{safe}" if safe else base) + ext
 
 
 def evidence_response(

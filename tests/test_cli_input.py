@@ -191,9 +191,18 @@ def test_enroll_says_so_when_it_creates_a_new_gateway(tmp_path: Path) -> None:
     second = enroll(tmp_path / "gw", tmp_path / "d2", "cam-new2")
     assert second.returncode == 0, second.stderr
     assert "NEW" not in second.stderr
-    # The same id again, into its own directory: the registration is what to hear about.
+
+    # The same id again, into its own directory: the registration is what to hear about,
+    # and finding it out changes nothing in the gateway's directory.
+    def stored() -> dict[str, bytes]:  # SQLite's -wal and -shm side files aside
+        return {
+            k: v for k, v in snapshot(tmp_path / "gw").items() if k[-4:] not in ("-wal", "-shm")
+        }
+
+    before = stored()
     again = enroll(tmp_path / "gw", tmp_path / "d1", "cam-new1")
     refused(again, "cam-new1 is already enrolled", "--renew")
+    assert stored() == before
 
 
 # --------------------------------------------------------------------------------------------

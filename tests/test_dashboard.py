@@ -26,7 +26,7 @@ W, H, FPS = 320, 180, 15.0
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
-    reason="Debian's chromium is not installed (make setup installs it)",
+    reason="Debian's chromium is not installed (`make test` or `make chromium` installs it)",
 )
 
 

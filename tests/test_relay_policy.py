@@ -427,8 +427,20 @@ def test_a_gateway_that_answers_nothing_is_said_so_in_the_log(tmp_path, caplog) 
         relay._pump()  # the journal batch goes out, and waits for its ack
         assert relay.journal_inflight is not None
         assert "nothing from the gateway" not in caplog.text
-        relay.heard_at -= 31  # half a minute of silence
+        assert relay.waiting_since is not None
+        relay.heard_at -= 31  # half a minute of silence, waiting all along
+        relay.waiting_since -= 31
         relay._pump()
     assert "nothing from the gateway for 31 s" in caplog.text
     assert "revoked" in caplog.text
+    # An hour without traffic is not an hour of silence: the wait starts with the send.
+    caplog.clear()
+    relay2 = relay_for(dev, Wire())
+    relay2.connected = True
+    relay2.heard_at -= 3600  # connected and idle for an hour
+    dev.outbox.add_file(src)
+    with caplog.at_level(logging.WARNING, logger="custody.agent.relay"):
+        relay2._pump()
+        relay2._pump()
+    assert "nothing from the gateway" not in caplog.text
     dev.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gateway.serving import download_name
 from tests.field import O1, FieldWorld, at
 
 PAGE = b"<script>fetch('/api/v1/users', {method: 'POST'})</script>"
@@ -29,11 +30,12 @@ def test_html_evidence_is_a_sandboxed_download_and_video_plays_inline(tmp_path: 
             assert r.content == PAGE  # exactly what was sent
             assert r.headers["content-type"].startswith("text/html")
             assert r.headers["content-disposition"].startswith("attachment"), path
-            # Named after the device's file where it has one (a newcomer got `cam-7-1`).
+            # Named after the device's file where it has one (a newcomer got `cam-7-1`),
+            # never with an extension that acts when the saved file is opened.
             assert r.headers["content-disposition"].endswith(
-                f'filename="cam-a-{page["seq"]}-report.html"'
+                f'filename="cam-a-{page["seq"]}-report.bin"'
                 if path.startswith("/api")
-                else f'filename="evidence-{page["id"]}.html"'
+                else f'filename="evidence-{page["id"]}.bin"'
             ), r.headers["content-disposition"]
             assert r.headers["x-content-type-options"] == "nosniff"
             assert r.headers["content-security-policy"] == "sandbox"
@@ -44,3 +46,12 @@ def test_html_evidence_is_a_sandboxed_download_and_video_plays_inline(tmp_path: 
             assert r.headers["x-content-type-options"] == "nosniff"
     finally:
         world.close()
+
+
+def test_download_names_keep_the_device_name_and_only_passive_extensions() -> None:
+    assert download_name("cam-7-1", "notice.pdf", "application/pdf") == "cam-7-1-notice.pdf"
+    assert download_name("cam-7-1", "evil.html", "application/octet-stream") == "cam-7-1-evil.bin"
+    assert download_name("cam-7-1", "run.desktop", "application/pdf") == "cam-7-1-run.pdf"
+    assert download_name("cam-7-1", "../../x y.txt", "text/plain") == "cam-7-1-x_y.txt"
+    assert download_name("cam-7-1", None, "image/svg+xml") == "cam-7-1.bin"
+    assert download_name("cam-7-1", "...", "video/mp4") == "cam-7-1.mp4"
