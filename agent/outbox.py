@@ -9,6 +9,12 @@ second, so a crash in between leaves a file that ``recover`` removes later, neve
 receipt-less deletion.
 
 ``recover`` runs when the agent starts and repairs what a crash can leave behind.
+
+With a data key, a row's sha256, chunk hashes and receipt are sealed too (``RecordCipher``,
+bound to the device, the row and the field): in the clear, a copy of the device's
+database told whoever had a file already whether this camera had captured it. Rows
+written before are sealed when the outbox next opens; until then, and on devices without
+a data key, they read as they were written (hex sha256, raw hashes, the receipt's JSON).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from agent.journal import Journal, now_ms
 from agent.sealed import (
     CorruptMedia,
     MediaReader,
+    RecordCipher,
     SealedReader,
     open_media,
     seal_blocks,
@@ -111,10 +118,71 @@ class Outbox:
         self.db = db
         self.journal = journal
         self.data_key = data_key
+        self._cipher = RecordCipher(data_key) if data_key is not None else None
         self.chunk_size = chunk_size
         self.media_dir = data_dir / "media"
         self.incoming = self.media_dir / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
+        if self._cipher is not None:
+            self._seal_old_rows()
+
+    # -- sealed fields ---------------------------------------------------------------------
+
+    def _context(self, seq: int, field: str) -> bytes:
+        return f"{self.journal.device_id}/media/{seq}/{field}".encode()
+
+    def _seal(self, seq: int, field: str, data: bytes) -> bytes:
+        assert self._cipher is not None
+        return self._cipher.seal(data, self._context(seq, field))
+
+    def _stored_sha(self, seq: int, sha: bytes) -> str | bytes:
+        return sha.hex() if self._cipher is None else self._seal(seq, "sha256", sha)
+
+    def _read_sha(self, seq: int, value: str | bytes) -> bytes:
+        """A row's sha256: hex in the clear (no data key, or a row not sealed yet), else
+        sealed; ``CorruptMedia`` when the sealed value does not open (the row altered)."""
+        if isinstance(value, str):
+            return bytes.fromhex(value)
+        if self._cipher is None:
+            raise CorruptMedia(f"the row of seq {seq} is sealed and there is no data key")
+        return self._cipher.open(bytes(value), self._context(seq, "sha256"))
+
+    def _read_hashes(self, seq: int, value: bytes) -> bytes:
+        # Sealed: 1 + 12 + 32n + 16 bytes; in the clear: 32n. Never the same length mod 32.
+        if len(value) % 32 == 0 or self._cipher is None:
+            return value
+        return self._cipher.open(value, self._context(seq, "chunk_hashes"))
+
+    def _seal_old_rows(self) -> None:
+        """Seal what rows from before this rule hold in the clear (see the module doc)."""
+        find = "SELECT seq FROM media WHERE typeof(sha256) = 'text' LIMIT 1"
+        if self.db.execute(find).fetchone() is None:
+            return
+        with immediate(self.db) as conn:  # another process may be at it too: look again
+            rows = conn.execute(
+                "SELECT seq, sha256, chunk_hashes, receipt FROM media WHERE typeof(sha256) = 'text'"
+            ).fetchall()
+            for seq, sha, hashes, receipt in rows:
+                conn.execute(
+                    "UPDATE media SET sha256 = ?, chunk_hashes = ?, receipt = ? WHERE seq = ?",
+                    [
+                        self._seal(seq, "sha256", bytes.fromhex(sha)),
+                        self._seal(seq, "chunk_hashes", bytes(hashes)) if hashes else hashes,
+                        self._seal(seq, "receipt", bytes(receipt)) if receipt else receipt,
+                        seq,
+                    ],
+                )
+        log.info("sealed the hashes and receipts of %d outbox rows", len(rows))
+
+    def stored_receipt(self, seq: int) -> bytes | None:
+        """The gateway's receipt for ``seq`` as it arrived (signed JSON), if receipted."""
+        row = self.db.execute("SELECT receipt FROM media WHERE seq = ?", [seq]).fetchone()
+        if row is None or row[0] is None:
+            return None
+        raw = bytes(row[0])
+        if self._cipher is None or raw.startswith(b"{"):
+            return raw
+        return self._cipher.open(raw, self._context(seq, "receipt"))
 
     # -- capture -------------------------------------------------------------------------
 
@@ -264,13 +332,13 @@ class Outbox:
                     seq,
                     w.path.name,
                     w.size,
-                    w.sha256.hex(),
+                    self._stored_sha(seq, w.sha256),
                     media_type,
                     kind,
                     int(marked),
                     now_ms(),
                     self.chunk_size if w.chunk_hashes else None,
-                    w.chunk_hashes or None,
+                    self._seal(seq, "chunk_hashes", w.chunk_hashes) if w.chunk_hashes else None,
                     w.sealed_id,
                 ],
             )
@@ -288,7 +356,7 @@ class Outbox:
             int(seq),
             self.media_dir / path,
             int(size),
-            bytes.fromhex(sha),
+            self._read_sha(int(seq), sha),
             bool(marked),
             int(acked),
             bytes(sealed_id) if sealed_id is not None else None,
@@ -303,7 +371,17 @@ class Outbox:
             "ORDER BY m.marked DESC, m.seq LIMIT ?",
             [limit + len(exclude)],
         ).fetchall()
-        items = [self._item(r) for r in rows if int(r[0]) not in exclude]
+        items = []
+        for row in rows:
+            if int(row[0]) in exclude:
+                continue
+            try:
+                items.append(self._item(row))
+            except CorruptMedia as exc:
+                # Its row was altered: never uploaded as if it were sound, and not left
+                # first in line for ever either.
+                log.error("outbox row of seq %d is corrupt: %s", row[0], exc)
+                self.reject(int(row[0]), f"corrupt_on_device: {exc}")
         return items[:limit]
 
     def get(self, seq: int) -> MediaItem | None:
@@ -322,7 +400,11 @@ class Outbox:
         ).fetchone()
         if row is None or not row[0] or not row[1]:
             return 0, b""
-        return int(row[0]), bytes(row[1])
+        try:
+            return int(row[0]), self._read_hashes(seq, bytes(row[1]))
+        except CorruptMedia as exc:
+            log.error("stored chunk hashes of seq %d are corrupt (%s); hashing as sent", seq, exc)
+            return 0, b""
 
     def state(self, seq: int) -> str | None:
         row = self.db.execute("SELECT state FROM media WHERE seq = ?", [seq]).fetchone()
@@ -347,7 +429,11 @@ class Outbox:
         """
         matching: list[tuple[MediaItem, Receipt, bytes]] = []
         for receipt, raw in receipts:
-            item = self.get(receipt.seq)
+            try:
+                item = self.get(receipt.seq)
+            except CorruptMedia as exc:
+                log.error("outbox row of seq %d is corrupt (%s); receipt ignored", receipt.seq, exc)
+                continue
             if item is None or item.sha256 != receipt.sha256 or item.size != receipt.size:
                 log.warning("receipt for seq %d does not match the outbox; ignored", receipt.seq)
                 continue
@@ -360,7 +446,11 @@ class Outbox:
                 cur = conn.execute(
                     "UPDATE media SET state = 'receipted', receipt = ?, receipted_ms = ?, "
                     "acked_bytes = size WHERE seq = ? AND state = 'pending'",
-                    [raw, now_ms(), receipt.seq],
+                    [
+                        raw if self._cipher is None else self._seal(receipt.seq, "receipt", raw),
+                        now_ms(),
+                        receipt.seq,
+                    ],
                 )
                 if cur.rowcount:
                     settled.append(item)

@@ -61,16 +61,26 @@ def test_receipt_log_index_is_provable_against_signed_tree_head(tmp_path, gatewa
         [bytes.fromhex(h) for h in proof["inclusion_proof"]],
         head.root_hash,
     )
-    # The device's stored receipt verifies by itself too (signature, tree head, proof).
+    # The device's stored receipt verifies by itself too (signature, tree head, proof);
+    # in its database it is sealed, like the row's hashes.
     import sqlite3
 
+    from agent.config import load_config
+    from agent.service import Device
     from protocol.receipt import Receipt
 
-    raw = (
+    stored = (
         sqlite3.connect(agent.dir / "agent.db")
-        .execute("SELECT receipt FROM media WHERE state = 'receipted'")
-        .fetchone()[0]
+        .execute("SELECT receipt, sha256 FROM media WHERE state = 'receipted'")
+        .fetchone()
     )
+    assert item["sha256"].encode() not in bytes(stored[0]) and not isinstance(stored[1], str)
+    device = Device(load_config(agent.config))
+    try:
+        raw = device.outbox.stored_receipt(item["seq"])
+    finally:
+        device.close()
+    assert raw is not None
     receipt = Receipt.decode(raw, key)
     assert receipt.sha256.hex() == item["sha256"] and receipt.log_index == item["log_index"]
 

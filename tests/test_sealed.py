@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -202,9 +203,59 @@ def device_copy_reveals(tmp_path: Path, *, encrypted: bool) -> list[str]:
     copy = tmp_path / f"stolen-{encrypted}"
     shutil.copytree(dev, copy, ignore=shutil.ignore_patterns("*.key"))
     blob = b"".join(p.read_bytes() for p in copy.rglob("*") if p.is_file())
-    return [s for s in ("TJ-A-9F321", "case-4711-suspect") if s.encode() in blob]
+    # Its sha256 (hex or raw) would tell whoever holds the file already that it is here.
+    digest = hashlib.sha256(secret.read_bytes())
+    needles = {
+        "TJ-A-9F321": b"TJ-A-9F321",
+        "case-4711-suspect": b"case-4711-suspect",
+        "sha256": digest.hexdigest().encode(),
+        "sha256 raw": digest.digest(),
+    }
+    return [name for name, needle in needles.items() if needle in blob]
 
 
 def test_a_copied_device_reveals_no_media_or_case_data(tmp_path):
-    assert device_copy_reveals(tmp_path, encrypted=False) == ["TJ-A-9F321", "case-4711-suspect"]
+    assert device_copy_reveals(tmp_path, encrypted=False) == [
+        "TJ-A-9F321",
+        "case-4711-suspect",
+        "sha256",
+    ]
     assert device_copy_reveals(tmp_path, encrypted=True) == []
+
+
+def test_rows_from_before_are_sealed_and_an_altered_row_is_refused_not_fatal(tmp_path):
+    """A device upgraded with a backlog: its rows' hashes and receipts, written in the
+    clear, are sealed when the outbox opens, and still read the same. A sealed field that
+    no longer opens (the row altered) rejects that item; the others go on."""
+    from agent.outbox import Outbox
+    from tests.inprocess import device
+
+    dev = device(tmp_path, 1024)
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(5000))
+    first = dev.outbox.add_file(src)
+    src.write_bytes(os.urandom(3000))
+    second = dev.outbox.add_file(src)
+    sha = {seq: dev.outbox.get(seq).sha256 for seq in (first, second)}  # type: ignore[union-attr]
+    size, hashes = dev.outbox.chunk_hashes(first)
+    # As an earlier release wrote them: in the clear.
+    for seq in (first, second):
+        dev.db.execute(
+            "UPDATE media SET sha256 = ?, chunk_hashes = ? WHERE seq = ?",
+            [sha[seq].hex(), dev.outbox.chunk_hashes(seq)[1], seq],
+        )
+    dev.db.conn.commit()
+    reopened = Outbox(dev.db, dev.journal, dev.config.data_dir, dev.outbox.data_key, 1024)
+    types = dev.db.execute("SELECT typeof(sha256), typeof(chunk_hashes) FROM media").fetchall()
+    assert set(types) == {("blob", "blob")}
+    assert reopened.get(first).sha256 == sha[first]  # type: ignore[union-attr]
+    assert reopened.chunk_hashes(first) == (size, hashes)
+    raw = dev.db.execute("SELECT sha256 FROM media WHERE seq = ?", [first]).fetchone()[0]
+    altered = bytes(raw[:-1]) + bytes([raw[-1] ^ 1])
+    dev.db.execute("UPDATE media SET sha256 = ? WHERE seq = ?", [altered, first])
+    dev.db.execute("UPDATE journal SET acked = 1")
+    dev.db.conn.commit()
+    items = reopened.next_uploads(set(), 10)
+    assert [i.seq for i in items] == [second]
+    assert reopened.state(first) == "rejected"
+    dev.close()
