@@ -63,6 +63,7 @@ MAX_SEAL_BLOCK = 1024 * 1024
 #: ``recover`` leaves younger files alone: they may belong to a ``custody agent add`` that
 #: is still between its rename and its commit in another process.
 SETTLE_S = 60.0
+SEALED_FLAG = "media_rows_sealed"  # kv: every row's hashes and receipt are sealed
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,10 @@ class Outbox:
         self.media_dir = data_dir / "media"
         self.incoming = self.media_dir / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
-        if self._cipher is not None:
-            self._seal_old_rows()
+        # Until the rows of an earlier release are all sealed (``seal_old_rows``, run by
+        # the relay a batch at a time), a field in the clear is read as written; after,
+        # it is refused like any other altered field.
+        self._all_sealed = self._cipher is None or bool(get_counter(db, SEALED_FLAG))
 
     # -- sealed fields ---------------------------------------------------------------------
 
@@ -139,40 +142,75 @@ class Outbox:
         return sha.hex() if self._cipher is None else self._seal(seq, "sha256", sha)
 
     def _read_sha(self, seq: int, value: str | bytes) -> bytes:
-        """A row's sha256: hex in the clear (no data key, or a row not sealed yet), else
-        sealed; ``CorruptMedia`` when the sealed value does not open (the row altered)."""
+        """A row's sha256: sealed, or hex in the clear (no data key, or a row of an earlier
+        release not sealed yet); ``CorruptMedia`` when it does not read (the row altered)."""
         if isinstance(value, str):
-            return bytes.fromhex(value)
+            if self._cipher is not None and self._all_sealed:
+                raise CorruptMedia(f"the sha256 of seq {seq} is in the clear, not sealed")
+            try:
+                sha = bytes.fromhex(value)
+            except ValueError:
+                sha = b""
+            if len(sha) != 32:
+                raise CorruptMedia(f"the sha256 of seq {seq} is not a sha256")
+            return sha
         if self._cipher is None:
             raise CorruptMedia(f"the row of seq {seq} is sealed and there is no data key")
         return self._cipher.open(bytes(value), self._context(seq, "sha256"))
 
     def _read_hashes(self, seq: int, value: bytes) -> bytes:
-        # Sealed: 1 + 12 + 32n + 16 bytes; in the clear: 32n. Never the same length mod 32.
-        if len(value) % 32 == 0 or self._cipher is None:
+        if self._cipher is None:
+            return value
+        if value[:1] != RecordCipher.PREFIX or len(value) % 32 == 0:
+            # In the clear (32n bytes; sealed is 1 + 12 + 32n + 16): an earlier release's.
+            if self._all_sealed or len(value) % 32:
+                raise CorruptMedia(f"the chunk hashes of seq {seq} are not sealed")
             return value
         return self._cipher.open(value, self._context(seq, "chunk_hashes"))
 
-    def _seal_old_rows(self) -> None:
-        """Seal what rows from before this rule hold in the clear (see the module doc)."""
-        find = "SELECT seq FROM media WHERE typeof(sha256) = 'text' LIMIT 1"
-        if self.db.execute(find).fetchone() is None:
-            return
-        with immediate(self.db) as conn:  # another process may be at it too: look again
+    def seal_old_rows(self, batch: int = 500) -> bool:
+        """Seal a batch of rows an earlier release wrote in the clear; True once none are
+        left (then recorded in ``kv``, so no open looks again).
+
+        A batch at a time, from the relay while it runs: a device with a year of history
+        has a million rows, and one transaction over them at start kept the camera from
+        recording for minutes and grew the WAL by the whole table. A row whose clear
+        sha256 does not even parse is left for ``next_uploads`` to refuse. Receipted rows
+        lose their chunk hashes (nothing needs them any more) instead of sealing them.
+        """
+        if self._all_sealed:
+            return True
+        assert self._cipher is not None
+        with immediate(self.db) as conn:
             rows = conn.execute(
-                "SELECT seq, sha256, chunk_hashes, receipt FROM media WHERE typeof(sha256) = 'text'"
+                "SELECT seq, sha256, chunk_hashes, receipt, state FROM media "
+                "WHERE typeof(sha256) = 'text' AND length(sha256) = 64 ORDER BY seq LIMIT ?",
+                [batch],
             ).fetchall()
-            for seq, sha, hashes, receipt in rows:
+            for seq, sha, hashes, receipt, state in rows:
+                try:
+                    digest = bytes.fromhex(sha)
+                except ValueError:
+                    digest = None
+                if digest is None:
+                    conn.execute("UPDATE media SET sha256 = 'unreadable' WHERE seq = ?", [seq])
+                    continue
+                keep = hashes if hashes and state == "pending" else None
                 conn.execute(
                     "UPDATE media SET sha256 = ?, chunk_hashes = ?, receipt = ? WHERE seq = ?",
                     [
-                        self._seal(seq, "sha256", bytes.fromhex(sha)),
-                        self._seal(seq, "chunk_hashes", bytes(hashes)) if hashes else hashes,
-                        self._seal(seq, "receipt", bytes(receipt)) if receipt else receipt,
+                        self._seal(seq, "sha256", digest),
+                        self._seal(seq, "chunk_hashes", bytes(keep)) if keep else None,
+                        self._seal(seq, "receipt", bytes(receipt)) if receipt else None,
                         seq,
                     ],
                 )
-        log.info("sealed the hashes and receipts of %d outbox rows", len(rows))
+            if len(rows) < batch:
+                conn.execute("INSERT OR REPLACE INTO kv(key, value) VALUES (?, 1)", [SEALED_FLAG])
+                self._all_sealed = True
+        if rows:
+            log.info("sealed the hashes and receipts of %d earlier outbox rows", len(rows))
+        return self._all_sealed
 
     def stored_receipt(self, seq: int) -> bytes | None:
         """The gateway's receipt for ``seq`` as it arrived (signed JSON), if receipted."""
@@ -180,8 +218,8 @@ class Outbox:
         if row is None or row[0] is None:
             return None
         raw = bytes(row[0])
-        if self._cipher is None or raw.startswith(b"{"):
-            return raw
+        if self._cipher is None or (raw[:1] != RecordCipher.PREFIX and not self._all_sealed):
+            return raw  # JSON never starts with the sealed prefix
         return self._cipher.open(raw, self._context(seq, "receipt"))
 
     # -- capture -------------------------------------------------------------------------

@@ -86,6 +86,7 @@ MAX_YIELD_S = 0.5
 READ_ATTEMPTS = 3  # reads of a media file that may fail before it is given up
 RECOVER_EVERY_S = 300.0  # see ``Relay._recover_late``
 SILENT_AFTER_ACK_TIMEOUTS = 6  # see ``Relay._warn_if_unanswered``
+SEAL_EVERY_S = 0.5  # see ``Relay._seal_old_rows``
 TRANSIENT_ERRNOS = frozenset(
     {
         errno.EMFILE,
@@ -158,6 +159,8 @@ class Relay:
         self.unknown_until: dict[int, float] = {}
         self.read_failures: dict[int, int] = {}  # seq -> reads failed in a row
         self.next_recover = time.monotonic() + SETTLE_S + 1.0
+        self.rows_sealed = False
+        self.next_seal = 0.0
         self._pump_failures = Throttle()
         self.heard_at = time.monotonic()  # the last acknowledgement or receipt
         self.waiting_since: float | None = None  # since when something awaits an answer
@@ -187,6 +190,7 @@ class Relay:
                 try:
                     self._settle_receipts()
                     self._recover_late(time.monotonic())
+                    self._seal_old_rows(time.monotonic())
                     if self.connected:
                         self._pump()
                 except Exception:  # a bug or a full disk must not end the agent
@@ -693,6 +697,14 @@ class Relay:
         self.counters["chunks_sent"] += 1
         self.counters["bytes_sent"] += length
         return True
+
+    def _seal_old_rows(self, now: float) -> None:
+        """Seal an earlier release's outbox rows, a batch every ``SEAL_EVERY_S`` until
+        none are left (``Outbox.seal_old_rows``): in the background, not at start."""
+        if self.rows_sealed or now < self.next_seal:
+            return
+        self.next_seal = now + SEAL_EVERY_S
+        self.rows_sealed = self.outbox.seal_old_rows()
 
     def _recover_late(self, now: float) -> None:
         """``Outbox.recover`` again, ``SETTLE_S`` after start and then every few minutes.

@@ -246,10 +246,26 @@ def test_rows_from_before_are_sealed_and_an_altered_row_is_refused_not_fatal(tmp
         )
     dev.db.conn.commit()
     reopened = Outbox(dev.db, dev.journal, dev.config.data_dir, dev.outbox.data_key, 1024)
+    assert reopened.get(first).sha256 == sha[first]  # type: ignore[union-attr]  (as written)
+    batches = 1
+    while not reopened.seal_old_rows(batch=1):  # a batch at a time, in the background
+        batches += 1
+    assert batches == 3  # two rows, then none left
     types = dev.db.execute("SELECT typeof(sha256), typeof(chunk_hashes) FROM media").fetchall()
     assert set(types) == {("blob", "blob")}
     assert reopened.get(first).sha256 == sha[first]  # type: ignore[union-attr]
     assert reopened.chunk_hashes(first) == (size, hashes)
+    # Once all are sealed, a field in the clear is an altered one.
+    dev.db.execute("UPDATE media SET sha256 = ? WHERE seq = ?", [sha[second].hex(), second])
+    dev.db.conn.commit()
+    again = Outbox(dev.db, dev.journal, dev.config.data_dir, dev.outbox.data_key, 1024)
+    with pytest.raises(CorruptMedia):
+        again.get(second)
+    dev.db.execute(
+        "UPDATE media SET sha256 = ? WHERE seq = ?",
+        [reopened._stored_sha(second, sha[second]), second],
+    )
+    dev.db.conn.commit()
     raw = dev.db.execute("SELECT sha256 FROM media WHERE seq = ?", [first]).fetchone()[0]
     altered = bytes(raw[:-1]) + bytes([raw[-1] ^ 1])
     dev.db.execute("UPDATE media SET sha256 = ? WHERE seq = ?", [altered, first])
@@ -258,4 +274,24 @@ def test_rows_from_before_are_sealed_and_an_altered_row_is_refused_not_fatal(tmp
     items = reopened.next_uploads(set(), 10)
     assert [i.seq for i in items] == [second]
     assert reopened.state(first) == "rejected"
+    dev.close()
+
+
+def test_a_malformed_row_of_an_earlier_release_is_refused_alone(tmp_path):
+    from agent.outbox import Outbox
+    from tests.inprocess import device
+
+    dev = device(tmp_path, 1024)
+    src = tmp_path / "a.bin"
+    seqs = []
+    for n in (5000, 3000):
+        src.write_bytes(os.urandom(n))
+        seqs.append(dev.outbox.add_file(src))
+    dev.db.execute("UPDATE media SET sha256 = ? WHERE seq = ?", ["zz" * 32, seqs[0]])
+    dev.db.execute("UPDATE journal SET acked = 1")
+    dev.db.conn.commit()
+    outbox = Outbox(dev.db, dev.journal, dev.config.data_dir, dev.outbox.data_key, 1024)
+    assert outbox.seal_old_rows()  # opening and sealing do not fail over it
+    assert [i.seq for i in outbox.next_uploads(set(), 10)] == [seqs[1]]
+    assert outbox.state(seqs[0]) == "rejected"
     dev.close()
