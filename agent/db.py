@@ -8,6 +8,7 @@ committed row is a promise to the officer that the evidence is captured.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -147,3 +148,12 @@ def add_to_counter(db: sqlite_utils.Database, key: str, amount: int) -> None:
 def get_counter(db: sqlite_utils.Database, key: str) -> int:
     row = db.execute("SELECT value FROM kv WHERE key = ?", [key]).fetchone()
     return int(row[0]) if row else 0
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file, an unlink) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from agent.db import fsync_dir
 from agent.errors import KeyStoreError
 from protocol.signing import SigningKey
 
@@ -31,14 +32,6 @@ def _write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -115,10 +108,10 @@ class FileKeyStore:
             _write_new(self.prev_path, old.seed())
             # Both files durable before the journal names the new key: a power cut must
             # not leave a hand-over to a key that is gone.
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             hand_over(new)
             os.replace(self.next_path, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return new
 
     @property
@@ -163,7 +156,7 @@ class FileKeyStore:
                 os.replace(self.next_path, self.path)
             else:
                 self.next_path.unlink()
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     @staticmethod
     def create(path: Path) -> SigningKey:

@@ -33,7 +33,7 @@ from typing import Any
 
 import sqlite_utils
 
-from agent.db import get_counter, immediate
+from agent.db import fsync_dir, get_counter, immediate
 from agent.errors import StoreError
 from agent.journal import Journal, now_ms
 from agent.sealed import (
@@ -94,14 +94,6 @@ class RecoveryReport:
     adopted_orphans: int = 0
     removed_receipted: int = 0
     missing: int = 0
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Outbox:

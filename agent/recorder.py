@@ -44,14 +44,14 @@ import cv2
 import numpy as np
 
 from agent.camera import AudioSource, Frame, FrameSource
-from agent.db import get_counter, immediate
+from agent.db import fsync_dir, get_counter, immediate
 from agent.encoder import MEDIA_TYPE, EncodedSegment, EncoderSettings, SegmentEncoder
 from agent.errors import AgentError
 from agent.hardware import HardwareState
 from agent.journal import Journal
 from agent.outbox import Outbox
 from agent.sealed import TAG
-from agent.spool import SpoolWriter, fsync_dir
+from agent.spool import SpoolWriter
 from agent.spool import read as spool_read
 from agent.watermark import Overlay, Watermark
 from firmware_bridge.messages import BatteryEvent, Button, ButtonEvent, Event

@@ -31,6 +31,8 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from agent.db import fsync_dir
+
 LEN = struct.Struct(">I")
 MAX_RECORD = 256 * 1024 * 1024
 
@@ -74,14 +76,6 @@ class SpoolWriter:
     def discard(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _aad(spool_id: str, index: int) -> bytes:

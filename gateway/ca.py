@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import ipaddress
 import logging
-import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.files import write_public, write_secret
+from gateway.files import exclusive, write_public, write_secret
 
 log = logging.getLogger("custody.gateway.ca")
 
@@ -212,17 +209,11 @@ class CertificateAuthority:
             self._issue_broker((*keep, *sorted(wanted - set(keep))))
             return True
 
-    @contextlib.contextmanager
-    def _broker_lock(self) -> Iterator[None]:
+    def _broker_lock(self) -> contextlib.AbstractContextManager[None]:
         """One process at a time checks or reissues the broker's key and certificate:
         ``custody broker --name`` between its two writes looked like a crash's leftover to
         a gateway checking the pair meanwhile, which reissued it with the old names."""
-        fd = os.open(self.root / "broker.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return exclusive(self.root / "broker.lock")
 
     def repair_broker(self) -> bool:
         """Issue the broker's key and certificate again if they do not belong together (a

@@ -6,8 +6,11 @@ others because one caller forgot a flag.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -51,3 +54,15 @@ def _tmp_name(path: Path) -> Path:
     gateway reissuing the CRL while ``custody revoke`` writes it) shared one, and one's
     ``os.replace`` then found it gone."""
     return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_file`` (created 0600) for the block: one
+    process at a time, across processes (a crash lets go)."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import logging
-import os
-from collections.abc import Iterator
 
 import sqlite_utils
 
 from gateway.ca import CRL_DAYS, GATEWAY_IDENTITY, CertificateAuthority
-from gateway.files import write_public
+from gateway.files import exclusive, write_public
 from protocol.topics import ROOT
 
 log = logging.getLogger("custody.gateway.policy")
@@ -42,18 +39,12 @@ topic readwrite {ROOT}/#
 """
 
 
-@contextlib.contextmanager
-def _policy_lock(ca: CertificateAuthority) -> Iterator[None]:
+def _policy_lock(ca: CertificateAuthority) -> contextlib.AbstractContextManager[None]:
     """One writer of the broker's policy at a time, across processes: the read of the
     registry and the writes it decides. The gateway's daily reissue read the registry,
     ``custody revoke`` then committed and wrote its files, and the reissue wrote its older
     snapshot over them: the revoked device was back on the broker for a day."""
-    fd = os.open(ca.root / "policy.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return exclusive(ca.root / "policy.lock")
 
 
 def write_broker_policy(db: sqlite_utils.Database, ca: CertificateAuthority) -> None:
