@@ -20,6 +20,7 @@ dropped; they never crash the relay.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import queue
@@ -161,7 +162,7 @@ class Relay:
         self.next_recover = time.monotonic() + SETTLE_S + 1.0
         self.rows_sealed = False
         self.next_seal = 0.0
-        self._pump_failures = Throttle()
+        self._step_failures: dict[str, Throttle] = {}  # one per step: see ``_guarded``
         self.heard_at = time.monotonic()  # the last acknowledgement or receipt
         self.waiting_since: float | None = None  # since when something awaits an answer
         self._silence_warnings = Throttle()
@@ -187,15 +188,12 @@ class Relay:
                         event = self.inbox.get_nowait()
                     except queue.Empty:
                         event = None
-                try:
-                    self._settle_receipts()
-                    self._recover_late(time.monotonic())
-                    self._seal_old_rows(time.monotonic())
-                    if self.connected:
-                        self._pump()
-                except Exception:  # a bug or a full disk must not end the agent
-                    if self._pump_failures.due("pump", time.monotonic()):
-                        log.exception("sending failed; carrying on (capture is unaffected)")
+                now = time.monotonic()
+                self._guarded("settling receipts", self._settle_receipts)
+                self._guarded("recovering files", functools.partial(self._recover_late, now))
+                self._guarded("sealing earlier rows", functools.partial(self._seal_old_rows, now))
+                if self.connected:
+                    self._guarded("sending", self._pump)
         finally:
             if self.connected:
                 state = DeviceState(self.device_id, False, self.bd_seq, now_ms())
@@ -207,6 +205,16 @@ class Relay:
             self.outbox.purge(self.to_purge)
             self.to_purge = []
             self.transport.stop()
+
+    def _guarded(self, what: str, step: Callable[[], None]) -> None:
+        """Run one step of the loop; a bug or a full disk must not end the agent, nor one
+        failing step (sealing old rows, say) stop the others (sending)."""
+        try:
+            step()
+        except Exception:
+            throttle = self._step_failures.setdefault(what, Throttle())
+            if throttle.due(what, time.monotonic()):
+                log.exception("%s failed; carrying on (capture is unaffected)", what)
 
     # -- events --------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import threading
 import time
 
@@ -443,4 +444,39 @@ def test_a_gateway_that_answers_nothing_is_said_so_in_the_log(tmp_path, caplog) 
         relay2._pump()
         relay2._pump()
     assert "nothing from the gateway" not in caplog.text
+    dev.close()
+
+
+def test_a_step_of_the_loop_that_keeps_failing_does_not_stop_the_others(tmp_path, caplog) -> None:
+    """Sealing an earlier release's rows (or any background step) failing every time, on
+    a damaged database say, must not keep the relay from sending, nor end the agent."""
+    import logging
+    import threading
+
+    from agent.transport import Connected
+    from protocol.topics import DeviceTopic, device_topic
+
+    dev = device(tmp_path, 1024)
+    src = tmp_path / "clip.bin"
+    src.write_bytes(bytes(3000))
+    dev.outbox.add_file(src)
+    wire = Wire()
+    relay = relay_for(dev, wire)
+
+    def broken() -> bool:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    relay.outbox.seal_old_rows = broken  # type: ignore[method-assign]
+    stop = threading.Event()
+    relay.inbox.put(Connected())
+    with caplog.at_level(logging.ERROR, logger="custody.agent.relay"):
+        runner = threading.Thread(target=relay.run, args=(stop,))
+        runner.start()
+        journal = device_topic("cam-hash", DeviceTopic.JOURNAL)
+        try:
+            wait_for(lambda: any(t == journal for t, _ in wire.sent), 10, "the journal sent")
+        finally:
+            stop.set()
+            runner.join(10)
+    assert caplog.text.count("sealing earlier rows failed") == 1  # once a minute, not a flood
     dev.close()
