@@ -12,9 +12,10 @@ receipt-less deletion.
 
 With a data key, a row's sha256, chunk hashes and receipt are sealed too (``RecordCipher``,
 bound to the device, the row and the field): in the clear, a copy of the device's
-database told whoever had a file already whether this camera had captured it. Rows
-written before are sealed when the outbox next opens; until then, and on devices without
-a data key, they read as they were written (hex sha256, raw hashes, the receipt's JSON).
+database told whoever had a file already whether this camera had captured it. Rows an
+earlier release wrote are sealed by the running relay a batch at a time
+(``seal_old_rows``); until then, and on devices without a data key, they read as they
+were written (hex sha256, raw hashes, the receipt's JSON).
 """
 
 from __future__ import annotations
@@ -182,9 +183,7 @@ class Outbox:
             for seq, sha, hashes, receipt, state in rows:
                 try:
                     digest = bytes.fromhex(sha)
-                except ValueError:
-                    digest = None
-                if digest is None:
+                except ValueError:  # marked, so the next batch does not pick it again
                     conn.execute("UPDATE media SET sha256 = 'unreadable' WHERE seq = ?", [seq])
                     continue
                 keep = hashes if hashes and state == "pending" else None

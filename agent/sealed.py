@@ -45,6 +45,7 @@ MAGIC_V1 = b"CSTDYv1\0"
 HEADER_V1 = struct.Struct(">8s8sI")  # magic, file id, block size
 MAGIC = b"CSTDYv2\0"
 HEADER = struct.Struct(">8s16sI")  # magic, salt, block size
+LAYOUTS = {MAGIC: HEADER, MAGIC_V1: HEADER_V1}
 TAG = 16
 BLOCK_SIZE = 64 * 1024
 #: The largest block a header may claim. The header is authenticated only with the first
@@ -60,7 +61,7 @@ class CorruptMedia(Exception):
 
 def _parse_header(header: bytes) -> tuple[struct.Struct, bytes, int]:
     """(layout, file id or salt, block size) of a header of either version."""
-    layout = {MAGIC: HEADER, MAGIC_V1: HEADER_V1}.get(header[:8])
+    layout = LAYOUTS.get(header[:8])
     if layout is None or len(header) < layout.size:
         raise CorruptMedia("not a sealed media header")
     _, file_id, block_size = layout.unpack(header[: layout.size])
@@ -136,14 +137,14 @@ class SealedReader:
             raise
 
     def _read_info(self) -> SealedInfo:
-        header = self._file.read(max(HEADER.size, HEADER_V1.size))
-        layout = {MAGIC: HEADER, MAGIC_V1: HEADER_V1}.get(header[:8])
+        header = self._file.read(max(h.size for h in LAYOUTS.values()))
+        layout = LAYOUTS.get(header[:8])
         if len(header) < (layout or HEADER_V1).size:
             raise CorruptMedia(f"{self.path.name}: too short for a sealed file")
         if layout is None:
             raise CorruptMedia(f"{self.path.name}: not a sealed media file (bad header)")
         header = header[: layout.size]
-        _, file_id, block_size = _parse_header(header)
+        _, file_id, block_size = layout.unpack(header)
         if not 0 < block_size <= MAX_BLOCK_SIZE:
             raise CorruptMedia(f"{self.path.name}: not a sealed media file (bad header)")
         body = os.fstat(self._file.fileno()).st_size - layout.size

@@ -12,7 +12,6 @@ Files live under ``DIR/ca/``; private keys are written 0600 and never printed.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
 import logging
@@ -183,6 +182,13 @@ class CertificateAuthority:
     def broker_cert_path(self) -> Path:
         return self.root / "broker.crt"
 
+    @property
+    def _broker_lock(self) -> Path:
+        """Held by whoever checks or reissues the broker's key and certificate:
+        ``custody broker --name`` between its two writes looked like a crash's leftover to
+        a gateway checking the pair meanwhile, which reissued it with the old names."""
+        return self.root / "broker.lock"
+
     def broker_names(self) -> set[str]:
         """The names (DNS names and IP addresses) the broker's certificate is valid for."""
         cert = x509.load_pem_x509_certificate(self.broker_cert_path.read_bytes())
@@ -201,7 +207,7 @@ class CertificateAuthority:
         ``localhost`` and ``127.0.0.1``. Names already covered are kept.
         """
         wanted = {str(_general_name(n).value) for n in names}
-        with self._broker_lock():
+        with exclusive(self._broker_lock):
             have = self.broker_names()
             if wanted <= have:
                 return False
@@ -209,17 +215,11 @@ class CertificateAuthority:
             self._issue_broker((*keep, *sorted(wanted - set(keep))))
             return True
 
-    def _broker_lock(self) -> contextlib.AbstractContextManager[None]:
-        """One process at a time checks or reissues the broker's key and certificate:
-        ``custody broker --name`` between its two writes looked like a crash's leftover to
-        a gateway checking the pair meanwhile, which reissued it with the old names."""
-        return exclusive(self.root / "broker.lock")
-
     def repair_broker(self) -> bool:
         """Issue the broker's key and certificate again if they do not belong together (a
         crash between writing one and the other: mosquitto would not start), for the
         names the certificate has. True if it did."""
-        with self._broker_lock():
+        with exclusive(self._broker_lock):
             if not self.broker_cert_path.exists():
                 self._issue_broker(())
                 return True
@@ -266,10 +266,11 @@ class CertificateAuthority:
             return None
         return crl.next_update_utc
 
-    def write_crl(self, revoked_serials: list[int]) -> None:
-        """Publish the CRL the broker checks on every new connection."""
+    def write_crl(self, revoked_serials: list[int], issued: dt.datetime | None = None) -> None:
+        """Publish the CRL the broker checks on every new connection, valid ``CRL_DAYS``
+        from ``issued`` (now; tests backdate it)."""
         ca_key, ca_cert = self._load()
-        now = dt.datetime.now(dt.UTC)
+        now = issued or dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)

@@ -170,46 +170,34 @@ class Ingest:
         with transaction(self.db) as conn:
             raise_alarm(conn, kind, device_id, detail, now_ms(), key)
 
-    def _active_device(self, device_id: str) -> Device | None:
+    def _active_device(self, device_id: str, *, alarm_unknown: bool = True) -> Device | None:
+        """The device if enrolled and active, else an alarm (one per device) and None.
+
+        ``alarm_unknown=False`` for state and telemetry: on a broker without TLS anyone
+        can publish those under made-up ids, and each would be an alarm row."""
         dev = self.device(device_id)
         if dev is None:
-            self._alarm("unknown_device", device_id, f"{device_id} is not enrolled", key="x")
+            if alarm_unknown:
+                self._alarm("unknown_device", device_id, f"{device_id} is not enrolled", key="x")
             return None
         if dev.status != "active":
             self._alarm("revoked_device", device_id, f"{device_id} is {dev.status}", key="x")
             return None
         return dev
 
-    def _active_quietly(self, device_id: str, *, cached: bool = True) -> bool:
-        """For state and telemetry: whether the device is enrolled and active, with the
-        ``revoked_device`` alarm (one per device) but no ``unknown_device`` one: on a
-        broker without TLS anyone can publish state under made-up ids, and each would be
-        an alarm row."""
-        now = time.monotonic()
-        hit = self._status_cache.get(device_id) if cached else None
-        if hit is not None and now - hit[1] < STATUS_TTL_S:
-            return hit[0]
-        dev = self.device(device_id)
-        if dev is None:
-            return False
-        if dev.status != "active":
-            self._alarm("revoked_device", device_id, f"{device_id} is {dev.status}", key="x")
-        return self._remember(device_id, dev.status == "active", now)
-
-    def _remember(self, device_id: str, active: bool, now: float) -> bool:
-        if len(self._status_cache) >= STATUS_CACHE_MAX:
-            self._status_cache.clear()  # made-up ids must not grow it without bound
-        self._status_cache[device_id] = (active, now)
-        return active
-
-    def _is_active_cached(self, device_id: str) -> bool:
+    def _is_active_cached(self, device_id: str, *, alarm_unknown: bool = True) -> bool:
         """Chunks arrive by the hundred per second; re-read the registry at most every
-        ``STATUS_TTL_S`` for them (revocation still takes effect within that time)."""
+        ``STATUS_TTL_S`` for them (revocation still takes effect within that time). The
+        cache is bounded: made-up ids must not grow it without end."""
         now = time.monotonic()
         cached = self._status_cache.get(device_id)
         if cached is not None and now - cached[1] < STATUS_TTL_S:
             return cached[0]
-        return self._remember(device_id, self._active_device(device_id) is not None, now)
+        active = self._active_device(device_id, alarm_unknown=alarm_unknown) is not None
+        if len(self._status_cache) >= STATUS_CACHE_MAX:
+            self._status_cache.clear()
+        self._status_cache[device_id] = (active, now)
+        return active
 
     # -- journal -------------------------------------------------------------------------
 
@@ -511,7 +499,7 @@ class Ingest:
         # birth from before the revocation, handed to the gateway at every (re)connect:
         # cleared, so the alarm does not come back each time as if the device were
         # still trying to talk.
-        if not self._active_quietly(device_id, cached=False):
+        if self._active_device(device_id, alarm_unknown=False) is None:
             if self.device(device_id) is None:
                 return []
             return [Outgoing(device_topic(device_id, DeviceTopic.STATE), b"", retain=True)]
@@ -537,7 +525,7 @@ class Ingest:
         tele = Telemetry.decode(payload)
         if tele.device_id != device_id:
             raise MessageError(f"telemetry names {tele.device_id} on {device_id}'s topic")
-        if not self._active_quietly(device_id):
+        if not self._is_active_cached(device_id, alarm_unknown=False):
             return []  # nothing of a revoked or unknown device is stored, telemetry neither
         self._telemetry.append((device_id, payload.decode("utf-8"), now_ms(), tele))
         if len(self._telemetry) >= TELEMETRY_BATCH:

@@ -10,7 +10,6 @@ refuses its next connection. Nothing else may connect: there is no anonymous acc
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 
@@ -39,16 +38,13 @@ topic readwrite {ROOT}/#
 """
 
 
-def _policy_lock(ca: CertificateAuthority) -> contextlib.AbstractContextManager[None]:
-    """One writer of the broker's policy at a time, across processes: the read of the
-    registry and the writes it decides. The gateway's daily reissue read the registry,
-    ``custody revoke`` then committed and wrote its files, and the reissue wrote its older
-    snapshot over them: the revoked device was back on the broker for a day."""
-    return exclusive(ca.root / "policy.lock")
-
-
 def write_broker_policy(db: sqlite_utils.Database, ca: CertificateAuthority) -> None:
-    with _policy_lock(ca):
+    """Write the CRL and the ACL from the registry, one writer at a time across processes
+    (``ca/policy.lock``, held over the read of the registry and the writes it decides):
+    the gateway's daily reissue read the registry, ``custody revoke`` then committed and
+    wrote its files, and the reissue wrote its older snapshot over them, so the revoked
+    device was back on the broker for a day."""
+    with exclusive(ca.root / "policy.lock"):
         _write_broker_policy(db, ca)
 
 

@@ -21,8 +21,6 @@ import secrets
 import sqlite3
 from pathlib import Path
 
-import sqlite_utils
-
 from gateway.ca import (
     BROKER_IDENTITY,
     DEFAULT_DEVICE_DAYS,
@@ -160,37 +158,34 @@ class _Staged:
                 self.out_dir.rmdir()  # only if empty: nothing of anyone else's goes
 
 
-def _refuse_if_enrolled(
-    data: DataDir, device_id: str, db: sqlite_utils.Database | None = None
-) -> None:
-    """Refuse an id enrolled already. Without ``db`` the database is only read (opened
-    read-only: a refused enrollment must not create or migrate anything)."""
-    if db is not None:
-        row = db.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
-    else:
-        try:
-            conn = sqlite3.connect(f"{data.db_path.as_uri()}?mode=ro", uri=True)
-        except sqlite3.Error:
-            return  # no database yet: nothing is enrolled
-        try:
-            row = conn.execute(
-                "SELECT status FROM devices WHERE device_id = ?", [device_id]
-            ).fetchone()
-        except sqlite3.Error:
-            return  # not a database of ours yet: enroll's own checks say what is wrong
-        finally:
-            conn.close()
+def _refuse_if_enrolled(root: Path, device_id: str, conn: sqlite3.Connection) -> None:
+    row = conn.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
     if row is None:
         return
     if row[0] != "active":
         raise EnrollmentError(
-            f"device {device_id} is enrolled at {data.root} and {row[0]}; an id is never "
+            f"device {device_id} is enrolled at {root} and {row[0]}; an id is never "
             "reused: enroll the device under a new id"
         )
     raise EnrollmentError(
-        f"device {device_id} is already enrolled at {data.root}; use "
+        f"device {device_id} is already enrolled at {root}; use "
         "`custody enroll --renew` for a new certificate"
     )
+
+
+def _refuse_if_enrolled_read_only(data: DataDir, device_id: str) -> None:
+    """``_refuse_if_enrolled`` before anything else is checked, on a database opened
+    read-only: a refused enrollment must not create or migrate anything."""
+    try:
+        conn = sqlite3.connect(f"{data.db_path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return  # no database yet: nothing is enrolled
+    try:
+        _refuse_if_enrolled(data.root, device_id, conn)
+    except sqlite3.Error:
+        return  # not a database of ours yet: enroll's own checks say what is wrong
+    finally:
+        conn.close()
 
 
 def _write_failed(out_dir: Path, exc: OSError) -> EnrollmentError:
@@ -229,7 +224,7 @@ def enroll(
     if (gateway_dir / "gateway.key").exists():
         # Said first: enrolling an id twice (into its own directory again, most likely)
         # was answered "enroll into an empty directory", which sent people the wrong way.
-        _refuse_if_enrolled(DataDir(gateway_dir), device_id)
+        _refuse_if_enrolled_read_only(DataDir(gateway_dir), device_id)
     for name in ("device.key", "data.key", "tls.key", "device.crt", "ca.crt", "agent.toml"):
         if (out_dir / name).exists():
             raise EnrollmentError(
@@ -239,7 +234,7 @@ def enroll(
     db = data.open_db()
     staged = _Staged(out_dir)
     try:
-        _refuse_if_enrolled(data, device_id, db)
+        _refuse_if_enrolled(data.root, device_id, db.conn)
         ca = CertificateAuthority.open(data.ca_dir)
         key = SigningKey.generate()
         issued = _issue(ca, device_id, cert_days)

@@ -278,6 +278,28 @@ def test_the_terminal_opens_a_step_and_the_gateway_pushes_it_to_the_officers_dev
     assert world.get("/api/v1/devices/cam-a/commands")[-1]["args"] == {}
 
 
+def test_a_revoked_device_is_told_no_case_context(world: World) -> None:
+    """A lost camera still assigned to the officer must not be sent, nor have queued, the
+    open step's case id (found by a review: it was signed and queued for it)."""
+    from gateway.registry import revoke
+
+    revoke("cam-a", world.gw.root)
+    case = world.post(
+        "/api/v1/cases",
+        {"id": "HP-11", "agency_id": "hp-ue", "case_type": "penalty",
+         "steps": [{"step_type": "investigation", "officers": [O1]}]},
+    )  # fmt: skip
+    step_id = case["steps"][0]["step_id"]
+    c = world.devices["cam-c"]
+    opened = at("2026-11-20T09:00")
+    c.record(opened, "case_context", action="open", case_id="HP-11", step_id=step_id,
+             at_ms=opened)  # fmt: skip
+    c.deliver()
+    assert world.get("/api/v1/devices/cam-c/commands")[-1]["args"]["case_id"] == "HP-11"
+    assert [x for x in world.get("/api/v1/devices/cam-a/commands")
+            if x["name"] == "case_context"] == []  # fmt: skip
+
+
 ROLES = {
     # user: (role, place, sees Heping's case, sees Hexi's case)
     "city-bureau": ("city_judicial", {}, True, True),

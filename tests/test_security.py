@@ -275,7 +275,6 @@ def test_a_stale_crl_is_reissued_before_the_broker_refuses_everyone(tmp_path, ga
     one nobody could reconnect. The gateway reissues it (at start, then hourly) and keeps
     the revocations in it."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
 
     lost = make_agent("cam-stale-crl", gateway)
     revoking = run_custody("revoke", "cam-stale-crl", "--gateway-data", str(gateway.data))
@@ -285,16 +284,8 @@ def test_a_stale_crl_is_reissued_before_the_broker_refuses_everyone(tmp_path, ga
     assert revoked
     gateway.stop()
     # What a CRL issued 31 days ago looks like today.
-    ca_key, ca_cert = ca._load()
     now = dt.datetime.now(dt.UTC)
-    stale = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - dt.timedelta(days=31))
-        .next_update(now - dt.timedelta(days=1))
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca.crl_path.write_bytes(stale.public_bytes(serialization.Encoding.PEM))
+    ca.write_crl(sorted(revoked), issued=now - dt.timedelta(days=31))
     ca_file, port = ca.cert_path, gateway.broker.port
     wait_for(
         lambda: connect_result(port, Identity.gateway(gateway.data), ca_file).startswith("refused"),
@@ -332,7 +323,9 @@ def test_the_crl_is_reissued_daily_not_at_every_check(tmp_path):
         db.conn.close()
 
 
-def test_ingest_stores_nothing_of_a_revoked_or_unknown_device_and_commands_it_nothing(tmp_path):
+def test_ingest_stores_nothing_of_a_revoked_or_unknown_device_and_commands_it_nothing(
+    tmp_path, monkeypatch
+):
     """A revoked device's "online" showed it online again, telemetry of revoked and never
     enrolled ids was stored, and commands queued for a revoked device (a step's case
     context, say) were signed and published to it once it looked online."""
@@ -383,8 +376,15 @@ def test_ingest_stores_nothing_of_a_revoked_or_unknown_device_and_commands_it_no
         assert ingest.db.execute("SELECT count(*) FROM telemetry_log").fetchone()[0] == 0
         kinds = [r[0] for r in ingest.db.execute("SELECT kind FROM alarms").fetchall()]
         # One alarm for the revoked device; none per made-up id (anyone can publish those
-        # on a broker without TLS).
+        # on a broker without TLS), and they do not grow the status cache without bound.
         assert kinds == ["revoked_device"]
+        from gateway import ingest as ingest_mod
+
+        monkeypatch.setattr(ingest_mod, "STATUS_CACHE_MAX", 8)
+        for n in range(50):
+            telemetry(f"ghost-{n}")
+        assert len(ingest._status_cache) <= 8
+        assert [r[0] for r in ingest.db.execute("SELECT kind FROM alarms")] == ["revoked_device"]
         ingest.db.execute(
             "INSERT INTO commands(device_id, cmd_id, name, args, issued_ms, expires_ms, "
             "state, created_by) VALUES ('cam-1', 1, 'case_context', '{}', 1, ?, 'pending', 'x')",
