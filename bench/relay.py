@@ -292,7 +292,7 @@ def main() -> None:
                 "gateway": psutil.Process(gw.pid),
                 "mosquitto": broker_proc,
             }
-            raws: list[tuple[float, float]] = []  # (bytes/s, cpu seconds)
+            raws: list[tuple[float, float, float]] = []  # (bytes/s, cpu s clients, broker)
             customs: list[tuple[float, dict[str, float]]] = []
             middles: dict[str, list[tuple[float, float]]] = {"raw": [], "custody": []}
             agent: Agent | None = None
@@ -304,12 +304,17 @@ def main() -> None:
                     agent.stop()  # the last round's agent stays for the latency test
                     thread.join(timeout=10)
                 # Alternating rounds share whatever the machine is doing at the moment.
-                cpu0 = sum(me.cpu_times()[:2]) + sum(broker_proc.cpu_times()[:2])
+                cpu0 = sum(me.cpu_times()[:2]), sum(broker_proc.cpu_times()[:2])
                 raw, raw_middle = raw_throughput(
                     port, paths, chunk, inflight, pub_tls, sub_tls, topic
                 )
-                cpu = sum(me.cpu_times()[:2]) + sum(broker_proc.cpu_times()[:2]) - cpu0
-                raws.append((raw, cpu))
+                raws.append(
+                    (
+                        raw,
+                        sum(me.cpu_times()[:2]) - cpu0[0],
+                        sum(broker_proc.cpu_times()[:2]) - cpu0[1],
+                    )
+                )
                 got, ccpu, middle, agent, thread = custody_round(config, paths, procs)
                 customs.append((got, ccpu))
                 for side, found in (("raw", raw_middle), ("custody", middle)):
@@ -344,19 +349,23 @@ def main() -> None:
             mosq.wait(timeout=10)
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, round(0.99 * len(latencies)) - 1)]
-    raw_mid = statistics.median(r for r, _ in raws)
+    raw_mid = statistics.median(r for r, _, _ in raws)
     custody_mid = statistics.median(c for c, _ in customs)
-    raw_cpu = statistics.median(c for _, c in raws)
+    raw_clients = statistics.median(c for _, c, _ in raws)
+    raw_broker = statistics.median(b for _, _, b in raws)
+    raw_cpu = raw_clients + raw_broker
     custody_cpu = {k: statistics.median(c[k] for _, c in customs) for k in customs[0][1]}
     print(f"transport: {'mutual TLS' if args.tls else 'plain TCP'}")
     print(
         f"backlog: {args.files} files x {args.size_mib:g} MiB, chunk {args.chunk_kib} KiB, "
         f"window {args.window}, {args.rounds} alternating rounds (medians below)"
     )
-    print(f"raw cpu seconds (both paho clients + mosquitto): {raw_cpu:.2f}")
+    print(f"raw cpu seconds: both paho clients {raw_clients:.2f}, mosquitto {raw_broker:.2f}")
     print("custody cpu seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in custody_cpu.items()))
     print(
-        f"cpu ms per MiB moved: raw {raw_cpu * 1000 / total_mib:.1f}, custody "
+        f"cpu ms per MiB moved: raw {raw_cpu * 1000 / total_mib:.1f} (clients "
+        f"{raw_clients * 1000 / total_mib:.1f}, mosquitto {raw_broker * 1000 / total_mib:.1f}), "
+        "custody "
         f"{sum(custody_cpu.values()) * 1000 / total_mib:.1f} ("
         + ", ".join(f"{k} {v * 1000 / total_mib:.1f}" for k, v in custody_cpu.items())
         + ")"

@@ -1,10 +1,17 @@
-"""Content-addressed evidence storage: ``blobs/ab/cd/<sha256>``.
+"""Content-addressed evidence storage: ``blobs/ab/<sha256>``.
 
 A blob is moved into place only after its bytes are fsync'd and verified against the
 signed manifest; the directory is fsync'd after the rename, so a receipt never names a
 file that a power cut could take back. Blobs are never rewritten: storing content that
 already exists leaves the existing file alone, but makes it durable first (``settle``):
 it may have been renamed in just before a crash.
+
+One level of 256 directories, as git does. Releases before 2026-11-27 stored blobs two
+levels deep (``blobs/ab/cd/<sha256>``): with 65,536 second-level directories nearly
+every new blob made a directory of its own, a ``mkdir`` and one more directory fsync
+per file until the store held about a million blobs (``perf`` put the ``mkdir`` alone at
+≈ 5 % of the gateway's CPU while it took a backlog). Blobs already stored that way stay
+where they are and are found there; nothing is moved.
 """
 
 from __future__ import annotations
@@ -25,19 +32,30 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def path(self, sha256_hex: str) -> Path:
+    def _flat(self, sha256_hex: str) -> Path:
+        return self.root / sha256_hex[:2] / sha256_hex
+
+    def _nested(self, sha256_hex: str) -> Path:
+        """Where releases before 2026-11-27 stored a blob."""
         return self.root / sha256_hex[:2] / sha256_hex[2:4] / sha256_hex
+
+    def path(self, sha256_hex: str) -> Path:
+        """Where the blob is, in either layout; where it goes when it is not stored yet."""
+        flat = self._flat(sha256_hex)
+        if flat.exists():
+            return flat
+        nested = self._nested(sha256_hex)
+        return nested if nested.exists() else flat
 
     def exists(self, sha256_hex: str) -> bool:
         return self.path(sha256_hex).exists()
 
-    def _make_dirs(self, leaf: Path) -> None:
-        """Create ``ab/cd`` so that the directories themselves survive a power cut: each
-        new one is recorded durably in its parent before anything is put in it."""
-        for directory in (leaf.parent, leaf):
-            if not directory.exists():
-                directory.mkdir(exist_ok=True)
-                fsync_dir(directory.parent)
+    def _make_dir(self, directory: Path) -> None:
+        """Create ``ab`` so that it survives a power cut: recorded durably in the root
+        before anything is put in it (256 of them, then never again)."""
+        if not directory.exists():
+            directory.mkdir(exist_ok=True)
+            fsync_dir(self.root)
 
     def settle(self, sha256_hex: str) -> None:
         """Make a blob found already in the store durable before anything rests on it.
@@ -52,8 +70,12 @@ class BlobStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        for directory in (target.parent, target.parent.parent, self.root):
+        directory = target.parent
+        while True:
             fsync_dir(directory)
+            if directory == self.root:
+                break
+            directory = directory.parent
 
     def adopt(self, verified_file: Path, sha256_hex: str) -> Path:
         """Move an fsync'd, verified file into the store (or drop it if already stored)."""
@@ -62,7 +84,7 @@ class BlobStore:
             self.settle(sha256_hex)
             verified_file.unlink()
             return target
-        self._make_dirs(target.parent)
+        self._make_dir(target.parent)
         os.chmod(verified_file, 0o440)
         os.rename(verified_file, target)
         fsync_dir(target.parent)

@@ -6,7 +6,8 @@ Layout (created on first start, or by the first ``custody enroll``)::
     DIR/gateway.pub     its public key, hex (what devices are given at enrollment)
     DIR/admin.token     the admin API token (0600)
     DIR/custody.db      SQLite database
-    DIR/blobs/ab/cd/…   content-addressed evidence
+    DIR/blobs/ab/…      content-addressed evidence (releases before 2026-11-27:
+                        blobs/ab/cd/…, still read)
     DIR/partial/…       uploads in progress
     DIR/ca/             the CA (ca.key 0600, ca.crt), broker and gateway certificates,
                         the CRL and the broker ACL file

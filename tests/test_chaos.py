@@ -251,7 +251,7 @@ def test_a_full_gateway_disk_loses_nothing_and_recovers_by_itself(
         # What is stored is intact (read off the disk: a download needs an audit record).
         held = gateway.evidence("cam-full")
         for item in held:
-            blob = data / "blobs" / item["sha256"][:2] / item["sha256"][2:4] / item["sha256"]
+            blob = data / "blobs" / item["sha256"][:2] / item["sha256"]
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == item["sha256"]
         # A download is served only with its audit record stored: refused (503, said so)
         # when the disk refuses the record, served when SQLite still had room for it

@@ -540,3 +540,46 @@ def test_a_crash_after_the_file_went_into_the_store_asks_the_device_for_nothing(
     assert ingest.db.execute("SELECT count(*) FROM evidence").fetchone()[0] == 1
     ingest.close()
     device.close()
+
+
+def test_new_evidence_is_stored_one_directory_deep(tmp_path):
+    # blobs/ab/<sha256>: 256 directories, not one new directory (and its fsync) per file.
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    for off in range(0, len(data), CHUNK):
+        chunk(ingest, seq, off, data[off : off + CHUNK])
+    sha = hashlib.sha256(data).hexdigest()
+    root = ingest.evidence.blobs.root
+    assert (root / sha[:2] / sha).read_bytes() == data
+    assert [p.name for p in (root / sha[:2]).iterdir()] == [sha]  # no second level made
+    device.close()
+
+
+def test_a_blob_an_earlier_release_stored_two_levels_deep_is_found_not_stored_again(
+    tmp_path, monkeypatch
+):
+    # Releases before 2026-11-27 stored blobs/ab/cd/<sha256>. Such a blob is still read,
+    # and content already held that way is not stored a second time.
+    data = bytes(range(256)) * 12
+    ingest, device, seq = setup(tmp_path, data)
+    sha = hashlib.sha256(data).hexdigest()
+    root = ingest.evidence.blobs.root
+    nested = root / sha[:2] / sha[2:4] / sha
+    nested.parent.mkdir(parents=True)
+    nested.write_bytes(data)
+    nested.chmod(0o440)
+    synced: list[Path] = []
+    real_fsync_dir = blobs.fsync_dir
+    monkeypatch.setattr(blobs, "fsync_dir", lambda d: (synced.append(d), real_fsync_dir(d)))
+    for off in range(0, len(data), CHUNK):
+        replies = chunk(ingest, seq, off, data[off : off + CHUNK])
+    assert [a.state for a in acks(ingest, replies)] == ["complete"]
+    assert any(r.topic == gateway_topic("cam-i", GatewayTopic.RECEIPT) for r in replies)
+    assert ingest.evidence.blobs.path(sha) == nested and stored(ingest, data) == data
+    assert not (root / sha[:2] / sha).exists()  # not stored twice
+    assert list(ingest.evidence.active.partial_dir.rglob("*.upload")) == []
+    # The earlier release may have renamed it in just before a crash: made durable, all
+    # the way up, before a receipt rests on it.
+    assert {nested.parent, nested.parent.parent, root} <= set(synced)
+    assert alarms(ingest) == []
+    device.close()

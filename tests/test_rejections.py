@@ -285,7 +285,7 @@ def test_stored_blobs_are_read_only(tmp_path, gateway, make_agent):
     agent.start()
     wait_for(lambda: gateway.evidence("cam-ro"), 30, "evidence")
     sha = gateway.evidence("cam-ro")[0]["sha256"]
-    blob = Path(gateway.data) / "blobs" / sha[:2] / sha[2:4] / sha
+    blob = Path(gateway.data) / "blobs" / sha[:2] / sha
     assert blob.stat().st_mode & 0o222 == 0
 
 
