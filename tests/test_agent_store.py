@@ -506,6 +506,36 @@ def test_recover_removes_receipted_leftovers(store: Store, tmp_path: Path) -> No
     assert store.journal.head()[0] == 1  # nothing to journal
 
 
+def test_recover_makes_receipts_durable_before_it_deletes_receipted_files(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Receipts are committed without fsync (``settle_many``); only ``purge``'s commit
+    # makes them durable. A file found at start whose row says receipted may rest on such
+    # a receipt, so it is deleted only after a durable commit: never file gone, receipt
+    # lost, and the evidence nowhere on the device.
+    seq = store.outbox.add_file(make_src(tmp_path / "src", "x.bin", b"evidence"))
+    path = store.media_dir / media_rows(store.db)[seq]["path"]
+    receipt, raw = receipt_for(store, seq)
+    assert store.outbox.settle_many([(receipt, raw)])  # the crash came before the purge
+
+    def purges() -> int:
+        row = store.db.execute("SELECT value FROM kv WHERE key = 'purges'").fetchone()
+        return int(row[0]) if row else 0
+
+    before = purges()
+    seen: list[int] = []
+    real_unlink = Path.unlink
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self == path:
+            seen.append(purges())
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert store.outbox.recover(at_boot=True).removed_receipted == 1
+    assert seen == [before + 1] and not path.exists()
+
+
 def test_recover_rejects_vanished_pending_media(store: Store, tmp_path: Path) -> None:
     keep = store.outbox.add_file(make_src(tmp_path / "src", "keep.bin", b"keep"))
     lost = store.outbox.add_file(make_src(tmp_path / "src", "lost.bin", b"lost"))

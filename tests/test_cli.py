@@ -97,3 +97,24 @@ def test_env_override_is_validated_too(tmp_path):
         "agent", "status", "--config", str(config), env={"CUSTODY_AGENT_WINDOW": "0"}
     )
     assert result.returncode == 2 and "window" in result.stderr
+
+
+def test_demo_and_sim_fleet_refuse_a_data_directory_a_gateway_is_running_on(tmp_path):
+    # Each runs a gateway of its own on DIR/gateway: beside a running one it would take
+    # the same MQTT client id and the two would knock each other off the broker.
+    import os
+
+    from gateway.datadir import DataDir
+
+    held = DataDir.open(tmp_path / "gateway").claim()  # this process is the running one
+    try:
+        for command in (
+            ("demo", "--data", str(tmp_path), "--duration", "5"),
+            ("sim", "fleet", "--devices", "1", "--data", str(tmp_path), "--duration", "5"),
+        ):
+            result = run_custody(*command)
+            assert result.returncode == 2, (command, result.stderr)
+            assert f"another gateway (pid {os.getpid()}) is running on" in result.stderr
+            assert not (tmp_path / "broker").exists()  # refused before anything started
+    finally:
+        os.close(held)
