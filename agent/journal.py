@@ -18,12 +18,16 @@ import sqlite_utils
 from agent.db import immediate
 from agent.sealed import RecordCipher
 from protocol.encoding import decode
+from protocol.fields import TIME_MS_MAX
 from protocol.journal import GENESIS, JournalRecord, SignedRecord
 from protocol.signing import SigningKey
 
 
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    """The device's wall clock in Unix ms, held within what the protocol carries (1970 to
+    ``TIME_MS_MAX``): a clock gone wild must not make every record refused, the gateway's
+    and the agent's own checks both, and so stop the device recording evidence."""
+    return min(max(time.time_ns() // 1_000_000, 0), TIME_MS_MAX)
 
 
 class Journal:

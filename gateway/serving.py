@@ -18,6 +18,8 @@ from pathlib import Path, PurePosixPath
 
 from fastapi.responses import FileResponse
 
+from protocol.journal import valid_media_type
+
 #: Shown inline (the dashboard's player and image views); anything else is an attachment.
 INLINE = frozenset(
     {
@@ -69,7 +71,14 @@ def download_name(base: str, name: str | None, media_type: str) -> str:
 def evidence_response(
     path: Path, media_type: str, name: str, headers: dict[str, str] | None = None
 ) -> FileResponse:
-    """The file at ``path`` as ``media_type``: inline if harmless, else a download."""
+    """The file at ``path`` as ``media_type``: inline if harmless, else a download.
+
+    A media type that is not well formed (stored before ingest refused them: a line break,
+    a NUL, a character outside Latin-1) is served as ``application/octet-stream``: used as
+    the header it dropped the connection or raised, and the evidence could not be fetched.
+    """
+    if not valid_media_type(media_type):
+        media_type = "application/octet-stream"
     base = media_type.split(";", 1)[0].strip().lower()
     safe = {
         **(headers or {}),

@@ -107,6 +107,17 @@ def _no_constants(text: str) -> Any:
     raise EncodingError(f"{text} is not valid JSON")
 
 
+#: Every integer of the protocol fits in 64 bits (20 digits); longer ones are refused
+#: before Python converts them (a 5,000-digit one raised a ValueError no caller expected).
+MAX_INT_DIGITS = 20
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise EncodingError(f"integer of {len(text.lstrip('-'))} digits is not allowed")
+    return int(text)
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, val in pairs:
@@ -126,6 +137,7 @@ def decode(data: bytes, *, what: str = "message") -> dict[str, Any]:
         value = json.loads(
             text,
             parse_float=_no_floats,
+            parse_int=_int,
             parse_constant=_no_constants,
             object_pairs_hook=_unique_keys,
         )

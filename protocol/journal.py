@@ -25,7 +25,7 @@ from typing import Any
 
 from protocol.encoding import canonical, from_hex
 from protocol.errors import ChainError, MessageError, SignatureError, VersionError
-from protocol.fields import INT_MAX, check_fields
+from protocol.fields import INT_MAX, TIME_MS_MAX, check_fields
 from protocol.signing import SigningKey, VerifyKey
 
 VERSION = 1
@@ -74,6 +74,23 @@ def _int(value: object, name: str, lo: int = 0, hi: int = SEQ_MAX) -> int:
     return value
 
 
+#: RFC 6838 names (``type/subtype``), RFC 9110 parameters. What a device says its file is
+#: becomes the Content-Type of every download: a control character, a line break or a
+#: character outside Latin-1 there made the download fail for good (the record cannot
+#: change), so anything else is refused with the record.
+_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_MEDIA_TYPE = re.compile(
+    rf"{_TOKEN}/{_TOKEN}"
+    rf'(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[ !#-\[\]-~]*"))*'
+)
+MEDIA_TYPE_MAX = 255
+
+
+def valid_media_type(value: str) -> bool:
+    """True for a well-formed media type such as ``video/mp4; codecs="avc1.64001f"``."""
+    return len(value) <= MEDIA_TYPE_MAX and _MEDIA_TYPE.fullmatch(value) is not None
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     """What a media record's body says about its file (the manifest)."""
@@ -88,6 +105,11 @@ class MediaInfo:
         media_type = body.get("media_type")
         if not isinstance(media_type, str) or not media_type:
             raise MessageError("media record body needs a non-empty media_type")
+        if not valid_media_type(media_type):
+            raise MessageError(
+                f"media record body media_type {media_type[:80]!r} is not a media type "
+                "(type/subtype, with optional ;name=value parameters, in printable ASCII)"
+            )
         marked = body.get("marked", False)
         if not isinstance(marked, bool):
             raise MessageError("media record body field marked must be a boolean")
@@ -123,7 +145,7 @@ class JournalRecord:
             raise MessageError(
                 f"unknown record kind {self.kind!r}; known: {', '.join(sorted(RECORD_KINDS))}"
             )
-        _int(self.wall_ms, "wall_ms")
+        _int(self.wall_ms, "wall_ms", hi=TIME_MS_MAX)
         _int(self.mono_ns, "mono_ns")
         if not isinstance(self.body, Mapping):
             raise MessageError("body must be an object")
@@ -200,7 +222,7 @@ class SignedRecord:
             seq=_int(wire["seq"], "seq", 1),
             prev=from_hex(wire["prev"], field="prev", length=32),
             kind=kind,
-            wall_ms=_int(wire["wall_ms"], "wall_ms"),
+            wall_ms=_int(wire["wall_ms"], "wall_ms", hi=TIME_MS_MAX),
             mono_ns=_int(wire["mono_ns"], "mono_ns"),
             body=body,
         )

@@ -596,3 +596,18 @@ def test_a_write_the_disk_refuses_leaves_no_temporary_file(store: Store) -> None
         store.outbox.add_blocks(blocks())
     assert not list(store.outbox.incoming.glob("*.part"))
     assert not list(store.outbox.media_dir.glob("*.bin"))
+
+
+@pytest.mark.parametrize("clock_ms", [300_000_000_000_000, -5_000])
+def test_a_device_clock_gone_wild_still_records_evidence_the_gateway_accepts(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock_ms: int
+) -> None:
+    # Past 9999 (or before 1970) no record could be made, or the gateway refused it and
+    # every later one waited behind it: the time is held within what the protocol carries.
+    import agent.journal
+    from protocol.fields import TIME_MS_MAX
+
+    monkeypatch.setattr(agent.journal.time, "time_ns", lambda: clock_ms * 1_000_000)
+    seq = store.outbox.add_file(make_src(tmp_path / "src", "x.bin", b"evidence"))
+    record = verify_store(store)[seq - 1].record  # decoded as the gateway decodes it
+    assert record.wall_ms == min(max(clock_ms, 0), TIME_MS_MAX)

@@ -263,6 +263,21 @@ def test_decode_rejects_malformed_json(data: bytes) -> None:
         decode(data, what="frame")
 
 
+@pytest.mark.parametrize("digits", [21, 5000, 100_000])
+def test_decode_refuses_integers_longer_than_64_bits_as_an_encoding_error(digits: int) -> None:
+    # Python refuses to convert over 4,300 digits with a plain ValueError: that escaped
+    # the gateway's ingest as a traceback, where every other malformed payload raises an
+    # alarm. No protocol integer needs more than 20 digits.
+    for sign in ("", "-"):
+        with pytest.raises(EncodingError, match="integer of"):
+            decode(b'{"wall_ms": ' + sign.encode() + b"9" * digits + b"}", what="record")
+
+
+def test_decode_keeps_every_64_bit_integer() -> None:
+    for value in (2**64 - 1, -(2**63), 0):
+        assert decode(canonical({"n": value})) == {"n": value}
+
+
 def test_decode_error_names_what() -> None:
     with pytest.raises(EncodingError, match="^receipt is not valid JSON"):
         decode(b"{", what="receipt")

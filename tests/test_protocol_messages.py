@@ -33,7 +33,7 @@ from protocol.errors import (
     SignatureError,
     VersionError,
 )
-from protocol.fields import INT_MAX
+from protocol.fields import INT_MAX, TIME_MS_MAX
 from protocol.journal import (
     GENESIS,
     MEDIA_KINDS,
@@ -93,6 +93,7 @@ GATEWAY_KEY = SigningKey.from_seed(hashlib.sha256(b"gateway key").digest())
 
 device_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
 u64s = st.integers(0, FIELD_MAX)
+times = st.integers(0, TIME_MS_MAX)  # device clocks: 1970 to 9999
 seqs = st.integers(1, SEQ_MAX)
 hashes32 = st.binary(min_size=32, max_size=32)
 texts = st.text(max_size=10) | st.text(st.sampled_from('aé€\uffff😀𝄞"\\\n'), max_size=6)
@@ -102,6 +103,8 @@ json_values = st.recursive(
     max_leaves=8,
 )
 bodies = st.dictionaries(texts, json_values, max_size=4)
+_token = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,15}", fullmatch=True)
+media_types = st.builds(lambda t, s: f"{t}/{s}", _token, _token)
 
 
 @st.composite
@@ -114,7 +117,7 @@ def journal_records(draw: st.DrawFn, device_id: str | None = None) -> JournalRec
         body.pop("marked", None)  # a random value there would be invalid; maybe set below
         body["sha256"] = draw(hashes32).hex()
         body["size"] = draw(st.integers(0, MEDIA_SIZE_MAX))
-        body["media_type"] = draw(st.text(min_size=1, max_size=20))
+        body["media_type"] = draw(media_types)
         if draw(st.booleans()):
             body["marked"] = draw(st.booleans())
     return JournalRecord(
@@ -122,7 +125,7 @@ def journal_records(draw: st.DrawFn, device_id: str | None = None) -> JournalRec
         seq=draw(seqs),
         prev=draw(hashes32),
         kind=kind,
-        wall_ms=draw(u64s),
+        wall_ms=draw(times),
         mono_ns=draw(u64s),
         body=body,
     )
@@ -198,7 +201,8 @@ def mutate(wire: dict[str, Any], name: str, data: st.DataObject) -> dict[str, An
     """A copy of ``wire`` with field ``name`` changed to another valid value."""
     out = dict(wire)
     if name in ("seq", "wall_ms", "mono_ns"):
-        out[name] = wire[name] + 1 if wire[name] < FIELD_MAX else wire[name] - 1
+        top = TIME_MS_MAX if name == "wall_ms" else FIELD_MAX
+        out[name] = wire[name] + 1 if wire[name] < top else wire[name] - 1
     elif name == "prev":
         out[name] = flip_bit(bytes.fromhex(wire[name]), data.draw(st.integers(0, 255))).hex()
     elif name == "kind":
@@ -291,6 +295,9 @@ def test_valid_wire_fixture_parses() -> None:
         ({"seq": True}, MessageError, "seq"),
         ({"seq": "7"}, MessageError, "seq"),
         ({"wall_ms": -1}, MessageError, "wall_ms"),
+        # Year 10000: stored once, it made every page and export showing it fail for ever.
+        ({"wall_ms": 253_402_300_801_000}, MessageError, "wall_ms"),
+        ({"wall_ms": TIME_MS_MAX + 1}, MessageError, "wall_ms"),
         ({"mono_ns": 2**64}, MessageError, "mono_ns"),
         ({"prev": "00" * 31}, EncodingError, "prev"),
         ({"prev": "AA" * 32}, EncodingError, "prev"),
@@ -1030,7 +1037,7 @@ def test_unsigned_tree_head_rejected() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(device_id=device_ids, online=st.booleans(), bd_seq=u64s, ts=u64s)
+@given(device_id=device_ids, online=st.booleans(), bd_seq=u64s, ts=times)
 def test_device_state_round_trip(device_id: str, online: bool, bd_seq: int, ts: int) -> None:
     state = DeviceState(device_id, online, bd_seq, ts)
     assert DeviceState.decode(state.encode()) == state
@@ -1346,3 +1353,31 @@ def test_a_batch_whose_records_are_not_a_list_is_a_message_error(records: object
     assert JournalBatch.announced_keys(raw, DEVICE_KEY.verify_key) == []
     with pytest.raises(ProtocolError):
         JournalBatch.decode(raw, DEVICE_KEY.verify_key)
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    [
+        "text/plain\r\nX-Evil: 1",
+        "image/png\x00",
+        "video/mp4; codecs=名",
+        "mp4",
+        "/x",
+        "a/" + "b" * 300,
+    ],
+)
+def test_a_media_record_with_a_malformed_media_type_is_refused(media_type: str) -> None:
+    # It becomes the Content-Type of every download of the evidence, for ever.
+    body = {"sha256": "00" * 32, "size": 1, "media_type": media_type}
+    with pytest.raises(MessageError, match="media_type"):
+        JournalRecord("dev-1", 7, GENESIS, "file", 5, 6, body)
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    ["video/mp4", "image/jpeg", "application/vnd.ms-excel", 'video/mp4; codecs="avc1.64001f"'],
+)
+def test_well_formed_media_types_are_kept(media_type: str) -> None:
+    body = {"sha256": "00" * 32, "size": 1, "media_type": media_type}
+    record = JournalRecord("dev-1", 7, GENESIS, "file", 5, 6, body)
+    assert over_the_wire(record.sign(DEVICE_KEY)).record.body["media_type"] == media_type

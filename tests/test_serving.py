@@ -55,3 +55,33 @@ def test_download_names_keep_the_device_name_and_only_passive_extensions() -> No
     assert download_name("cam-7-1", "../../x y.txt", "text/plain") == "cam-7-1-x_y.txt"
     assert download_name("cam-7-1", None, "image/svg+xml") == "cam-7-1.bin"
     assert download_name("cam-7-1", "...", "video/mp4") == "cam-7-1.mp4"
+
+
+def test_evidence_stored_with_a_malformed_media_type_is_still_served_as_bytes(
+    tmp_path: Path,
+) -> None:
+    # Ingest now refuses such records; one stored before (rows never change) made every
+    # download of it fail: a dropped connection (line break, NUL) or a 500 (not Latin-1).
+    world = FieldWorld(tmp_path, {"cam-a": O1})
+    try:
+        a = world.devices["cam-a"]
+        src = tmp_path / "note.txt"
+        src.write_bytes(b"evidence")
+        a.device.outbox.add_file(src)
+        a.deliver()
+        (item,) = world.get("/api/v1/evidence", device_id="cam-a")
+        world.api.cookies.set("custody_session", world.gw.admin_token())
+        for odd in ("text/plain\r\nX-Evil: 1", "image/png\x00", "video/mp4; codecs=名"):
+            with world.db.conn:
+                world.db.conn.execute(
+                    "UPDATE evidence SET media_type = ? WHERE id = ?", [odd, item["id"]]
+                )
+            for path in (f"/api/v1/evidence/{item['id']}/media", f"/dashboard/media/{item['id']}"):
+                r = world.api.get(path, headers=world.admin)
+                assert r.status_code == 200, (odd, path, r.text)
+                assert r.content == b"evidence"
+                assert r.headers["content-type"] == "application/octet-stream"
+                assert r.headers["content-disposition"].startswith("attachment")
+                assert "x-evil" not in r.headers
+    finally:
+        world.close()
