@@ -78,9 +78,16 @@ class TamperEvent:
     opened: bool
 
 
+#: What an MCU sends for a temperature it cannot read (no sensor, or it failed): the
+#: smallest i16, as is usual.
+NO_TEMPERATURE = -32768
+#: Absolute zero in centi-°C: anything below is a broken reading.
+ABSOLUTE_ZERO_CENTI = -27315
+
+
 @dataclass(frozen=True)
 class TemperatureEvent:
-    centi_celsius: int
+    centi_celsius: int | None  # None: the MCU has no reading (``NO_TEMPERATURE``)
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,10 @@ def parse_event(frame: Frame) -> Event:
         return TamperEvent(bool(opened))
     if kind is FrameType.TEMPERATURE:
         (centi,) = _unpack(">h", p, "temperature")
+        if centi == NO_TEMPERATURE:
+            return TemperatureEvent(None)
+        if centi < ABSOLUTE_ZERO_CENTI:
+            raise BadPayload(f"temperature {centi / 100:.2f} °C is below absolute zero")
         return TemperatureEvent(centi)
     if kind is FrameType.STORAGE:
         inserted, free = _unpack(">BI", p, "storage")
@@ -229,7 +240,8 @@ def encode_event(event: Event) -> tuple[FrameType, bytes]:
     if isinstance(event, TamperEvent):
         return FrameType.TAMPER, struct.pack(">B", event.opened)
     if isinstance(event, TemperatureEvent):
-        return FrameType.TEMPERATURE, struct.pack(">h", event.centi_celsius)
+        centi = NO_TEMPERATURE if event.centi_celsius is None else event.centi_celsius
+        return FrameType.TEMPERATURE, struct.pack(">h", centi)
     if isinstance(event, StorageEvent):
         return FrameType.STORAGE, struct.pack(">BI", event.inserted, event.free_mib)
     if isinstance(event, DeviceInfo):

@@ -5,10 +5,12 @@ the port vanishes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -104,6 +106,7 @@ ALL_EVENTS = [
     ),
     TamperEvent(True),
     TemperatureEvent(-1250),
+    TemperatureEvent(None),  # the MCU has no reading
     StorageEvent(True, 30_000),
     DeviceInfo("SN-1", "fw-2.1"),
     CommandAck(3, True),
@@ -119,6 +122,26 @@ def test_events_round_trip():
             assert abs(parsed.lat_e6 - event.lat_e6) <= 1 and abs(parsed.lon_e6 - event.lon_e6) <= 1
         else:
             assert parsed == event
+
+
+def test_a_temperature_the_mcu_cannot_read_is_no_reading_and_below_absolute_zero_is_refused():
+    # -32768 is how an MCU says "no sensor": taken as a temperature it reached telemetry,
+    # and the gateway refused every telemetry message of the device after it.
+    import struct
+
+    from agent.hardware import HardwareState
+    from protocol.state import Telemetry
+
+    missing = parse_event(Frame(FrameType.TEMPERATURE, 0, struct.pack(">h", -32768)))
+    assert missing == TemperatureEvent(None)
+    with pytest.raises(BadPayload, match="below absolute zero"):
+        parse_event(Frame(FrameType.TEMPERATURE, 0, struct.pack(">h", -27316)))
+    assert parse_event(Frame(FrameType.TEMPERATURE, 0, struct.pack(">h", -27315))) == (
+        TemperatureEvent(-27315)
+    )
+    state = HardwareState(temperature_centi=missing.centi_celsius)
+    sent = Telemetry("cam-1", 1, 0, 0, -1, 0, 0, 0, **dataclasses.asdict(state))
+    assert Telemetry.decode(sent.encode()).temperature_centi is None
 
 
 class Collector:
