@@ -8,7 +8,8 @@ state of the fleet or of a case that can end by itself:
 ``device_offline_backlog``
     an active device has been offline (``devices.online = 0``) for more than
     ``OFFLINE_GRACE_MS`` since it was last heard from, and its last telemetry reported a
-    backlog: evidence exists that the gateway does not hold.
+    backlog the gateway still does not hold all of (``_still_owed``): evidence exists
+    that the gateway does not have.
 ``battery_low_recording``
     the last telemetry says the device is recording on 0–``BATTERY_LOW_PCT`` % battery
     (``-1``, unknown, is not low).
@@ -64,6 +65,7 @@ import sqlite_utils
 
 from gateway import cases
 from gateway.alarms import raise_alarm
+from protocol.journal import MEDIA_KINDS
 
 log = logging.getLogger("custody.gateway.watch")
 events = logging.getLogger("custody.events")
@@ -223,6 +225,38 @@ def _int(obj: dict[str, Any], name: str) -> int | None:
 # -- devices ---------------------------------------------------------------------------------
 
 
+def _still_owed(conn: sqlite3.Connection, device_id: str, head: int | None) -> bool:
+    """Whether the backlog a device's last telemetry reported is still not all here.
+
+    Telemetry is sent every few seconds, so the last one before a device goes offline
+    often predates the uploads that emptied its backlog (a clean shutdown right after
+    its receipts, say): trusted alone, it raised "evidence the gateway does not have"
+    for evidence the gateway had. What the device held then was its journal up to
+    ``journal_seq`` and the files those records describe: owed while a record is missing
+    here, or a file is neither stored nor refused (a refused file stays on the device,
+    journalled, and no longer counts as backlog there). Without a ``journal_seq`` the
+    telemetry is taken at its word.
+    """
+    if head is None or head <= 0:
+        return head is None
+    (records,) = conn.execute(
+        "SELECT count(*) FROM journal WHERE device_id = ? AND seq <= ?", [device_id, head]
+    ).fetchone()
+    if records < head:
+        return True
+    kinds = sorted(MEDIA_KINDS)
+    missing = conn.execute(
+        "SELECT 1 FROM journal j WHERE j.device_id = ? AND j.seq <= ? "
+        f"AND j.kind IN ({', '.join('?' * len(kinds))}) "
+        "AND NOT EXISTS (SELECT 1 FROM evidence e WHERE e.device_id = j.device_id "
+        "AND e.seq = j.seq) "
+        "AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.device_id = j.device_id "
+        "AND u.seq = j.seq AND u.state = 'rejected') LIMIT 1",
+        [device_id, head, *kinds],
+    ).fetchone()
+    return missing is not None
+
+
 def _device_conditions(conn: sqlite3.Connection, now_ms: int) -> list[Condition]:
     rows = conn.execute(
         "SELECT device_id, online, last_seen_ms, telemetry FROM devices "
@@ -238,7 +272,11 @@ def _device_conditions(conn: sqlite3.Connection, now_ms: int) -> list[Condition]
             continue
         items, size = _int(tele, "backlog_items") or 0, _int(tele, "backlog_bytes") or 0
         offline_ms = now_ms - last_seen if not online and last_seen is not None else 0
-        if offline_ms > OFFLINE_GRACE_MS and items > 0:
+        if (
+            offline_ms > OFFLINE_GRACE_MS
+            and items > 0
+            and _still_owed(conn, device_id, _int(tele, "journal_seq"))
+        ):
             oldest = _int(tele, "oldest_unacked_age_s")
             found.append(
                 Condition(

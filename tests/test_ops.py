@@ -62,11 +62,43 @@ def events(alarm: dict[str, Any]) -> list[tuple[str, str]]:
 # -- watch: device conditions ----------------------------------------------------------------
 
 
+def test_a_device_that_went_offline_after_its_backlog_arrived_owes_nothing(world: World) -> None:
+    # Found by a tester: a clean shutdown right after the receipts. The last telemetry
+    # predated the uploads and still counted them, and a minute later the gateway raised
+    # "holding 2 item(s) that the gateway does not have yet" for evidence it held.
+    a = world.devices["cam-a"]
+    a.state(True)
+    first = a.segment(at("2025-09-30T10:00"), at("2025-09-30T10:05"))
+    a.segment(at("2025-09-30T10:05"), at("2025-09-30T10:06"))
+    a.telemetry(backlog_items=2, backlog_bytes=5_000, journal_seq=first + 1)
+    a.deliver()  # both arrive after that telemetry
+    a.state(False)
+    (last_seen,) = world.db.execute(
+        "SELECT last_seen_ms FROM devices WHERE device_id = 'cam-a'"
+    ).fetchone()
+    world.tick(last_seen + 120_000)
+    assert world.alarms("device_offline_backlog") == []
+
+    # What the gateway still lacks keeps the alarm: a record of a file never uploaded.
+    a.state(True)
+    owed = a.segment(at("2025-09-30T10:10"), at("2025-09-30T10:15"))
+    a.send_journal()  # the record arrives, its file does not
+    a.telemetry(backlog_items=1, backlog_bytes=2_048, journal_seq=owed)
+    a.state(False)
+    (last_seen,) = world.db.execute(
+        "SELECT last_seen_ms FROM devices WHERE device_id = 'cam-a'"
+    ).fetchone()
+    world.tick(last_seen + 120_000)
+    (alarm,) = world.alarms("device_offline_backlog")
+    assert "1 item(s)" in alarm["detail"]
+
+
 def test_device_conditions_raise_alarms_that_resolve_themselves(world: World) -> None:
     a, x = world.devices["cam-a"], world.devices["cam-x"]
     a.state(True)
     x.state(True)
-    a.telemetry(backlog_items=4, backlog_bytes=4_000_000, oldest_unacked_age_s=90)
+    # Four records (and their files) the gateway has never seen.
+    a.telemetry(backlog_items=4, backlog_bytes=4_000_000, oldest_unacked_age_s=90, journal_seq=4)
     x.telemetry(backlog_items=0)  # offline owing nothing is no alarm
     a.state(False)
     x.state(False)
