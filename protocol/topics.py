@@ -115,12 +115,23 @@ def parse_broker(url: str) -> BrokerURL:
         raise ValueError(f"broker URL {url!r} must start with mqtts:// (or mqtt:// without TLS)")
     if not parsed.hostname:
         raise ValueError(f"broker URL {url!r} has no host")
+    if parsed.username is not None or parsed.password is not None:
+        # Devices authenticate with their certificates; a user or password given here was
+        # silently dropped, and whoever gave it believed it was used.
+        raise ValueError(
+            f"broker URL {url!r} carries a user or password: custody does not use them "
+            "(devices are known by their certificates); give mqtts://HOST:PORT"
+        )
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.params:
+        raise ValueError(f"broker URL {url!r} has a path or query: give mqtts://HOST:PORT")
     tls = parsed.scheme == "mqtts"
     try:
-        port = parsed.port or (8883 if tls else 1883)
+        port = parsed.port
     except ValueError as exc:
         raise ValueError(f"broker URL {url!r} has an invalid port") from exc
-    return BrokerURL(parsed.hostname, port, tls)
+    if port == 0:  # was taken as "no port" and became the default without a word
+        raise ValueError(f"broker URL {url!r} has an invalid port (0)")
+    return BrokerURL(parsed.hostname, port or (8883 if tls else 1883), tls)
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:

@@ -109,8 +109,14 @@ def test_missing_file_points_to_enroll(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "broker", ["http://x", "mqtts://host:8883", "tcp://h:1883", "x", "mqtt://", "mqtt://h:99999"]
-)
+    "broker",
+    [
+        "http://x", "mqtts://host:8883", "tcp://h:1883", "x", "mqtt://", "mqtt://h:99999",
+        # Silently taken before: port 0 as the default port, a user or password never
+        # used, a path or query thrown away.
+        "mqtt://h:0", "mqtt://user:secret@h:1883", "mqtt://h:1883/prefix", "mqtt://h:1883?x=1",
+    ],
+)  # fmt: skip
 def test_bad_broker_url(tmp_path: Path, broker: str) -> None:
     text = VALID.replace("mqtt://127.0.0.1:18830", broker)
     with pytest.raises(ConfigError, match="broker"):
