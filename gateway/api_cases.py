@@ -56,6 +56,34 @@ Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 TimeMs = Annotated[
     int, Field(ge=0, le=TIME_MS_MAX, description="Unix milliseconds, 1970 to 9999-01-01")
 ]
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def utc_datetime(ms: object) -> dt.datetime | None:
+    """Unix milliseconds as a UTC datetime, or None when ``ms`` is no time the gateway
+    shows as a date: negative, past ``TIME_MS_MAX`` (the range the API takes in), or not
+    a number. Such a value can be stored, and rows are never rewritten: a device record
+    dated year 10000 was once accepted, and ``datetime`` refused it on every later read
+    (500 on every list that held it). Show it with ``not_a_date`` instead."""
+    if isinstance(ms, bool) or not isinstance(ms, int | float) or not 0 <= ms <= TIME_MS_MAX:
+        return None
+    return _EPOCH + dt.timedelta(milliseconds=ms)  # exact, unlike fromtimestamp(ms / 1000)
+
+
+def not_a_date(ms: object) -> str:
+    """How every page, JSON field and export shows a time ``utc_datetime`` refuses: the raw
+    milliseconds, marked, e.g. ``out of range: 253402300801000 ms``. Not clamped: a clamped
+    date would put words in a signed record's mouth; the raw value is what it says. A
+    JSON field that holds an ISO date holds this string instead, so it stays a string."""
+    return f"out of range: {ms} ms"
+
+
+def iso(ms: int | None, timespec: str = "milliseconds") -> str | None:
+    """``ms`` as ISO 8601 in UTC (``None`` stays ``None``); see ``not_a_date``."""
+    if ms is None:
+        return None
+    when = utc_datetime(ms)
+    return when.isoformat(timespec=timespec) if when else not_a_date(ms)
 
 
 class Strict(BaseModel):
@@ -701,7 +729,8 @@ def report_case(report: dict[str, Any]) -> dict[str, Any]:
 def _ms(value: int | None) -> str:
     if value is None:
         return "—"
-    return dt.datetime.fromtimestamp(value / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = utc_datetime(value)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC") if when else not_a_date(value)
 
 
 def coverage_html(report: dict[str, Any]) -> str:

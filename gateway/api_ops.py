@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import audit, metrics
 from gateway.access import OPERATORS, Principal, visible_devices
-from gateway.api_cases import Int64
+from gateway.api_cases import Int64, iso
 from gateway.db import transaction
 from gateway.watch import record_event
 
@@ -62,12 +62,6 @@ def now_ms() -> int:
     return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
 
 
-def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
-
-
 def _in_scope(conn: sqlite3.Connection, who: Principal, device_id: str) -> bool:
     visible = visible_devices(conn, who)
     return visible is None or device_id in visible
@@ -92,11 +86,11 @@ def alarm_view(conn: sqlite3.Connection, who: Principal, alarm_id: int) -> dict[
         "device_id": row[2],
         "detail": row[3],
         "count": row[4],
-        "first_at": _iso(row[5]),
-        "last_at": _iso(row[6]),
+        "first_at": iso(row[5]),
+        "last_at": iso(row[6]),
         "state": row[7],
         "events": [
-            {"at": _iso(at), "actor": actor, "action": action, "note": note}
+            {"at": iso(at), "actor": actor, "action": action, "note": note}
             for at, actor, action, note in history
         ],
     }

@@ -357,6 +357,11 @@ def apply_terminal_context(
     action = body.get("action")
     if not isinstance(step_id, int) or not isinstance(at, int) or action not in ("open", "close"):
         return
+    if isinstance(at, bool) or not 0 <= at <= TIME_MS_MAX:
+        # Stored as a step's end, a time past 9999 made the case, its coverage and the
+        # statistics fail for good (its due date cannot be computed): ignored, like any
+        # other context that cannot apply. The journal keeps what the terminal signed.
+        return
     step = step_row(conn, step_id)
     if step is None or not _device_may_touch(conn, device_id, str(step["case_id"]), at):
         return

@@ -12,7 +12,6 @@ Sessions are the API's login tokens in an HttpOnly cookie, so the dashboard's ow
 """
 
 import asyncio
-import datetime as dt
 import json
 import re
 import time
@@ -42,7 +41,7 @@ from gateway.access import (
     principal_for_token,
     visible_devices,
 )
-from gateway.api_cases import Int64
+from gateway.api_cases import Int64, not_a_date, utc_datetime
 from gateway.blobs import BlobStore
 from gateway.datadir import DataDir
 from gateway.db import connect, transaction
@@ -57,10 +56,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def clock(ms: int | None) -> str:
+def clock(ms: int | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """``ms`` in the gateway's local time (``fmt``), "—" for none; a time that is no date
+    (``gateway.api_cases.utc_datetime``) as its raw milliseconds, marked (``not_a_date``)."""
     if not ms:
         return "—"
-    return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    when = utc_datetime(ms)
+    return when.astimezone().strftime(fmt) if when else not_a_date(ms)
 
 
 def ago(ms: int | None) -> str:
@@ -488,7 +490,7 @@ def add_dashboard(
                     "bar": coverage_bar(s),
                     "gaps": [
                         {
-                            "span": f"{clock(g['start_ms'])} – {clock(g['end_ms'])[11:]}",
+                            "span": f"{clock(g['start_ms'])} – {clock(g['end_ms'], '%H:%M:%S')}",
                             "seconds": g["duration_ms"] // 1000,
                             "explained": g["explained"],
                             "reasons": "; ".join(r["reason"] for r in g["reasons"]),
@@ -512,7 +514,7 @@ def add_dashboard(
             "video": media_type.startswith("video/"),
             "image": media_type.startswith("image/"),
             "duration_ms": e["end_ms"] - e["start_ms"],
-            "span": f"{clock(e['start_ms'])[11:]}–{clock(e['end_ms'])[11:]}",
+            "span": f"{clock(e['start_ms'], '%H:%M:%S')}–{clock(e['end_ms'], '%H:%M:%S')}",
         }
 
     def evidence_row(

@@ -13,7 +13,6 @@ and renames.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import html
 import json
@@ -32,6 +31,7 @@ from typing import IO, Any
 import sqlite_utils
 
 from gateway import audit
+from gateway.api_cases import iso
 from gateway.blobs import BlobStore, fsync_dir
 from gateway.datadir import DataDir
 from gateway.db import transaction
@@ -402,7 +402,9 @@ def _no_coverage() -> dict[str, Any]:
 
 
 def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+    """To the second, in UTC; a time that is no date as its raw milliseconds, marked
+    (``gateway.api_cases.not_a_date``), so a bundle of such a record is still written."""
+    return iso(ms, "seconds") or ""
 
 
 def _listing_html(case: Mapping[str, Any] | None, items: list[_Item]) -> str:

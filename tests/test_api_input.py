@@ -1,6 +1,6 @@
 """Bad input to the API gets a clear, specific 4xx and changes nothing: integers too large
-for SQLite, non-finite numbers in a JSON body, and command arguments the device would
-misread."""
+for SQLite, non-finite numbers in a JSON body, text that is not Unicode (lone surrogates),
+and command arguments the device would misread."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
+from gateway.alarms import raise_alarm
 from gateway.api_cases import TIME_MS_MAX
+from gateway.db import transaction
 from protocol.command import COMMAND_ARGS, COMMANDS, check_args
 from protocol.errors import MessageError
 from tests.field import O1, FieldWorld, at
@@ -229,6 +232,98 @@ def test_a_form_body_still_gets_415(world: World) -> None:
     r = world.call("POST", "/api/v1/login", content="name=a&password=b",
                    h={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
     assert r.status_code == 415 and "application/json" in r.json()["detail"]
+
+
+# -- text that is not Unicode: lone surrogates -------------------------------------------
+
+# JSON lets a string hold half of a UTF-16 pair (``\\ud800``); no UTF-8 text can, so
+# SQLite, the audit log and the response itself refused it: each of these was a 500.
+SURROGATES = [
+    ("/api/v1/login", '{"name": "a\\ud800", "password": "s3cret-pass"}', ("name",), "D800"),
+    ("/api/v1/agencies", '{"id": "agX", "name": "\\ud800", "level": "city"}', ("name",),
+     "D800"),
+    ("/api/v1/cases", '{"id": "C-9", "agency_id": "hp-ue", "case_type": "inspection", '
+     '"title": "\\udfff"}', ("title",), "DFFF"),
+    ("/api/v1/alarms/1/acknowledge", '{"note": "\\ud800"}', ("note",), "D800"),
+    ("/api/v1/alarms/1/resolve", '{"note": "ok \\udc00 done"}', ("note",), "DC00"),
+    # Deeper in a body, in a key, or sent as raw bytes (which Python's parser lets through).
+    ("/api/v1/cases", '{"id": "C-9", "agency_id": "hp-ue", "case_type": "inspection", '
+     '"steps": [{"step_type": "notification", "officers": ["12010001", "x\\ud83d"]}]}',
+     ("steps", 0, "officers", 1), "D83D"),
+    ("/api/v1/devices/cam-a/commands", '{"name": "mark", "args": {"note": "\\ud800"}}',
+     ("args", "note"), "D800"),
+    ("/api/v1/cases/C-1/amendments", '{"kind": "rebind", "reason": "x", '
+     '"payload": {"device_id": "cam-a", "seq": 1, "\\ud800": 1}}', ("payload", "\\ud800"),
+     "D800"),
+    ("/api/v1/officers", b'{"id": "o-9", "name": "Li \xed\xa0\x80", "agency_id": "hp-ue"}',
+     ("name",), "D800"),
+]  # fmt: skip
+
+
+def open_alarm(world: World) -> None:
+    """Alarm 1, open: acknowledging or resolving it would change it (and be audited)."""
+    with transaction(world.db) as conn:
+        raise_alarm(conn, "sequence_gap", "cam-a", "records 3..4 never arrived", 1, key="gap 3")
+    assert world.db.execute("SELECT id, state FROM alarms").fetchall() == [(1, "open")]
+
+
+def assert_refused_as_not_text(r: Any, loc: tuple[Any, ...], code: str) -> None:
+    assert r.status_code == 422, r.text
+    (error,) = json.loads(r.text)["detail"]
+    assert tuple(error["loc"]) == loc, error
+    assert error["type"] == "string_unicode"
+    name = ".".join(str(p) for p in loc[1:])
+    assert error["msg"].startswith(f"{name} must be Unicode text, but holds U+{code}"), error
+    assert f"\\u{code.lower()}" in error["input"], error  # shown as its escape
+
+
+@pytest.mark.parametrize(("path", "raw", "field", "code"), SURROGATES)
+def test_a_lone_surrogate_in_a_body_is_a_422_naming_the_field(
+    world: World, path: str, raw: str | bytes, field: tuple[Any, ...], code: str
+) -> None:
+    open_alarm(world)
+    before = world.stored()
+    r = world.call("POST", path, content=raw, h={"Content-Type": "application/json"})
+    assert_refused_as_not_text(r, ("body", *field), code)
+    assert world.stored() == before  # nothing stored, nothing audited (not even a login)
+
+
+def test_a_lone_surrogate_in_a_dashboard_form_is_a_422(world: World) -> None:
+    """A multipart form declared as UTF-7 decodes ``+2AA-`` to a lone surrogate."""
+    before = world.stored()
+    r = world.client.post(
+        "/dashboard/login",
+        content=b'--XX\r\nContent-Disposition: form-data; name="name"\r\n\r\na+2AA-\r\n'
+        b'--XX\r\nContent-Disposition: form-data; name="password"\r\n\r\ns3cret-pass\r\n'
+        b"--XX--\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary=XX; charset=utf-7"},
+    )
+    assert_refused_as_not_text(r, ("body", "name"), "D800")
+    assert world.stored() == before
+
+
+def test_whole_characters_are_text(world: World) -> None:
+    # A surrogate pair escaped in JSON is one character; it is stored and shown as it was.
+    raw = '{"id": "agY", "name": "\\ud83d\\udcf7 Heping 和平", "level": "city"}'
+    r = world.call("POST", "/api/v1/agencies", content=raw, h={"Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "\U0001f4f7 Heping 和平"
+
+
+def test_a_422_that_echoes_a_surrogate_is_still_rendered(world: World) -> None:
+    """Whatever a validation error quotes back, its response can be written."""
+
+    @world.api.app.get("/api/v1/echo-probe")
+    def probe() -> None:
+        raise RequestValidationError(
+            [{"type": "x", "loc": ("query", "k\ud800"), "msg": "m \udfff", "input": "\ud800"}]
+        )
+
+    r = world.call("GET", "/api/v1/echo-probe")
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["query", "k\\ud800"] and error["input"] == "\\ud800"
+    assert error["msg"] == "m \\udfff"
 
 
 # -- command arguments -----------------------------------------------------------------

@@ -278,6 +278,27 @@ def test_the_terminal_opens_a_step_and_the_gateway_pushes_it_to_the_officers_dev
     assert world.get("/api/v1/devices/cam-a/commands")[-1]["args"] == {}
 
 
+def test_a_terminal_time_past_9999_is_ignored_and_the_case_still_reads(world: World) -> None:
+    # Stored as the step's end, it made the case, its coverage and the statistics answer
+    # 422 for good (the due date three working days later cannot be computed).
+    case = world.post(
+        "/api/v1/cases",
+        {"id": "HP-11", "agency_id": "hp-ue", "case_type": "penalty",
+         "steps": [{"step_type": "investigation", "officers": [O1]}]},
+    )  # fmt: skip
+    step_id = case["steps"][0]["step_id"]
+    c = world.devices["cam-c"]
+    opened = at("2026-11-20T09:00")
+    c.record(opened, "case_context", action="open", case_id="HP-11", step_id=step_id,
+             at_ms=opened)  # fmt: skip
+    c.record(opened, "case_context", action="close", case_id="HP-11", step_id=step_id,
+             at_ms=253_402_300_801_000)  # fmt: skip
+    c.deliver()
+    step = step_of(world.get("/api/v1/cases/HP-11"), "investigation")
+    assert step["start_ms"] == opened and step["end_ms"] is None
+    assert world.api.get("/api/v1/stats", headers=world.admin).status_code == 200
+
+
 def test_a_revoked_device_is_told_no_case_context(world: World) -> None:
     """A lost camera still assigned to the officer must not be sent, nor have queued, the
     open step's case id (found by a review: it was signed and queued for it)."""
@@ -510,8 +531,14 @@ def test_a_malformed_item_bound_by_hand_does_not_break_the_case(world: World) ->
     reports must still render (a time past what dates can hold made them all fail)."""
     a = world.devices["cam-a"]
     small_case(world, "HP-8", "hp-ue", O1)
-    far = 2**62  # a signed time, valid as a message, past any date
-    seq = a.segment(far, far)
+    far = 2**62  # times in a signed body, valid as a message, past any date
+    a.clock(at("2025-09-30T10:00"))  # the record's own time is held within range
+    seq = a.device.outbox.add_blocks(
+        [b"segment"],
+        kind="segment",
+        media_type="video/mp4",
+        body={"start_wall_ms": far, "end_wall_ms": far, "duration_ms": 0},
+    )
     a.deliver()
     world.ingest.housekeeping()
     queue = {(q["device_id"], q["seq"]): q for q in world.get("/api/v1/review-queue")}
