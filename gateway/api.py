@@ -535,7 +535,8 @@ def create_app(data: DataDir, health: Callable[[], dict[str, str]] | None = None
 
     @app.get("/api/v1/devices/{device_id}/commands", tags=["devices"])
     def list_commands(device_id: str, conn: Db, who: Caller) -> list[dict[str, Any]]:
-        if not device_visible(conn, who, device_id):
+        known = conn.execute("SELECT 1 FROM devices WHERE device_id = ?", [device_id])
+        if known.fetchone() is None or not device_visible(conn, who, device_id):
             raise HTTPException(404, f"no device {device_id}")
         rows = conn.execute(
             "SELECT cmd_id, name, args, issued_ms, expires_ms, state FROM commands "

@@ -789,6 +789,13 @@ def request_amendment(
             raise CaseError(f"step {payload.get('step_id')} is not a step of case {case_id}")
         if "start_ms" not in payload and "end_ms" not in payload:
             raise CaseError("step_times needs start_ms and/or end_ms")
+        start = payload.get("start_ms", step["start_ms"])
+        end = payload.get("end_ms", step["end_ms"])
+        if start is not None and end is not None and end < start:
+            # Refused now, not when a reviewer approves it days later.
+            raise CaseError(
+                f"step_times would make step {step['id']} end ({end}) before it starts ({start})"
+            )
     else:
         raise CaseError(f"unknown amendment kind {kind!r}; known: rebind, step_times")
     cur = conn.execute(

@@ -182,6 +182,19 @@ def test_amendment_payloads_are_checked_when_asked_for(world: World) -> None:
          "reason": "docked late"},
     )  # fmt: skip
     assert ok["payload"] == {"step_id": world.step_id, "start_ms": at("2025-09-30T10:00")}
+    # An end before the start is refused when asked for, not days later at the decision.
+    before = world.stored()
+    r = world.call("POST", "/api/v1/cases/C-1/amendments",
+                   json={"kind": "step_times", "reason": "x",
+                         "payload": {"step_id": world.step_id, "start_ms": at("2025-09-30T10:00"),
+                                     "end_ms": at("2025-09-30T09:00")}})  # fmt: skip
+    assert r.status_code in (400, 409, 422) and "before it starts" in r.text, r.text
+    assert world.stored() == before
+
+
+def test_commands_of_a_device_that_does_not_exist_are_a_404(world: World) -> None:
+    r = world.call("GET", "/api/v1/devices/nope/commands")
+    assert r.status_code == 404 and "no device nope" in r.text
 
 
 def test_an_overflow_nothing_declared_catches_is_a_422(world: World) -> None:
