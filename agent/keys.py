@@ -37,16 +37,23 @@ def _write_new(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _read_private(path: Path, what: str) -> bytes:
+def check_private(path: Path, what: str) -> None:
+    """Refuse a secret file that is missing or that others may read (it must be 0600)."""
     try:
         st = path.stat()
     except FileNotFoundError as exc:
         raise KeyStoreError(f"{what} {path} is missing; re-enroll the device") from exc
+    if not stat.S_ISREG(st.st_mode):  # a directory was told to chmod 600, which cannot help
+        raise KeyStoreError(f"{what} {path} is not a file; restore the key file there")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyStoreError(
             f"{what} {path} is readable by others (mode {oct(st.st_mode & 0o777)}); "
             "run chmod 600 on it"
         )
+
+
+def _read_private(path: Path, what: str) -> bytes:
+    check_private(path, what)
     data = path.read_bytes()
     if len(data) != 32:
         raise KeyStoreError(f"{what} {path} is not a 32-byte key")

@@ -19,6 +19,7 @@ from agent.db import open_db
 from agent.errors import KeyStoreError
 from agent.hardware import DeviceHardware
 from agent.journal import Journal, last_handover
+from agent.keycheck import check_data_key, check_signing_key
 from agent.keys import FileKeyStore
 from agent.outbox import Outbox
 from agent.relay import Relay
@@ -41,12 +42,22 @@ class Device:
         self.config = config
         self.keys = FileKeyStore(config.key_file, config.data_key_file)
         data_key = self.keys.data_key()
-        self.db = open_db(config.data_dir / "agent.db")
+        db_path = config.data_dir / "agent.db"
+        self.db = open_db(db_path)
         cipher = RecordCipher(data_key) if data_key is not None else None
-        # A key rotation a crash interrupted is completed (or dropped) according to what
-        # the journal says, before the signing key is read.
-        self.keys.finish_rotation(lambda: last_handover(self.db, config.device_id, cipher))
-        self.key = self.keys.signing_key()
+        try:
+            # Keys that are not the store's are refused before anything is written with
+            # them: one record sealed or signed with a wrong key wedges the uploads.
+            check_data_key(self.db, config.device_id, cipher, config.data_key_file, db_path)
+            # A key rotation a crash interrupted is completed (or dropped) according to
+            # what the journal says, before the signing key is read.
+            self.keys.finish_rotation(lambda: last_handover(self.db, config.device_id, cipher))
+            self.key = check_signing_key(
+                self.db, config.device_id, cipher, self.keys, self.keys.signing_key(), db_path
+            )
+        except BaseException:
+            self.db.conn.close()
+            raise
         self.journal = Journal(
             self.db, config.device_id, self.key, cipher, key_loader=self.keys.key_for
         )
@@ -69,6 +80,25 @@ class Device:
 
     def close(self) -> None:
         self.db.conn.close()
+
+
+def tls_files(config: AgentConfig) -> TlsFiles | None:
+    """The TLS files of an ``mqtts://`` broker (None for ``mqtt://``), checked: an
+    ``AgentError`` naming the file when one is missing, not a file, not 0600 (the key), or
+    does not load."""
+    if not (config.tls and config.tls_ca and config.tls_cert and config.tls_key):
+        return None
+    tls = TlsFiles(config.tls_ca, config.tls_cert, config.tls_key)
+    tls.check()
+    return tls
+
+
+def check_config(config: AgentConfig) -> None:
+    """What ``custody agent --check-config`` checks beyond ``agent.toml`` itself: the TLS
+    files, the key files (0600) and that they are the keys of this device's store, and the
+    database. An ``AgentError`` says what is wrong, and where."""
+    tls_files(config)
+    Device(config).close()
 
 
 def mqtt_client_id(device_id: str, key: SigningKey) -> str:
@@ -97,6 +127,7 @@ class Agent:
         audio: Callable[[], AudioSource] | None = None,
     ) -> None:
         self.config = config
+        tls = tls_files(config)  # checked first: nothing is opened for a config that fails
         self.device = Device(config)
         host, port = config.broker_address
         self.relay: Relay | None = None
@@ -115,11 +146,7 @@ class Agent:
             keepalive=config.keepalive_s,
             max_inflight=config.window + 16,
             backoff=(config.reconnect_min_s, config.reconnect_max_s),
-            tls=(
-                TlsFiles(config.tls_ca, config.tls_cert, config.tls_key)
-                if config.tls and config.tls_ca and config.tls_cert and config.tls_key
-                else None
-            ),
+            tls=tls,
         )
         self.hardware: DeviceHardware | None = None
         self._hardware_device: Device | None = None

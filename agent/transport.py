@@ -5,7 +5,9 @@ module only moves bytes. ``MqttTransport`` runs its own network thread so it con
 reconnects: full-jitter exponential backoff (so a fleet coming out of a dead zone does
 not stampede the broker), a fresh paho client per connection (no stale in-flight packets
 replayed from an old session), and the Sparkplug-style Last Will set before every
-connect.
+connect. Nothing but ``stop`` ends that thread: a client that cannot even be set up (a TLS
+file removed or damaged while the agent runs) is logged and retried like an unreachable
+broker.
 
 Events are delivered to one callback, from the network thread; the relay queues them and
 handles them on its own thread.
@@ -26,10 +28,15 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.errors import AgentError, ConfigError
+from agent.keys import check_private
 from protocol.throttle import Throttle
 
 log = logging.getLogger("custody.agent.transport")
@@ -63,6 +70,45 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+
+    def check(self) -> None:
+        """Raise an ``AgentError`` naming the file unless all three are files, the key is
+        0600, and they load the way the connection loads them (paho's ``tls_set``).
+
+        ``--check-config`` and the agent's start call it: a file that is missing, a
+        directory, or not PEM otherwise surfaced only inside the network thread.
+        """
+        renew = "restore it, or renew the device's certificate (custody enroll … --renew)"
+        for name, path in (("tls_ca", self.ca), ("tls_cert", self.cert), ("tls_key", self.key)):
+            if not path.exists():
+                raise ConfigError(f"{name} {path} is missing: {renew}")
+            if not path.is_file():
+                raise ConfigError(f"{name} {path} is not a file: {renew}")
+        check_private(self.key, "tls_key")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_verify_locations(cafile=str(self.ca))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"tls_ca {self.ca} does not load as a PEM CA certificate ({exc}): {renew}"
+            ) from exc
+        try:
+            context.load_cert_chain(str(self.cert), str(self.key))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self._chain_problem(exc)}: {renew}") from exc
+
+    def _chain_problem(self, exc: Exception) -> str:
+        """Which of certificate and key OpenSSL refused (it says only "PEM lib")."""
+        # cryptography's own messages are a paragraph each; what failed is enough here.
+        try:
+            x509.load_pem_x509_certificates(self.cert.read_bytes())
+        except (OSError, ValueError):
+            return f"tls_cert {self.cert} does not load as a PEM certificate"
+        try:
+            serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+            return f"tls_key {self.key} does not load as a PEM private key (damaged or encrypted)"
+        return f"tls_key {self.key} is not the private key of tls_cert {self.cert} ({exc})"
 
 
 @dataclass(frozen=True)
@@ -237,45 +283,76 @@ class MqttTransport:
         else:
             log.debug("%s", problem)
 
+    def _setup_problem(self, exc: Exception) -> str:
+        """Why a client could not even be set up: with TLS, most likely its files (one
+        removed, replaced by junk, made a directory while the agent runs)."""
+        if self._tls is not None:
+            try:
+                self._tls.check()
+            except AgentError as problem:
+                return f"cannot set up TLS to the broker at {self._host}:{self._port}: {problem}"
+        return f"cannot set up the connection to the broker at {self._host}:{self._port}: {exc}"
+
     def _run(self) -> None:
         attempt = 0
         lo, hi = self._backoff
-        where = f"{self._host}:{self._port}"
         while not self._stop.is_set():
-            client = self._make_client()
-            self._client = client
             try:
-                client.connect(self._host, self._port, keepalive=self._keepalive, clean_start=True)
-            except ssl.SSLError as exc:
-                self._problem(f"TLS handshake with the broker at {where} failed: {exc}")
-            except OSError as exc:
-                self._problem(f"broker {where} unreachable: {exc}")
-            else:
-                accepted = False
-                while not self._stop.is_set():
-                    rc = client.loop(timeout=0.05)
-                    if rc != mqtt.MQTT_ERR_SUCCESS:
-                        break
-                    if self._connected.is_set():
-                        attempt = 0
-                        accepted = True
+                if self._attempt():
+                    attempt = 0
+            except Exception as exc:
+                # Never let this thread end: the relay would wait for a connection for
+                # ever, and the agent would run on without a word.
+                log.debug("network thread", exc_info=True)
+                self._problem(f"the connection to the broker failed unexpectedly: {exc!r}")
                 if self._connected.is_set():
                     self._connected.clear()
                     self._on_event(Disconnected("connection lost"))
-                elif not accepted and not self._stop.is_set() and not self._refused:
-                    # With TLS 1.3 a broker refuses a client certificate only after the
-                    # handshake looked done: the connection just closes before CONNACK.
-                    self._problem(
-                        f"the broker at {where} closed the connection before accepting this "
-                        "device: is its certificate revoked, expired, or from another CA?"
-                    )
-                if accepted:
-                    self._warnings.reset()
-                self._refused = False
-                with contextlib.suppress(OSError):
-                    client.disconnect()
             if self._stop.is_set():
                 break
             delay = backoff_delay(attempt, lo, hi, self._rng)
             attempt += 1
             self._stop.wait(delay)
+
+    def _attempt(self) -> bool:
+        """One connection, from setting up a client until it ends; True if the broker
+        accepted this device meanwhile."""
+        where = f"{self._host}:{self._port}"
+        accepted = False
+        try:
+            client = self._make_client()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            # A TLS file paho cannot load: said like an unreachable broker, and tried
+            # again with backoff, since the file may be restored while the agent runs.
+            self._problem(self._setup_problem(exc))
+            return accepted
+        self._client = client
+        try:
+            client.connect(self._host, self._port, keepalive=self._keepalive, clean_start=True)
+        except ssl.SSLError as exc:
+            self._problem(f"TLS handshake with the broker at {where} failed: {exc}")
+        except OSError as exc:
+            self._problem(f"broker {where} unreachable: {exc}")
+        else:
+            while not self._stop.is_set():
+                rc = client.loop(timeout=0.05)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                if self._connected.is_set():
+                    accepted = True
+            if self._connected.is_set():
+                self._connected.clear()
+                self._on_event(Disconnected("connection lost"))
+            elif not accepted and not self._stop.is_set() and not self._refused:
+                # With TLS 1.3 a broker refuses a client certificate only after the
+                # handshake looked done: the connection just closes before CONNACK.
+                self._problem(
+                    f"the broker at {where} closed the connection before accepting this "
+                    "device: is its certificate revoked, expired, or from another CA?"
+                )
+            if accepted:
+                self._warnings.reset()
+            self._refused = False
+            with contextlib.suppress(OSError):
+                client.disconnect()
+        return accepted
