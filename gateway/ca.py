@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.errors import DataDirError
 from gateway.files import exclusive, write_public, write_secret
 
 log = logging.getLogger("custody.gateway.ca")
@@ -78,9 +79,18 @@ class CertificateAuthority:
         self.crl_path = root / "crl.pem"
 
     @classmethod
-    def open(cls, root: Path) -> CertificateAuthority:
-        """Open the CA under ``root``, creating it (and the broker/gateway certs) once."""
+    def open(cls, root: Path, *, create: bool = True) -> CertificateAuthority:
+        """Open the CA under ``root``, creating it (and the broker/gateway certs) once.
+        With ``create=False`` a missing CA is an error: every device enrolled under it
+        would be locked out by a new one (``gateway.datadir`` refuses that case first)."""
         ca = cls(root)
+        if not create:
+            for path in (ca.cert_path, ca.key_path):
+                if not path.exists():
+                    raise DataDirError(
+                        f"{path} is missing: restore {root} from a backup (a new CA would "
+                        "lock every enrolled device out of the broker)"
+                    )
         if not ca.cert_path.exists():
             ca._create()
         ca.repair_broker()  # issues it the first time, too

@@ -42,15 +42,19 @@ class Catalogue(BaseModel):
 
 
 def load_catalogue(data_dir: Path | None = None) -> Catalogue:
+    """The catalogue in ``data_dir`` if there is one, else the one shipped. The gateway
+    loads it at start and ``--check-config`` the same way, so that whatever stops the one
+    is reported by the other."""
     path = data_dir / "catalogue.toml" if data_dir is not None else DEFAULT
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a dangling link is an error below
         path = DEFAULT
+    cure = "" if path == DEFAULT else " (fix it, or remove it to use the one shipped)"
     try:
         return Catalogue.model_validate(tomllib.loads(path.read_text(encoding="utf-8")))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise GatewayError(f"step catalogue {path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise GatewayError(f"step catalogue {path}: {exc}{cure}") from exc
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
-        raise GatewayError(f"step catalogue {path} is invalid: {problems}") from exc
+        raise GatewayError(f"step catalogue {path} is invalid: {problems}{cure}") from exc

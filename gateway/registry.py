@@ -158,13 +158,13 @@ class _Staged:
                 self.out_dir.rmdir()  # only if empty: nothing of anyone else's goes
 
 
-def _refuse_if_enrolled(root: Path, device_id: str, conn: sqlite3.Connection) -> None:
-    row = conn.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
-    if row is None:
+def _refuse_if_enrolled(root: Path, device_id: str, status: str | None) -> None:
+    """Refuse ``device_id`` if the registry knows it (its ``status``: None if not)."""
+    if status is None:
         return
-    if row[0] != "active":
+    if status != "active":
         raise EnrollmentError(
-            f"device {device_id} is enrolled at {root} and {row[0]}; an id is never "
+            f"device {device_id} is enrolled at {root} and {status}; an id is never "
             "reused: enroll the device under a new id"
         )
     raise EnrollmentError(
@@ -173,19 +173,17 @@ def _refuse_if_enrolled(root: Path, device_id: str, conn: sqlite3.Connection) ->
     )
 
 
+STATUS = "SELECT status FROM devices WHERE device_id = ?"
+
+
 def _refuse_if_enrolled_read_only(data: DataDir, device_id: str) -> None:
-    """``_refuse_if_enrolled`` before anything else is checked, on a database opened
-    read-only: a refused enrollment must not create or migrate anything."""
+    """``_refuse_if_enrolled`` before anything else is checked, on a database read without
+    creating or changing a file: a refused enrollment must not create or migrate anything."""
     try:
-        conn = sqlite3.connect(f"{data.db_path.as_uri()}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return  # no database yet: nothing is enrolled
-    try:
-        _refuse_if_enrolled(data.root, device_id, conn)
+        rows = data.read_db(STATUS, [device_id])
     except sqlite3.Error:
         return  # not a database of ours yet: enroll's own checks say what is wrong
-    finally:
-        conn.close()
+    _refuse_if_enrolled(data.root, device_id, rows[0][0] if rows else None)
 
 
 def _write_failed(out_dir: Path, exc: OSError) -> EnrollmentError:
@@ -222,27 +220,33 @@ def enroll(
     _check_days(cert_days)
     _check_out_dir(out_dir)
     if (gateway_dir / "gateway.key").exists():
+        # Read-only, before anything is written anywhere: a gateway that lost a piece, or
+        # whose gateway.pub is not its key's (a device given that could never start).
+        existing = DataDir.inspect(gateway_dir)
         # Said first: enrolling an id twice (into its own directory again, most likely)
         # was answered "enroll into an empty directory", which sent people the wrong way.
-        _refuse_if_enrolled_read_only(DataDir(gateway_dir), device_id)
+        _refuse_if_enrolled_read_only(existing, device_id)
+        existing.checked_public_key()
     for name in ("device.key", "data.key", "tls.key", "device.crt", "ca.crt", "agent.toml"):
         if (out_dir / name).exists():
             raise EnrollmentError(
                 f"{out_dir / name} already exists; enroll into an empty directory"
             )
     data = DataDir.open(gateway_dir)
+    gateway_key = data.checked_public_key()
     db = data.open_db()
     staged = _Staged(out_dir)
     try:
-        _refuse_if_enrolled(data.root, device_id, db.conn)
-        ca = CertificateAuthority.open(data.ca_dir)
+        row = db.execute(STATUS, [device_id]).fetchone()
+        _refuse_if_enrolled(data.root, device_id, row[0] if row else None)
+        ca = CertificateAuthority.open(data.ca_dir, create=False)
         key = SigningKey.generate()
         issued = _issue(ca, device_id, cert_days)
         agent_toml = AGENT_TOML.format(
             when=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             device_id=device_id,
             broker=broker,
-            gateway_key=data.public_key_hex(),
+            gateway_key=gateway_key,
             telemetry=telemetry_interval_s,
         )
         ca_pem = ca.cert_path.read_bytes()
@@ -292,7 +296,7 @@ def renew(
     db = data.open_db()
     staged = _Staged(out_dir)
     try:
-        row = db.execute("SELECT status FROM devices WHERE device_id = ?", [device_id]).fetchone()
+        row = db.execute(STATUS, [device_id]).fetchone()
         if row is None:
             raise EnrollmentError(f"device {device_id} is not enrolled; enroll it first")
         if row[0] != "active":
@@ -302,7 +306,7 @@ def renew(
             )
         if not out_dir.is_dir() or not (out_dir / "agent.toml").is_file():
             raise EnrollmentError(f"{out_dir} is not {device_id}'s device directory")
-        ca = CertificateAuthority.open(data.ca_dir)
+        ca = CertificateAuthority.open(data.ca_dir, create=False)
         issued = _issue(ca, device_id, cert_days)
         ca_pem = ca.cert_path.read_bytes()
         try:
@@ -343,6 +347,6 @@ def revoke(device_id: str, gateway_dir: Path) -> None:
             if cur.rowcount == 0:
                 raise EnrollmentError(f"device {device_id} is not enrolled at {gateway_dir}")
             conn.execute("UPDATE certificates SET revoked = 1 WHERE device_id = ?", [device_id])
-        write_broker_policy(db, CertificateAuthority.open(data.ca_dir))
+        write_broker_policy(db, CertificateAuthority.open(data.ca_dir, create=False))
     finally:
         db.conn.close()

@@ -304,7 +304,7 @@ class GatewayService:
 
     def _refresh_crl(self) -> None:
         try:
-            refresh_crl(self.db, CertificateAuthority.open(self.data.ca_dir))
+            refresh_crl(self.db, CertificateAuthority.open(self.data.ca_dir, create=False))
         except Exception:
             log.exception("reissuing the broker's CRL failed (will try again in an hour)")
 
