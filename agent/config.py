@@ -10,6 +10,7 @@ but its parent must exist (a typo must not grow a new tree somewhere).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import tomllib
@@ -22,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -241,7 +243,16 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentCo
         raise ConfigError(f"agent config {path} cannot be read: {exc.strerror}") from exc
     from_env = _env_overrides(env)
     for name, key in from_env.items():
+        # Environment values are text: converted here, by the field's type, so that the
+        # file itself can be held to its types (``window = true`` or ``chunk_size =
+        # "2048"`` in agent.toml were taken as 1 and 2048 without a word).
         raw[name] = env[key]
+        if name in PATH_FIELDS:
+            continue  # text, resolved below
+        with contextlib.suppress(ValidationError):  # if not, the check below names it
+            raw[name] = TypeAdapter(AgentConfig.model_fields[name].annotation).validate_python(
+                env[key]
+            )
     base = path.resolve().parent
     for name in PATH_FIELDS:
         value = raw.get(name)
@@ -249,7 +260,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentCo
             p = Path(value)
             raw[name] = p if p.is_absolute() else base / p
     try:
-        config = AgentConfig.model_validate(raw)
+        config = AgentConfig.model_validate(raw, strict=True)
     except ValidationError as exc:
         problems = [_problem(err, from_env) for err in exc.errors()]
         only_env = all(p.startswith("environment variable ") for p in problems)

@@ -42,9 +42,15 @@ def _seq_range(value: str) -> tuple[int, int]:
     first, sep, last = value.partition("-")
     if not (first.isdigit() and (not sep or last.isdigit())):
         raise argparse.ArgumentTypeError(f"{value!r} is not A-B or N (e.g. 12-40)")
+    from protocol.journal import SEQ_MAX
+
+    if len(first) > 19 or len(last) > 19:  # int() of thousands of digits raises
+        raise argparse.ArgumentTypeError(f"{value!r}: sequence numbers go up to {SEQ_MAX}")
     a, b = int(first), int(last or first)
     if not 1 <= a <= b:
         raise argparse.ArgumentTypeError(f"{value!r}: need 1 <= A <= B")
+    if b > SEQ_MAX:  # past what SQLite holds: the query raised OverflowError
+        raise argparse.ArgumentTypeError(f"{value!r}: sequence numbers go up to {SEQ_MAX}")
     return a, b
 
 

@@ -48,6 +48,32 @@ def _host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _number(kind: type[int] | type[float], lo: float, hi: float, what: str) -> Any:
+    """An argparse type: a finite ``kind`` in [lo, hi], else a message saying what is wanted
+    (``nan``, ``-5`` or ``inf`` were taken as they came, and failed later, or ran wild:
+    a negative segment interval wrote segments in a tight loop)."""
+
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = None
+        if number is None or not lo <= number <= hi:  # NaN compares false: refused too
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
+        return number
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_port = _number(int, 1, 65535, "a TCP port (1-65535)")
+_seconds = _number(float, 0.001, 366 * 86400.0, "a number of seconds above 0")
+_wait_seconds = _number(float, 0.0, 366 * 86400.0, "a number of seconds, 0 or more")
+_speedup = _number(float, 0.001, 1e6, "a speed-up factor above 0 (1 = real time)")
+_devices = _number(int, 1, 1000, "a number of devices from 1 to 1000")
+_segment_bytes = _number(int, 1, 1 << 30, "a segment size in bytes from 1 to 1 GiB")
+
+
 def _cert_days(value: str) -> int:
     from gateway.ca import MAX_DEVICE_DAYS
 
@@ -82,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("broker", help="run a private mosquitto in the foreground")
-    b.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    b.add_argument("--port", type=_port, required=True, help="TCP port to listen on")
     b.add_argument("--data", type=Path, required=True, help="directory for its config")
     b.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     b.add_argument(
@@ -116,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gateway-data", type=Path, required=True, help="gateway data directory")
     e.add_argument("--out", type=Path, required=True, help="device directory to create")
     e.add_argument("--broker", type=_broker_url, help="mqtts://HOST:PORT (mqtt:// = no TLS)")
-    e.add_argument("--telemetry-interval", type=float, default=10.0, help="seconds")
+    e.add_argument("--telemetry-interval", type=_seconds, default=10.0, help="seconds")
     e.add_argument(
         "--cert-days", type=_cert_days, default=365, help="certificate lifetime (days, 1-3650)"
     )
@@ -132,11 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", type=Path, help="DEVDIR/agent.toml")
     a.add_argument(
         "--synthetic-segments",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="also capture a synthetic segment every SECONDS (no camera yet)",
     )
-    a.add_argument("--segment-size", type=int, default=256 * 1024, help="bytes per segment")
+    a.add_argument(
+        "--segment-size", type=_segment_bytes, default=256 * 1024, help="bytes per segment"
+    )
     a.add_argument(
         "--check-config",
         action="store_true",
@@ -144,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     asub = a.add_subparsers(dest="agent_command", metavar="{add,status}")
     add = asub.add_parser("add", help="add files as evidence (agent running or not)")
-    add.add_argument("--config", type=Path, required=True, help="DEVDIR/agent.toml")
+    # Also taken before the sub-command (`custody agent --config F add …`).
+    add.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="DEVDIR/agent.toml")
     add.add_argument("--marked", action="store_true", help="flag as marked (uploaded first)")
     add.add_argument("files", nargs="+", type=Path, metavar="FILE")
     st = asub.add_parser("status", help="print backlog and custody watermark")
-    st.add_argument("--config", type=Path, required=True, help="DEVDIR/agent.toml")
+    # Also taken before the sub-command (`custody agent --config F status …`).
+    st.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="DEVDIR/agent.toml")
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
     sim = sub.add_parser("sim", help="device simulators for testers")
@@ -156,37 +186,41 @@ def build_parser() -> argparse.ArgumentParser:
     mcu = simsub.add_parser("mcu", help="the device MCU on a pseudo-terminal, playing a scenario")
     mcu.add_argument("--port", type=Path, required=True, help="path of the pty to create")
     mcu.add_argument("--scenario", type=Path, required=True, help="scenario TOML file")
-    mcu.add_argument("--speedup", type=float, help="override the scenario's speedup")
+    mcu.add_argument("--speedup", type=_speedup, help="override the scenario's speedup")
 
     sd = simsub.add_parser(
         "device", help="one whole device: MCU simulator + real agent + synthetic camera"
     )
     sd.add_argument("--config", type=Path, required=True, help="DEVDIR/agent.toml (enrolled)")
     sd.add_argument("--scenario", type=Path, required=True, help="scenario TOML file")
-    sd.add_argument("--speedup", type=float, help="override the scenario's speedup")
-    sd.add_argument("--duration", type=float, help="seconds to run (default: the scenario's)")
-    sd.add_argument("--drain", type=float, default=120.0, help="seconds to wait for receipts")
+    sd.add_argument("--speedup", type=_speedup, help="override the scenario's speedup")
+    sd.add_argument("--duration", type=_seconds, help="seconds to run (default: the scenario's)")
+    sd.add_argument(
+        "--drain", type=_wait_seconds, default=120.0, help="seconds to wait for receipts"
+    )
     sd.add_argument("--size", default="640x360@15", help="camera WIDTHxHEIGHT@FPS")
     sd.add_argument("--no-audio", action="store_true", help="no synthetic tone track")
     sd.add_argument("--work", type=Path, help="directory for the pty and logs (default: temp)")
 
     sf = simsub.add_parser("fleet", help="N simulated devices, a gateway, and faults")
-    sf.add_argument("--devices", type=int, default=3, help="how many devices (default 3)")
-    sf.add_argument("--duration", type=float, default=60.0, help="seconds of patrol")
+    sf.add_argument("--devices", type=_devices, default=3, help="how many devices (default 3)")
+    sf.add_argument("--duration", type=_seconds, default=60.0, help="seconds of patrol")
     sf.add_argument(
         "--faults",
         default="all",
         help="all, none, or a comma list of: network, broker, kill, battery, storage, skew, "
         "tamper (default all)",
     )
-    sf.add_argument("--drain", type=float, default=120.0, help="seconds to wait for receipts")
+    sf.add_argument(
+        "--drain", type=_wait_seconds, default=120.0, help="seconds to wait for receipts"
+    )
     sf.add_argument("--size", default="320x180@15", help="camera WIDTHxHEIGHT@FPS")
     sf.add_argument("--data", type=Path, help="keep state here (default: temp)")
     sf.add_argument("--http", type=_host_port, help="also serve the gateway API on HOST:PORT")
 
     d = sub.add_parser("demo", help="broker + gateway + simulated fleet, live event log")
-    d.add_argument("--devices", type=int, default=3, help="simulated devices (default 3)")
-    d.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
+    d.add_argument("--devices", type=_devices, default=3, help="simulated devices (default 3)")
+    d.add_argument("--duration", type=_seconds, default=None, help="stop after SECONDS")
     d.add_argument("--data", type=Path, default=None, help="keep state here (default: temp)")
     d.add_argument("--http", type=_host_port, default=("127.0.0.1", 8080), help="HOST:PORT")
     bundle.add_parsers(sub)
@@ -315,12 +349,14 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     _directory_arg(args.data, "--data")
     if args.check_config:
-        data = DataDir.open(args.data, create=False)
-        data.signing_key()
-        data.admin_token()
+        # Reads only (it is every start's ExecStartPre=): it once made a new CA in a
+        # directory that had lost its own, and said "ready" to what the start refused.
+        data = DataDir.inspect(args.data)
+        data.check_ready()
         print(f"custody gateway: {args.data} is ready")
         return 0
     data = DataDir.open(args.data)
+    data.check_ready()  # what --check-config refuses, refused before the lock and the port
     if args.init:
         # A new host's first step (the broker's --tls and --check-config both want an
         # existing gateway, so that a mistyped path never grows a CA of its own).
@@ -395,14 +431,14 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from agent.config import load_config
-    from agent.service import Agent, Device
+    from agent.service import Agent, Device, check_config
 
     if args.config is None:
         print("custody agent: --config DEVDIR/agent.toml is required", file=sys.stderr)
         return 2
     config = load_config(args.config)
     if args.check_config:
-        Device(config).close()  # opens keys (0600 checked) and the database
+        check_config(config)  # TLS files, keys (0600, and the store's), the database
         print(f"custody agent: {args.config} is valid for {config.device_id}")
         return 0
     if args.agent_command == "add":
@@ -585,6 +621,13 @@ def _sim_mcu(args: argparse.Namespace, scenario: Scenario) -> int:
     from simulators.mcu import McuSimulator
     from simulators.scenario import ScenarioRunner
 
+    if not args.port.parent.is_dir():
+        # Said by the symlink it makes: the error named the pty (/dev/pts/N), not the path.
+        print(
+            f"custody sim mcu: --port {args.port}: directory {args.port.parent} does not exist",
+            file=sys.stderr,
+        )
+        return 2
     mcu = McuSimulator(args.port)
     runner = ScenarioRunner(scenario, mcu)
     stop = threading.Event()

@@ -91,6 +91,30 @@ def test_adding_a_missing_file_fails_and_keeps_the_backlog(tmp_path):
     assert '"backlog_items": 1' in status.stdout
 
 
+def test_config_may_come_before_the_agent_sub_command(tmp_path):
+    # `custody agent --config F add FILE` said "--config is required".
+    config = enroll(tmp_path)
+    good = tmp_path / "good.txt"
+    good.write_text("evidence")
+    added = run_custody("agent", "--config", str(config), "add", str(good))
+    assert added.returncode == 0 and "added" in added.stdout, added.stderr
+    status = run_custody("agent", "--config", str(config), "status", "--json")
+    assert status.returncode == 0 and '"backlog_items": 1' in status.stdout, status.stderr
+    missing = run_custody("agent", "add", str(good))
+    assert missing.returncode == 2 and "--config" in missing.stderr
+
+
+def test_a_key_path_that_is_a_directory_is_named_as_not_a_file(tmp_path):
+    # It was told "readable by others (mode 0o755); run chmod 600", which cannot help.
+    config = enroll(tmp_path)
+    key = config.parent / "device.key"
+    key.rename(tmp_path / "device.key.bak")
+    key.mkdir()
+    result = run_custody("agent", "--config", str(config), "--check-config")
+    assert result.returncode == 2 and f"{key} is not a file" in result.stderr, result.stderr
+    assert "chmod" not in result.stderr
+
+
 def test_env_override_is_validated_too(tmp_path):
     config = enroll(tmp_path)
     result = run_custody(

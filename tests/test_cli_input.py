@@ -346,3 +346,68 @@ def test_gateway_on_an_http_port_in_use_says_so_before_its_banner(tmp_path: Path
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"127.0.0.1:{port} is already in use" in result.stderr
     assert "API http" not in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers on the command line: finite and in range, or refused before anything runs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "wanted"),
+    [
+        (["broker", "--data", "d", "--port", "0"], "a TCP port"),  # mosquitto: a unix socket
+        (["broker", "--data", "d", "--port", "70000"], "a TCP port"),
+        (["broker", "--data", "d", "--port", "-1"], "a TCP port"),
+        (["enroll", "d1", "--gateway-data", "g", "--out", "o", "--telemetry-interval", "nan"],
+         "seconds above 0"),
+        (["enroll", "d1", "--gateway-data", "g", "--out", "o", "--telemetry-interval", "-5"],
+         "seconds above 0"),
+        (["enroll", "d1", "--gateway-data", "g", "--out", "o", "--telemetry-interval", "inf"],
+         "seconds above 0"),
+        (["agent", "--config", "c", "--synthetic-segments", "-1"], "seconds above 0"),
+        (["agent", "--config", "c", "--segment-size", "-5"], "a segment size"),
+        (["sim", "mcu", "--port", "p", "--scenario", "s", "--speedup", "-5"], "speed-up"),
+        (["sim", "fleet", "--devices", "0"], "number of devices"),
+        (["sim", "fleet", "--duration", "-5"], "seconds above 0"),
+        (["demo", "--devices", "-1"], "number of devices"),
+        (["demo", "--duration", "-5"], "seconds above 0"),
+        (["demo", "--duration", "nan"], "seconds above 0"),
+    ],
+)  # fmt: skip
+def test_numbers_out_of_range_are_refused_by_the_command_line(
+    argv: list[str], wanted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each was taken as it came: a telemetry interval of nan enrolled a device that could
+    # never start, -1 s between synthetic segments wrote 1.1 GB in 10 s, port 0 left a
+    # unix socket named 127.0.0.1 in the working directory, a demo of 0 devices "ran".
+    from custody_cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert wanted in capsys.readouterr().err
+
+
+def test_enroll_with_a_bad_telemetry_interval_writes_nothing(tmp_path: Path) -> None:
+    gw, out = tmp_path / "gw", tmp_path / "dev"
+    refused(enroll(gw, out, "newdev4", "--telemetry-interval", "nan"), "--telemetry-interval")
+    assert not gw.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("seq_range", ["1-99999999999999999999999", "1-9223372036854775808"])
+def test_export_with_sequence_numbers_past_64_bits_is_refused(tmp_path: Path, seq_range: str):
+    result = run_custody(
+        "export", "--device", "cam-1", "--seq-range", seq_range,
+        "--out", str(tmp_path / "case.zip"), "--gateway-data", str(tmp_path / "gw"),
+    )  # fmt: skip
+    refused(result, "--seq-range", "sequence numbers go up to")
+    assert not (tmp_path / "case.zip").exists()
+
+
+def test_sim_mcu_names_the_port_path_whose_directory_is_missing(tmp_path: Path) -> None:
+    port = tmp_path / "no-such-dir" / "ttyMCU"
+    scenario = Path(__file__).resolve().parent.parent / "simulators" / "scenarios" / "patrol.toml"
+    result = run_custody("sim", "mcu", "--port", str(port), "--scenario", str(scenario))
+    refused(result, f"--port {port}", "does not exist")
+    assert "/dev/pts" not in result.stderr

@@ -385,3 +385,33 @@ def test_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data_dir.*is not a directory"):
         load_config(write_config(tmp_path), environ={})
     assert (tmp_path / "data").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("window = true", "window"),
+        ('window = "8"', "window"),
+        ('telemetry_interval_s = "10"', "telemetry_interval_s"),
+        ('record_on_start = "yes"', "record_on_start"),
+        ("record_on_start = 1", "record_on_start"),
+    ],
+)
+def test_values_of_the_wrong_type_in_the_file_are_refused(
+    tmp_path: Path, line: str, field: str
+) -> None:
+    # Taken as they came before: `window = true` ran with a window of 1.
+    with pytest.raises(ConfigError, match=field):
+        load_config(write_config(tmp_path, VALID + line + "\n"), environ={})
+
+
+def test_environment_values_are_text_converted_by_the_field_type(tmp_path: Path) -> None:
+    env = {
+        "CUSTODY_AGENT_WINDOW": "8",
+        "CUSTODY_AGENT_TELEMETRY_INTERVAL_S": "2.5",
+        "CUSTODY_AGENT_RECORD_ON_START": "true",
+    }
+    config = load_config(write_config(tmp_path), environ=env)
+    assert (config.window, config.telemetry_interval_s, config.record_on_start) == (8, 2.5, True)
+    with pytest.raises(ConfigError, match="CUSTODY_AGENT_WINDOW"):
+        load_config(write_config(tmp_path), environ={"CUSTODY_AGENT_WINDOW": "many"})
