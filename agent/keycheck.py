@@ -60,13 +60,12 @@ def check_data_key(
                 "wrote) before running the agent"
             )
         return
-    # The newest sealed record: the newest record, except on a store written in the clear
-    # before this device had a data key (then the scan ends once the first is sealed).
-    row = db.execute(
-        "SELECT seq, record FROM journal WHERE substr(record, 1, 1) = ? ORDER BY seq DESC LIMIT 1",
-        [RecordCipher.PREFIX],
-    ).fetchone()
-    if row is None:
+    # The newest record. Records are sealed from the first one written with a data key on,
+    # so if the newest is in the clear (a store written before this device had a data
+    # key, that has written nothing since) none is sealed yet, and there is nothing to
+    # check the key against: one indexed read either way.
+    row = db.execute("SELECT seq, record FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+    if row is None or not _is_sealed(bytes(row[1])):
         return
     try:
         cipher.open(bytes(row[1]), _context(device_id, int(row[0])))

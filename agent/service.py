@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from agent.config import AgentConfig
 from agent.db import open_db
-from agent.errors import KeyStoreError
+from agent.errors import AgentError, KeyStoreError
 from agent.hardware import DeviceHardware
 from agent.journal import Journal, last_handover
 from agent.keycheck import check_data_key, check_signing_key
@@ -83,22 +83,37 @@ class Device:
 
 
 def tls_files(config: AgentConfig) -> TlsFiles | None:
-    """The TLS files of an ``mqtts://`` broker (None for ``mqtt://``), checked: an
-    ``AgentError`` naming the file when one is missing, not a file, not 0600 (the key), or
-    does not load."""
+    """The TLS files of an ``mqtts://`` broker (None for ``mqtt://``)."""
     if not (config.tls and config.tls_ca and config.tls_cert and config.tls_key):
         return None
-    tls = TlsFiles(config.tls_ca, config.tls_cert, config.tls_key)
-    tls.check()
-    return tls
+    return TlsFiles(config.tls_ca, config.tls_cert, config.tls_key)
 
 
-def check_config(config: AgentConfig) -> None:
-    """What ``custody agent --check-config`` checks beyond ``agent.toml`` itself: the TLS
-    files, the key files (0600) and that they are the keys of this device's store, and the
-    database. An ``AgentError`` says what is wrong, and where."""
-    tls_files(config)
+def tls_problem(config: AgentConfig) -> str | None:
+    """What is wrong with the TLS files (missing, not a file, the key not 0600, they do not
+    load, the key is not the certificate's), or None.
+
+    A warning, never a refusal: TLS files only carry evidence off the device, and a camera
+    that stopped recording because its certificate was half renewed would lose what no
+    upload can bring back. The agent records and buffers, and its network thread retries
+    (and says why at WARNING) until the files are fixed."""
+    tls = tls_files(config)
+    if tls is None:
+        return None
+    try:
+        tls.check()
+    except AgentError as exc:
+        return str(exc)
+    return None
+
+
+def check_config(config: AgentConfig) -> str | None:
+    """What ``custody agent --check-config`` checks beyond ``agent.toml`` itself: the key
+    files (0600, and the keys of this device's store) and the database, which refuse with
+    an ``AgentError`` saying what and where; then the TLS files, whose problem (a warning:
+    see ``tls_problem``) is returned."""
     Device(config).close()
+    return tls_problem(config)
 
 
 def mqtt_client_id(device_id: str, key: SigningKey) -> str:
@@ -127,7 +142,10 @@ class Agent:
         audio: Callable[[], AudioSource] | None = None,
     ) -> None:
         self.config = config
-        tls = tls_files(config)  # checked first: nothing is opened for a config that fails
+        problem = tls_problem(config)
+        if problem is not None:
+            log.warning("%s; recording goes on, uploads wait until it is fixed", problem)
+        tls = tls_files(config)
         self.device = Device(config)
         host, port = config.broker_address
         self.relay: Relay | None = None

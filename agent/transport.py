@@ -308,11 +308,21 @@ class MqttTransport:
                 if self._connected.is_set():
                     self._connected.clear()
                     self._on_event(Disconnected("connection lost"))
+                self._close_socket()
             if self._stop.is_set():
                 break
             delay = backoff_delay(attempt, lo, hi, self._rng)
             attempt += 1
             self._stop.wait(delay)
+
+    def _close_socket(self) -> None:
+        """Close the current client's socket now, not when the garbage collector gets to
+        it: a failure that keeps coming back would otherwise hold one per retry."""
+        client = self._client
+        sock = client.socket() if client is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def _attempt(self) -> bool:
         """One connection, from setting up a client until it ends; True if the broker

@@ -438,8 +438,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.config)
     if args.check_config:
-        check_config(config)  # TLS files, keys (0600, and the store's), the database
+        warning = check_config(config)  # keys (0600, and the store's), database, TLS files
         print(f"custody agent: {args.config} is valid for {config.device_id}")
+        if warning is not None:
+            # Exit 0: an ExecStartPre failing here would stop the camera recording.
+            print(
+                f"custody agent: WARNING: {warning}; the agent records, but cannot upload "
+                "until it is fixed",
+                file=sys.stderr,
+            )
         return 0
     if args.agent_command == "add":
         device = Device(config)

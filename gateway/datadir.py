@@ -37,6 +37,7 @@ from typing import Any
 
 import sqlite_utils
 
+from gateway.blobs import fsync_dir
 from gateway.catalogue import load_catalogue
 from gateway.errors import DataDirError
 from gateway.files import write_public, write_secret
@@ -165,7 +166,14 @@ class DataDir:
             if new:
                 key = SigningKey.generate()
                 write_public(data.pub_path, (key.verify_key.hex + "\n").encode())
-                write_secret(data.key_path, key.seed())  # last: see the module docstring
+                # Last (see the module docstring), and whole or not at all: a key file
+                # cut short by a crash would make the directory look finished, and be
+                # refused for ever as "not a 32-byte seed".
+                write_secret(data.key_path, key.seed(), replace=True)
+                fsync_dir(data.root)
+            elif not _text(data.pub_path):
+                # Missing or empty: an earlier release wrote it after the key, in place.
+                write_public(data.pub_path, (data.signing_key().verify_key.hex + "\n").encode())
         return data
 
     @classmethod
@@ -296,12 +304,12 @@ class DataDir:
         """
         key = self.key_path.exists()
         ca_cert, ca_key = self.ca_dir / "ca.crt", self.ca_dir / "ca.key"
+        stored = self._stored()
         if not self.db_path.exists():
-            proofs = (
-                (self.key_path, "exists"),
-                (ca_cert, "exists"),
-                (self._stored(), "holds evidence"),
-            )
+            # Not the key alone: releases before 2026-11-27 wrote it first, and a first
+            # start of theirs cut short left a key and nothing else (no device, no
+            # evidence: nothing to restore). That start is finished now.
+            proofs = ((ca_cert, "exists"), (stored, "holds evidence"))
             for proof, says in proofs:
                 if proof is not None and proof.exists():
                     raise DataDirError(
@@ -317,12 +325,14 @@ class DataDir:
                 "device(s), which check the gateway's signatures with its key; restore "
                 f"gateway.key and gateway.pub from a backup {START_ANEW}"
             )
-        if key or devices:
+        if devices or stored is not None:
+            # With neither, a new CA locks nobody out (an earlier release's first start
+            # made the CA last, and one cut short before it left a key and a database).
             why = (
                 f"{self.db_path} knows {devices} enrolled device(s), whose certificates "
                 "that CA issued"
                 if devices
-                else f"{self.key_path} exists: this gateway has run before"
+                else f"{stored} holds evidence: this gateway has run before"
             )
             for path in (ca_cert, ca_key):
                 if not path.exists():
@@ -370,9 +380,13 @@ class DataDir:
         try:
             text = self.pub_path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
-            raise DataDirError(f"{self.pub_path} is missing: {remedy}") from None
+            text = ""
         except (OSError, UnicodeDecodeError) as exc:
             raise DataDirError(f"{self.pub_path} cannot be read ({exc}): {remedy}") from exc
+        if not text:
+            # Missing or empty (an earlier release wrote it after the key, not atomically):
+            # it is made from the key again, the only thing it may ever say.
+            return expected
         if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
             raise DataDirError(
                 f"{self.pub_path} does not hold a public key (64 hex digits) but "
@@ -405,3 +419,11 @@ def _query(uri: str, sql: str, params: Sequence[object]) -> list[Any]:
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+def _text(path: Path) -> str:
+    """A small file's text, stripped; empty when it is missing or unreadable."""
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""

@@ -25,7 +25,7 @@ from typing import Any
 
 from protocol.encoding import canonical, from_hex
 from protocol.errors import ChainError, MessageError, SignatureError, VersionError
-from protocol.fields import INT_MAX, TIME_MS_MAX, check_fields
+from protocol.fields import INT_MAX, check_fields
 from protocol.signing import SigningKey, VerifyKey
 
 VERSION = 1
@@ -145,7 +145,7 @@ class JournalRecord:
             raise MessageError(
                 f"unknown record kind {self.kind!r}; known: {', '.join(sorted(RECORD_KINDS))}"
             )
-        _int(self.wall_ms, "wall_ms", hi=TIME_MS_MAX)
+        _int(self.wall_ms, "wall_ms")
         _int(self.mono_ns, "mono_ns")
         if not isinstance(self.body, Mapping):
             raise MessageError("body must be an object")
@@ -222,7 +222,7 @@ class SignedRecord:
             seq=_int(wire["seq"], "seq", 1),
             prev=from_hex(wire["prev"], field="prev", length=32),
             kind=kind,
-            wall_ms=_int(wire["wall_ms"], "wall_ms", hi=TIME_MS_MAX),
+            wall_ms=_int(wire["wall_ms"], "wall_ms"),
             mono_ns=_int(wire["mono_ns"], "mono_ns"),
             body=body,
         )

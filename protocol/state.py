@@ -21,7 +21,6 @@ from typing import Any
 
 from protocol.encoding import canonical, decode
 from protocol.errors import MessageError
-from protocol.fields import TIME_MS_MAX
 from protocol.fields import check_fields as _fields
 from protocol.fields import check_version as _version
 from protocol.fields import int_field as _int
@@ -89,7 +88,7 @@ class DeviceState:
             check_device_id(obj["device_id"]),
             obj["online"],
             _int(obj, "bd_seq"),
-            _int(obj, "ts_ms", hi=TIME_MS_MAX),
+            _int(obj, "ts_ms"),
         )
 
 

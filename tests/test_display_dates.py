@@ -129,6 +129,11 @@ def test_export_of_the_device_works(world: FieldWorld, tmp_path: Path) -> None:
     with zipfile.ZipFile(out) as zf:
         listing = zf.read("coverage.html").decode()
     assert SHOWN in listing and "2025-09-30T02:00:00+00:00" in listing
+    # And the bundle verifies offline: the record is what the device signed.
+    verified = run_custody(
+        "verify", str(out), "--gateway-key", world.gw.signing_key().verify_key.hex
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 @pytest.mark.parametrize("ms", [-1, -(2**63), TIME_MS_MAX + 1, YEAR_10000, 2**63 - 1, 10**30])

@@ -169,8 +169,8 @@ def remove(path: Path) -> None:
 @pytest.mark.parametrize(
     ("lost", "proof"),
     [
-        (("custody.db",), "gateway.key exists"),
-        (("custody.db", "ca"), "gateway.key exists"),
+        (("custody.db",), "ca.crt exists"),
+        (("custody.db", "ca"), "blobs holds evidence"),
         (("custody.db", "gateway.key", "gateway.pub"), "ca.crt exists"),
         (("custody.db", "gateway.key", "gateway.pub", "ca"), "blobs holds evidence"),
     ],
@@ -281,7 +281,7 @@ def test_an_empty_admin_token_is_refused(gw: Path, content: bytes) -> None:
     assert snapshot(gw) == before
 
 
-@pytest.mark.parametrize("content", ["zz\n", "", "other-key"], ids=["zz", "empty", "other-key"])
+@pytest.mark.parametrize("content", ["zz\n", "other-key"], ids=["zz", "other-key"])
 def test_a_gateway_pub_that_is_not_the_keys_is_refused(
     gw: Path, tmp_path: Path, content: str
 ) -> None:
@@ -302,6 +302,55 @@ def test_a_gateway_pub_that_is_not_the_keys_is_refused(
     # A revocation needs neither: it is not held up by them.
     revoked = custody("revoke", "cam-1", "--gateway-data", str(gw))
     assert revoked.returncode == 0, revoked.stderr
+
+
+@pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
+def test_a_missing_or_empty_gateway_pub_is_made_again_from_the_key(
+    gw: Path, tmp_path: Path, content: str | None
+) -> None:
+    """Earlier releases wrote it after the key, in place: a crash could leave it empty.
+    It can only ever say one thing, so it is made again (check-config still writes
+    nothing); one that says something else is refused (above)."""
+    pub = gw / "gateway.pub"
+    expected = DataDir.inspect(gw).signing_key().verify_key.hex
+    if content is None:
+        pub.unlink()
+    else:
+        pub.write_text(content)
+    before = snapshot(gw)
+    assert check_config(gw).returncode == 0 and snapshot(gw) == before
+    out = tmp_path / "cam-2"
+    enrolled = custody("enroll", "cam-2", "--gateway-data", str(gw), "--out", str(out),
+                       "--broker", "mqtt://127.0.0.1:1")  # fmt: skip
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert pub.read_text().strip() == expected
+    assert f'gateway_public_key = "{expected}"' in (tmp_path / "cam-2" / "agent.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    "left",
+    [("gateway.key",), ("gateway.key", "gateway.pub", "admin.token"), ("gateway.key", "db")],
+    ids=["key", "key+pub+token", "key+db"],
+)
+def test_an_earlier_releases_first_start_cut_short_is_finished(
+    tmp_path: Path, left: tuple[str, ...]
+) -> None:
+    """Releases before 2026-11-27 wrote gateway.key first and the CA last: a first start
+    of theirs cut short left a key (and perhaps a database) with no device and no evidence.
+    Nothing there to restore, so the start is finished, not refused."""
+    made = tmp_path / "made"
+    DataDir.open(made)
+    gw = tmp_path / "gw"
+    gw.mkdir()
+    for name in left:
+        if name == "db":
+            shutil.copy(made / "custody.db", gw / "custody.db")
+        else:
+            shutil.copy2(made / name, gw / name)
+    assert custody("gateway", "--data", str(gw), "--broker", BROKER, "--init").returncode == 0
+    assert check_config(gw).returncode == 0
+    assert (gw / "ca" / "ca.crt").exists() and (gw / "custody.db").exists()
+    assert DataDir.inspect(gw).signing_key().seed() == (made / "gateway.key").read_bytes()
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,6 +93,32 @@ def test_a_device_that_went_offline_after_its_backlog_arrived_owes_nothing(world
     assert "1 item(s)" in alarm["detail"]
 
 
+def test_what_an_offline_device_owes_is_read_once_per_absence_not_every_second(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It reads the device's whole history (≈ 0.1 s at 300,000 records), and the watch
+    # runs every second, in the ingest thread's write transaction, for every such device.
+    from gateway import watch as watch_module
+
+    calls: list[str] = []
+    real = watch_module._still_owed
+    monkeypatch.setattr(
+        watch_module, "_still_owed", lambda c, d, h: (calls.append(d), real(c, d, h))[1]
+    )
+    a = world.devices["cam-a"]
+    a.state(True)
+    seq = a.segment(at("2025-09-30T10:00"), at("2025-09-30T10:05"))
+    a.telemetry(backlog_items=1, backlog_bytes=2_048, journal_seq=seq)
+    a.deliver()
+    a.state(False)
+    (last_seen,) = world.db.execute(
+        "SELECT last_seen_ms FROM devices WHERE device_id = 'cam-a'"
+    ).fetchone()
+    for second in range(5):
+        world.tick(last_seen + 61_000 + 1000 * second)
+    assert calls == ["cam-a"] and world.alarms("device_offline_backlog") == []
+
+
 def test_device_conditions_raise_alarms_that_resolve_themselves(world: World) -> None:
     a, x = world.devices["cam-a"], world.devices["cam-x"]
     a.state(True)
