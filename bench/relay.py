@@ -427,12 +427,14 @@ def main() -> None:
                     thread.join(timeout=10)
                 # Alternating rounds share whatever the machine is doing at the moment.
                 raw, raw_middle = measured(raws, paths)
+                got, ccpu, middle, agent, thread = custody_round(config, paths, procs)
+                customs.append((got, ccpu))
+                # Last, so that its 200 MiB of writes and fsyncs come after both measured
+                # rounds, not between them.
                 work = RequiredWork(tmp / f"work-{n}", paths, chunk)  # sealed off the clock
                 req, req_middle = measured(works, paths, work)
                 work.close()
                 shutil.rmtree(tmp / f"work-{n}")
-                got, ccpu, middle, agent, thread = custody_round(config, paths, procs)
-                customs.append((got, ccpu))
                 for side, found in (("raw", raw_middle), ("work", req_middle), ("custody", middle)):
                     if found is not None:
                         middles[side].append(found)
