@@ -1,8 +1,9 @@
 """Before a device writes anything, its key and TLS files are checked against what they
 must fit: ``custody agent --check-config`` and every ``custody agent`` command refuse a data
 key or journal key that is not the device store's (one run with one wedged its uploads for
-good), and TLS files that are missing, not files, not 0600 or that do not load (the agent
-used to run on silently, never connecting). The network thread itself survives TLS files
+good), and warn, naming the file, about TLS files that are missing, not files, not 0600 or
+that do not load (the agent used to run on silently, never connecting; refusing them would
+stop a camera recording over a certificate). The network thread itself survives TLS files
 broken while it runs, and connects once they are fixed."""
 
 from __future__ import annotations
