@@ -353,7 +353,7 @@ TLS_BREAKS = {
 
 
 @pytest.mark.parametrize("case", list(TLS_BREAKS))
-def test_broken_tls_files_are_named_and_the_device_still_records(tmp_path: Path, case: str) -> None:
+def test_check_config_warns_about_broken_tls_files_naming_them(tmp_path: Path, case: str) -> None:
     # Found by a tester: --check-config said "valid", and the agent ran on without ever
     # connecting or saying why. A reviewer then pointed out that refusing to start is worse
     # for a camera: TLS files only carry evidence off it, and a half-renewed certificate
@@ -369,7 +369,16 @@ def test_broken_tls_files_are_named_and_the_device_still_records(tmp_path: Path,
     assert "WARNING" in line and "cannot upload" in line
     for needle in says:
         assert needle in line, (needle, line)
-    # The agent starts, records what it is given, and says why it cannot upload.
+    restore()
+    assert run_custody(*check).stderr == ""
+
+
+def test_an_agent_with_broken_tls_files_records_and_says_why_it_cannot_upload(
+    tmp_path: Path,
+) -> None:
+    config = enrolled(tmp_path, broker="mqtts://127.0.0.1:1")
+    breaks, says = TLS_BREAKS["ca-missing"]
+    breaks(config)
     evidence = tmp_path / "note.txt"
     evidence.write_text("evidence")
     proc = subprocess.Popen(
@@ -388,8 +397,6 @@ def test_broken_tls_files_are_named_and_the_device_still_records(tmp_path: Path,
         _, err = proc.communicate(timeout=15)
     assert says[1] in err and "recording goes on" in err, err
     assert len(store(config)["media"]) == 1
-    restore()
-    assert run_custody(*check).stderr == ""
 
 
 @pytest.mark.parametrize("case", ["ca-missing", "tls-key-junk", "cert-is-a-directory"])
