@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.camera import Frame
+from protocol.fields import TIME_MS_MAX
 
 TIME_BASE = Fraction(1, 90000)
 MEDIA_TYPE = "video/mp4"
@@ -156,7 +157,8 @@ class SegmentEncoder:
             first_mono_ns=self._first.mono_ns,
             end_mono_ns=end_mono,
             first_wall_ms=self._first.wall_ms,
-            end_wall_ms=self._last.wall_ms + self._frame_ns // 1_000_000,
+            # Held within what can be shown, like every device time (``agent.journal``).
+            end_wall_ms=min(self._last.wall_ms + self._frame_ns // 1_000_000, TIME_MS_MAX),
             audio_samples=self.audio_samples,
         )
 

@@ -60,12 +60,18 @@ def check_data_key(
                 "wrote) before running the agent"
             )
         return
-    # The newest record. Records are sealed from the first one written with a data key on,
-    # so if the newest is in the clear (a store written before this device had a data
-    # key, that has written nothing since) none is sealed yet, and there is nothing to
-    # check the key against: one indexed read either way.
+    # The newest sealed record: nearly always the newest record (one indexed read). When
+    # that one is in the clear, the store was written without a data key for a while (an
+    # earlier release, or one run without data_key_file): the newest sealed record is
+    # then searched for, newest first, since a key that opens nothing was never checked.
     row = db.execute("SELECT seq, record FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
-    if row is None or not _is_sealed(bytes(row[1])):
+    if row is not None and not _is_sealed(bytes(row[1])):
+        row = db.execute(
+            "SELECT seq, record FROM journal WHERE substr(record, 1, 1) = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            [RecordCipher.PREFIX],
+        ).fetchone()
+    if row is None:
         return
     try:
         cipher.open(bytes(row[1]), _context(device_id, int(row[0])))

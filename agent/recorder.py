@@ -55,6 +55,7 @@ from agent.spool import SpoolWriter
 from agent.spool import read as spool_read
 from agent.watermark import Overlay, Watermark
 from firmware_bridge.messages import BatteryEvent, Button, ButtonEvent, Event
+from protocol.fields import TIME_MS_MAX
 
 log = logging.getLogger("custody.agent.recorder")
 events = logging.getLogger("custody.events")
@@ -301,7 +302,7 @@ class Recorder:
                 **meta,
                 "pre_event": False,
                 "recovered": True,
-                "end_wall_ms": int(meta.get("start_wall_ms", 0)) + duration_ms,
+                "end_wall_ms": min(int(meta.get("start_wall_ms", 0)) + duration_ms, TIME_MS_MAX),
                 "end_mono_us": int(meta.get("start_mono_us", 0)) + duration_ms * 1000,
                 "duration_ms": duration_ms,
                 "frames": frames,

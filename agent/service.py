@@ -24,7 +24,7 @@ from agent.keys import FileKeyStore
 from agent.outbox import Outbox
 from agent.relay import Relay
 from agent.sealed import RecordCipher
-from agent.transport import MqttTransport, TlsFiles, Will
+from agent.transport import ExposedTlsKey, MqttTransport, TlsFiles, Will
 from protocol.signing import SigningKey
 from protocol.topics import agent_subscriptions
 
@@ -90,20 +90,22 @@ def tls_files(config: AgentConfig) -> TlsFiles | None:
 
 
 def tls_problem(config: AgentConfig) -> str | None:
-    """What is wrong with the TLS files (missing, not a file, the key not 0600, they do not
-    load, the key is not the certificate's), or None.
+    """What is wrong with the TLS files, said for a person (None when nothing is).
 
     A warning, never a refusal: TLS files only carry evidence off the device, and a camera
     that stopped recording because its certificate was half renewed would lose what no
     upload can bring back. The agent records and buffers, and its network thread retries
-    (and says why at WARNING) until the files are fixed."""
+    (and says why at WARNING) until the files are fixed. A key others may read still
+    works: then the warning says what that exposes, not that uploads stop."""
     tls = tls_files(config)
     if tls is None:
         return None
     try:
         tls.check()
+    except ExposedTlsKey as exc:
+        return f"{exc} (uploads go on, but whoever can read it can pose as this device)"
     except AgentError as exc:
-        return str(exc)
+        return f"{exc}; the agent records, but cannot upload until it is fixed"
     return None
 
 
@@ -144,7 +146,7 @@ class Agent:
         self.config = config
         problem = tls_problem(config)
         if problem is not None:
-            log.warning("%s; recording goes on, uploads wait until it is fixed", problem)
+            log.warning("%s", problem)
         tls = tls_files(config)
         self.device = Device(config)
         host, port = config.broker_address

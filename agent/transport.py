@@ -63,6 +63,10 @@ class Message:
 Event = Connected | Disconnected | Message
 
 
+class ExposedTlsKey(ConfigError):
+    """The TLS files work, but others may read the private key: uploads go on."""
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """Mutual TLS: the CA that signed the broker, and this client's certificate and key."""
@@ -84,7 +88,6 @@ class TlsFiles:
                 raise ConfigError(f"{name} {path} is missing: {renew}")
             if not path.is_file():
                 raise ConfigError(f"{name} {path} is not a file: {renew}")
-        check_private(self.key, "tls_key")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
             context.load_verify_locations(cafile=str(self.ca))
@@ -96,6 +99,10 @@ class TlsFiles:
             context.load_cert_chain(str(self.cert), str(self.key))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{self._chain_problem(exc)}: {renew}") from exc
+        try:  # last: the files work, only who else may read the key is wrong
+            check_private(self.key, "tls_key")
+        except AgentError as exc:
+            raise ExposedTlsKey(str(exc)) from exc
 
     def _chain_problem(self, exc: Exception) -> str:
         """Which of certificate and key OpenSSL refused (it says only "PEM lib")."""

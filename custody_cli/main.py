@@ -442,11 +442,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         print(f"custody agent: {args.config} is valid for {config.device_id}")
         if warning is not None:
             # Exit 0: an ExecStartPre failing here would stop the camera recording.
-            print(
-                f"custody agent: WARNING: {warning}; the agent records, but cannot upload "
-                "until it is fixed",
-                file=sys.stderr,
-            )
+            print(f"custody agent: WARNING: {warning}", file=sys.stderr)
         return 0
     if args.agent_command == "add":
         device = Device(config)

@@ -171,7 +171,7 @@ class DataDir:
                 # refused for ever as "not a 32-byte seed".
                 write_secret(data.key_path, key.seed(), replace=True)
                 fsync_dir(data.root)
-            elif not _text(data.pub_path):
+            elif _missing_or_blank(data.pub_path):
                 # Missing or empty: an earlier release wrote it after the key, in place.
                 write_public(data.pub_path, (data.signing_key().verify_key.hex + "\n").encode())
         return data
@@ -309,7 +309,13 @@ class DataDir:
             # Not the key alone: releases before 2026-11-27 wrote it first, and a first
             # start of theirs cut short left a key and nothing else (no device, no
             # evidence: nothing to restore). That start is finished now.
-            proofs = ((ca_cert, "exists"), (stored, "holds evidence"))
+            # The lock is taken only once a start has finished opening the directory
+            # (``claim``): a gateway has run here, and devices may hold its tree heads.
+            proofs = (
+                (ca_cert, "exists"),
+                (stored, "holds evidence"),
+                (self.root / "gateway.lock", "shows a gateway has run here"),
+            )
             for proof, says in proofs:
                 if proof is not None and proof.exists():
                     raise DataDirError(
@@ -377,16 +383,14 @@ class DataDir:
             "restore gateway.key and gateway.pub from a backup (devices enrolled here "
             "check the gateway's signatures with the key in gateway.pub)"
         )
+        if _missing_or_blank(self.pub_path):
+            # An earlier release wrote it after the key, in place: a crash could leave it
+            # missing or empty. It can only say one thing, and the next start writes it.
+            return expected
         try:
             text = self.pub_path.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            text = ""
         except (OSError, UnicodeDecodeError) as exc:
             raise DataDirError(f"{self.pub_path} cannot be read ({exc}): {remedy}") from exc
-        if not text:
-            # Missing or empty (an earlier release wrote it after the key, not atomically):
-            # it is made from the key again, the only thing it may ever say.
-            return expected
         if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
             raise DataDirError(
                 f"{self.pub_path} does not hold a public key (64 hex digits) but "
@@ -421,9 +425,12 @@ def _query(uri: str, sql: str, params: Sequence[object]) -> list[Any]:
         conn.close()
 
 
-def _text(path: Path) -> str:
-    """A small file's text, stripped; empty when it is missing or unreadable."""
+def _missing_or_blank(path: Path) -> bool:
+    """True when ``path`` does not exist, or is a file holding nothing but white space;
+    anything else (a directory, bytes that are not text) is for the caller to refuse."""
+    if not os.path.lexists(path):
+        return True
     try:
-        return path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
+        return path.is_file() and not path.read_bytes().strip()
+    except OSError:
+        return False

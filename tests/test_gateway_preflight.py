@@ -173,8 +173,11 @@ def remove(path: Path) -> None:
         (("custody.db", "ca"), "blobs holds evidence"),
         (("custody.db", "gateway.key", "gateway.pub"), "ca.crt exists"),
         (("custody.db", "gateway.key", "gateway.pub", "ca"), "blobs holds evidence"),
+        # No file received yet (journal records only): the gateway has still run here,
+        # handed out tree heads, and its devices hold certificates of the lost CA.
+        (("custody.db", "ca", "blobs", "partial"), "gateway.lock shows a gateway has run"),
     ],
-    ids=["db", "db+ca", "db+key", "db+key+ca"],
+    ids=["db", "db+ca", "db+key", "db+key+ca", "db+ca-no-media"],
 )
 def test_a_lost_database_is_refused_and_never_made_again(
     gw: Path, tmp_path: Path, lost: tuple[str, ...], proof: str
@@ -302,6 +305,24 @@ def test_a_gateway_pub_that_is_not_the_keys_is_refused(
     # A revocation needs neither: it is not held up by them.
     revoked = custody("revoke", "cam-1", "--gateway-data", str(gw))
     assert revoked.returncode == 0, revoked.stderr
+
+
+@pytest.mark.parametrize("damage", ["not-text", "a-directory"])
+def test_a_gateway_pub_that_cannot_be_read_is_refused_alike_by_check_and_start(
+    gw: Path, damage: str
+) -> None:
+    """Only a missing or blank one is made again: --check-config refused bytes that are not
+    text while the start rewrote them, and a directory there was a traceback."""
+    pub = gw / "gateway.pub"
+    if damage == "not-text":
+        pub.write_bytes("é\n".encode())
+    else:
+        pub.unlink()
+        pub.mkdir()
+    before = snapshot(gw)
+    for result in (check_config(gw), start(gw)):
+        refused(result, f"{pub} cannot be read")
+    assert snapshot(gw) == before
 
 
 @pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
