@@ -296,6 +296,8 @@ class MqttTransport:
         if self._tls is not None:
             try:
                 self._tls.check()
+            except ExposedTlsKey:
+                pass  # a key others may read still loads: not why this failed
             except AgentError as problem:
                 return f"cannot set up TLS to the broker at {self._host}:{self._port}: {problem}"
         return f"cannot set up the connection to the broker at {self._host}:{self._port}: {exc}"
