@@ -30,6 +30,11 @@ def now_ms() -> int:
     return min(max(time.time_ns() // 1_000_000, 0), TIME_MS_MAX)
 
 
+def record_context(device_id: str, seq: int) -> bytes:
+    """What a sealed journal record is bound to: opened under another, it fails."""
+    return f"{device_id}/journal/{seq}".encode()
+
+
 class Journal:
     """``cipher`` (when the device has a data key) seals each stored record at rest: the
     records carry case context, names and places, which a copied device must not reveal.
@@ -51,7 +56,7 @@ class Journal:
         self._checked_rotation = 0
 
     def _context(self, seq: int) -> bytes:
-        return f"{self.device_id}/journal/{seq}".encode()
+        return record_context(self.device_id, seq)
 
     def _seal(self, seq: int, data: bytes) -> bytes:
         return data if self._cipher is None else self._cipher.seal(data, self._context(seq))
@@ -157,6 +162,6 @@ def last_handover(
         return None
     raw = bytes(row[1])
     if cipher is not None:
-        raw = cipher.open(raw, f"{device_id}/journal/{int(row[0])}".encode())
+        raw = cipher.open(raw, record_context(device_id, int(row[0])))
     record = decode(raw, what="stored record")
     return str(record["body"]["new_public_key"])

@@ -26,16 +26,13 @@ from pathlib import Path
 import sqlite_utils
 
 from agent.errors import KeyStoreError
+from agent.journal import record_context
 from agent.keys import FileKeyStore
 from agent.sealed import CorruptMedia, RecordCipher
 from protocol.encoding import decode
 from protocol.errors import ProtocolError
 from protocol.journal import SignedRecord
 from protocol.signing import SigningKey
-
-
-def _context(device_id: str, seq: int) -> bytes:
-    return f"{device_id}/journal/{seq}".encode()  # as ``agent.journal.Journal`` seals
 
 
 def _is_sealed(blob: bytes) -> bool:
@@ -74,7 +71,7 @@ def check_data_key(
     if row is None:
         return
     try:
-        cipher.open(bytes(row[1]), _context(device_id, int(row[0])))
+        cipher.open(bytes(row[1]), record_context(device_id, int(row[0])))
     except CorruptMedia as exc:
         raise KeyStoreError(
             f"data key {data_key_file} does not open this device's store ({db_path}): it is "
@@ -86,8 +83,9 @@ def _open_record(
     device_id: str, cipher: RecordCipher | None, seq: int, blob: bytes, db_path: Path
 ) -> SignedRecord:
     try:
-        raw = cipher.open(blob, _context(device_id, seq)) if cipher and _is_sealed(blob) else blob
-        return SignedRecord.from_wire(decode(raw, what="stored record"))
+        if cipher is not None and _is_sealed(blob):
+            blob = cipher.open(blob, record_context(device_id, seq))
+        return SignedRecord.from_wire(decode(blob, what="stored record"))
     except (CorruptMedia, ProtocolError) as exc:
         raise KeyStoreError(
             f"journal record seq {seq} in {db_path} cannot be read ({exc}): the store is "

@@ -48,7 +48,7 @@ class BlobStore:
         return nested if nested.exists() else flat
 
     def exists(self, sha256_hex: str) -> bool:
-        return self.path(sha256_hex).exists()
+        return self._flat(sha256_hex).exists() or self._nested(sha256_hex).exists()
 
     def _make_dir(self, directory: Path) -> None:
         """Create ``ab`` so that it survives a power cut: recorded durably in the root

@@ -239,12 +239,12 @@ OWED_RECHECK_MS = 60_000
 
 def _still_owed_cached(
     conn: sqlite3.Connection,
+    database: str,
     device_id: str,
     last_seen: int | None,
     head: int | None,
     now_ms: int,
 ) -> bool:
-    database = str(conn.execute("PRAGMA database_list").fetchone()[2])
     key = (database, device_id)
     hit = _OWED.get(key)
     if hit is not None and hit[:2] == (last_seen, head):
@@ -297,6 +297,7 @@ def _device_conditions(conn: sqlite3.Connection, now_ms: int) -> list[Condition]
         "WHERE status = 'active' AND telemetry IS NOT NULL ORDER BY device_id"
     ).fetchall()
     found = []
+    database = str(conn.execute("PRAGMA database_list").fetchone()[2])  # the cache's key
     for device_id, online, last_seen, text in rows:
         try:
             tele = json.loads(text)
@@ -309,7 +310,9 @@ def _device_conditions(conn: sqlite3.Connection, now_ms: int) -> list[Condition]
         if (
             offline_ms > OFFLINE_GRACE_MS
             and items > 0
-            and _still_owed_cached(conn, device_id, last_seen, _int(tele, "journal_seq"), now_ms)
+            and _still_owed_cached(
+                conn, database, device_id, last_seen, _int(tele, "journal_seq"), now_ms
+            )
         ):
             oldest = _int(tele, "oldest_unacked_age_s")
             found.append(

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import sqlite_utils
 
-from agent.db import open_db
+from agent.db import get_counter, open_db
 from agent.errors import StoreError
 from agent.journal import Journal
 from agent.keys import FileKeyStore
@@ -519,8 +519,7 @@ def test_recover_makes_receipts_durable_before_it_deletes_receipted_files(
     assert store.outbox.settle_many([(receipt, raw)])  # the crash came before the purge
 
     def purges() -> int:
-        row = store.db.execute("SELECT value FROM kv WHERE key = 'purges'").fetchone()
-        return int(row[0]) if row else 0
+        return get_counter(store.db, "purges")
 
     before = purges()
     seen: list[int] = []

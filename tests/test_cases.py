@@ -246,19 +246,26 @@ def test_ambiguous_evidence_waits_for_a_reviewer(world: World) -> None:
     assert [e["seq"] for e in step_of(report, "on_site_inspection")["evidence"]] == [seq]
 
 
-def test_the_terminal_opens_a_step_and_the_gateway_pushes_it_to_the_officers_devices(
-    world: World,
-) -> None:
+def opened_by_terminal(world: World, case_id: str) -> tuple[int, int]:
+    """A case of one investigation step for O1, opened from O1's handheld terminal
+    (``cam-c``) by a signed ``case_context`` record; (step id, when it opened)."""
     case = world.post(
         "/api/v1/cases",
-        {"id": "HP-10", "agency_id": "hp-ue", "case_type": "penalty",
+        {"id": case_id, "agency_id": "hp-ue", "case_type": "penalty",
          "steps": [{"step_type": "investigation", "officers": [O1]}]},
     )  # fmt: skip
     step_id = case["steps"][0]["step_id"]
-    c = world.devices["cam-c"]  # the handheld terminal
     opened = at("2026-11-20T09:00")
-    c.record(opened, "case_context", action="open", case_id="HP-10", step_id=step_id,
-             at_ms=opened)  # fmt: skip
+    world.devices["cam-c"].record(opened, "case_context", action="open", case_id=case_id,
+                                  step_id=step_id, at_ms=opened)  # fmt: skip
+    return step_id, opened
+
+
+def test_the_terminal_opens_a_step_and_the_gateway_pushes_it_to_the_officers_devices(
+    world: World,
+) -> None:
+    step_id, opened = opened_by_terminal(world, "HP-10")
+    c = world.devices["cam-c"]  # the handheld terminal
     c.deliver()
     step = step_of(world.get("/api/v1/cases/HP-10"), "investigation")
     assert step["start_ms"] == opened and step["end_ms"] is None
@@ -281,16 +288,8 @@ def test_the_terminal_opens_a_step_and_the_gateway_pushes_it_to_the_officers_dev
 def test_a_terminal_time_past_9999_is_ignored_and_the_case_still_reads(world: World) -> None:
     # Stored as the step's end, it made the case, its coverage and the statistics answer
     # 422 for good (the due date three working days later cannot be computed).
-    case = world.post(
-        "/api/v1/cases",
-        {"id": "HP-11", "agency_id": "hp-ue", "case_type": "penalty",
-         "steps": [{"step_type": "investigation", "officers": [O1]}]},
-    )  # fmt: skip
-    step_id = case["steps"][0]["step_id"]
+    step_id, opened = opened_by_terminal(world, "HP-11")
     c = world.devices["cam-c"]
-    opened = at("2026-11-20T09:00")
-    c.record(opened, "case_context", action="open", case_id="HP-11", step_id=step_id,
-             at_ms=opened)  # fmt: skip
     c.record(opened, "case_context", action="close", case_id="HP-11", step_id=step_id,
              at_ms=253_402_300_801_000)  # fmt: skip
     c.deliver()
@@ -305,16 +304,8 @@ def test_a_revoked_device_is_told_no_case_context(world: World) -> None:
     from gateway.registry import revoke
 
     revoke("cam-a", world.gw.root)
-    case = world.post(
-        "/api/v1/cases",
-        {"id": "HP-11", "agency_id": "hp-ue", "case_type": "penalty",
-         "steps": [{"step_type": "investigation", "officers": [O1]}]},
-    )  # fmt: skip
-    step_id = case["steps"][0]["step_id"]
+    step_id, opened = opened_by_terminal(world, "HP-11")
     c = world.devices["cam-c"]
-    opened = at("2026-11-20T09:00")
-    c.record(opened, "case_context", action="open", case_id="HP-11", step_id=step_id,
-             at_ms=opened)  # fmt: skip
     c.deliver()
     assert world.get("/api/v1/devices/cam-c/commands")[-1]["args"]["case_id"] == "HP-11"
     assert [x for x in world.get("/api/v1/devices/cam-a/commands")

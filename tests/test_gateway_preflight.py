@@ -25,13 +25,10 @@ from gateway.datadir import DataDir
 from gateway.db import open_db
 from gateway.files import write_secret as real_write_secret
 from gateway.ingest import Ingest
-from protocol.encoding import decode
-from protocol.journal import SignedRecord
 from protocol.signing import SigningKey
-from protocol.topics import DeviceTopic, device_topic
-from protocol.upload import Chunk, JournalBatch, UploadInit
 from tests.conftest import ROOT as REPO
 from tests.conftest import Broker, Gateway, custody_cmd, run_custody
+from tests.field import FieldDevice
 
 BROKER = "mqtts://127.0.0.1:8883"  # never reached: every command here stops before
 CHUNK = 1024
@@ -95,29 +92,16 @@ def run_gateway(gw: Path, log: Path) -> Gateway:
 
 def store_evidence(gw: Path, device_dir: Path) -> bytes:
     """A file the enrolled device recorded, received and stored by the gateway's ingest
-    (journal, upload, chunks: the messages a device sends); its bytes."""
+    (journal, upload, chunk: the messages a device sends); its bytes."""
     data = hashlib.shake_256(b"evidence").digest(3 * CHUNK)
     device = Device(load_config(device_dir / "agent.toml"))
     source = device_dir / "recording.bin"
     source.write_bytes(data)
-    seq = device.outbox.add_file(source)
-    records = tuple(SignedRecord.from_wire(decode(r)) for _, r in device.journal.unacked(10))
+    device.outbox.add_file(source)
     data_dir = DataDir.open(gw)
     ingest = Ingest(data_dir, open_db(data_dir.db_path), data_dir.signing_key())
     try:
-        ingest.handle(
-            device_topic("cam-1", DeviceTopic.JOURNAL),
-            JournalBatch("cam-1", 1, records).encode(device.key),
-        )
-        ingest.handle(
-            device_topic("cam-1", DeviceTopic.UPLOAD_INIT),
-            UploadInit("cam-1", seq, len(data), hashlib.sha256(data).digest(), CHUNK).encode(),
-        )
-        for offset in range(0, len(data), CHUNK):
-            ingest.handle(
-                device_topic("cam-1", DeviceTopic.UPLOAD_CHUNK),
-                Chunk("cam-1", seq, offset, data[offset : offset + CHUNK]).encode(),
-            )
+        FieldDevice("cam-1", device, ingest).deliver()  # as its relay would send it
     finally:
         ingest.close()
         ingest.db.conn.close()
